@@ -1,0 +1,107 @@
+"""How well a model matches each expert on that expert's held-out calibration samples.
+
+Metrics per task (torchmetrics, weighted by tokens): perplexity of the held-out text, KL(expert || model),
+and top-1 agreement with the expert's next-token choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.table import Table
+from torchmetrics import MeanMetric
+
+from expertmerge.losses import full_kl_per_token, next_token_nll, topk_kl_per_token
+from expertmerge.teachers import TeacherTargets
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
+
+
+@dataclass
+class TaskScores:
+    perplexity: float
+    kl: float
+    top1: float
+
+
+@torch.no_grad()
+def score_task(
+    forward: Forward,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: TeacherTargets,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> TaskScores:
+    nll_mean, kl_mean, top1_mean = MeanMetric(), MeanMetric(), MeanMetric()
+    for start in range(0, input_ids.shape[0], batch_size):
+        mask = attention_mask[start : start + batch_size]
+        used = int(mask.sum(1).max())
+        ids = input_ids[start : start + batch_size, :used].to(device)
+        mask = mask[:, :used].to(device)
+        rows = targets.rows(torch.arange(start, start + ids.shape[0]), used, device)
+        logits = forward(ids, mask).float()
+        if "logits" in rows:
+            kl = full_kl_per_token(logits, rows["logits"], temperature)
+            teacher_top1 = rows["logits"].argmax(-1)
+        else:
+            kl = topk_kl_per_token(
+                logits, rows["topk_values"], rows["topk_indices"], rows["logsumexp"], temperature
+            )
+            teacher_top1 = rows["topk_indices"][..., 0].long()
+        real = mask.bool()
+        kl_mean.update(kl[real].cpu())
+        top1_mean.update((logits.argmax(-1) == teacher_top1)[real].float().cpu())
+        nll, target_mask = next_token_nll(logits, ids, mask)
+        nll_mean.update(nll[target_mask.bool()].cpu())
+    return TaskScores(
+        perplexity=math.exp(float(nll_mean.compute())),
+        kl=float(kl_mean.compute()),
+        top1=float(top1_mean.compute()),
+    )
+
+
+def expert_scores(attention_mask: torch.Tensor, targets: TeacherTargets) -> TaskScores:
+    """The expert against itself: its own perplexity (from the cached NLL), KL 0, agreement 1."""
+    next_real = attention_mask[:, 1:] * attention_mask[:, :-1]
+    nll = targets.tensors["nll"][:, : next_real.shape[1]]
+    mean_nll = float((nll * next_real).sum() / next_real.sum().clamp_min(1))
+    return TaskScores(perplexity=math.exp(mean_nll), kl=0.0, top1=1.0)
+
+
+def mean_scores(per_task: Mapping[str, TaskScores]) -> TaskScores:
+    """Unweighted mean over tasks (perplexity: geometric mean)."""
+    values = list(per_task.values())
+    return TaskScores(
+        perplexity=math.exp(sum(math.log(s.perplexity) for s in values) / len(values)),
+        kl=sum(s.kl for s in values) / len(values),
+        top1=sum(s.top1 for s in values) / len(values),
+    )
+
+
+def scores_table(title: str, rows: Mapping[str, Mapping[str, TaskScores]], tasks: Sequence[str]) -> Table:
+    """One row per (task, model), models in the order given, with the mean over tasks last."""
+    table = Table(title=title)
+    for column in ("task", "model", "perplexity", "KL to expert", "top-1 agree"):
+        table.add_column(column, justify="left" if column in ("task", "model") else "right")
+    sections = list(tasks) + ["mean"]
+    for section_index, task in enumerate(sections):
+        for model_index, (model, per_task) in enumerate(rows.items()):
+            scores = mean_scores(per_task) if task == "mean" else per_task[task]
+            table.add_row(
+                task if model_index == 0 else "",
+                model,
+                f"{scores.perplexity:.3f}",
+                f"{scores.kl:.4f}",
+                f"{scores.top1:.1%}",
+                end_section=model_index == len(rows) - 1 and section_index < len(sections) - 1,
+            )
+    return table
+
+
+def scores_to_json(rows: Mapping[str, Mapping[str, TaskScores]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {model: {task: asdict(s) for task, s in per_task.items()} for model, per_task in rows.items()}
