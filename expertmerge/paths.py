@@ -11,7 +11,9 @@ ZOO_SCHEME = "zoo://"
 def cache_dir() -> Path:
     """Root of all caches (teacher targets, content hashes, the demo zoo); `EXPERTMERGE_CACHE` overrides it."""
     root = os.environ.get("EXPERTMERGE_CACHE")
-    path = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmerge"
+    path = (
+        Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmerge"
+    )
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,0 +1,921 @@
+"""`python -m expertmerge merge`: a training-free merge from a mergekit-style YAML, streamed tensor by tensor.
+
+The config is mergekit's format for the methods we have, so an existing mergekit config runs unchanged:
+
+```yaml
+merge_method: ties                 # average | task_arithmetic | ties | dare_linear | dare_ties
+base_model: path/or/org-name       # needed by every method but `average`
+models:
+  - model: path/to/expert_a
+    parameters: {weight: 1.0, density: 0.5}
+parameters: {normalize: true, lambda: 1.0, rescale: true, int8_mask: false, weight: 1.0, density: 1.0}
+dtype: bfloat16                    # output dtype; default: the base's stored dtype
+tokenizer_source: base             # only `base` (the merged model keeps the base's tokenizer)
+random_seed: 0                     # DARE's drop masks (`seed` is accepted too)
+```
+
+Our additions: `include` / `exclude` (regular expressions choosing the merged tensors; the others are copied
+from the base; default: all floating-point tensors are merged), `trust_remote_code` (default false) and
+`output_dir` (used when `--out` is not given). Global `parameters.weight` / `parameters.density` are the default
+for models that do not set them, as in mergekit. Arithmetic is done in fp32 whatever `dtype` says, then cast.
+
+What mergekit accepts and we do not (`slices`, per-tensor parameter filters and layer gradients such as
+`weight: [0.1, 0.5]`, tokenizer unions, chat templates, LoRA `model+lora` sources) is refused with an error
+naming the key, before any work, rather than merged differently.
+
+Streaming: the output's shards are planned from the base's tensor shapes, each shard's safetensors header is
+written first, and then every tensor is merged and appended as soon as it is computed; only the current
+tensor of each model is in memory, never a model or a shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import re
+import resource
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from expertmerge.errors import ExpertMergeError
+from expertmerge.export import atomic_output_dir, check_output_dir, write_merge_card
+from expertmerge.paths import ZOO_SCHEME
+from expertmerge.pool import BASE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, ExpertPool, looks_like_hub_id
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # mergekit's default output shard size
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "float": "float32",
+}
+
+_SAFETENSORS_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+# Files copied from the base next to the merged weights: tokenizer, generation settings, processor.
+_COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
+
+TOP_LEVEL_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "random_seed",
+    "seed",
+    "include",
+    "exclude",
+    "trust_remote_code",
+    "output_dir",
+)
+MODEL_KEYS = ("model", "parameters")
+MODEL_PARAMETER_KEYS = ("weight", "density")
+GLOBAL_PARAMETER_KEYS = ("normalize", "lambda", "rescale", "int8_mask", *MODEL_PARAMETER_KEYS)
+
+# mergekit keys with no equivalent here, and what to do instead.
+_UNSUPPORTED = {
+    "slices": "slice-wise merges (frankenmerges, layer ranges) are not supported; use `models:` to merge whole "
+    "models, and `include`/`exclude` to choose tensors",
+    "chat_template": "chat templates are not rewritten; the base's tokenizer files (and template) are copied",
+    "modules": "module-wise (multimodal) configs are not supported; merge the text model with `models:`",
+    "architecture": "architecture-agnostic merges are not supported; experts must share the base's architecture",
+}
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One `models[]` entry: a source (folder, `zoo://`, hub id) and its per-model parameters."""
+
+    source: str
+    weight: float = 1.0
+    density: float = 1.0
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge config. `path` is where it was read from (for messages); `raw` is the YAML as given."""
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    normalize: bool | None = None  # parse_merge_config fills in the method's default (mergekit's)
+    lambda_: float = 1.0
+    rescale: bool | None = None  # likewise
+    int8_mask: bool = False
+    dtype: str | None = None  # None: the base's stored dtype
+    tokenizer_source: str = "base"
+    seed: int = 0
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    trust_remote_code: bool = False
+    output_dir: str | None = None
+    path: str = "<config>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_mergekit_yaml(self) -> str:
+        """The resolved config (defaults written out) in the same format, so the merge can be re-run."""
+        data: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            data["base_model"] = self.base_model
+        data["models"] = [
+            {"model": m.source, "parameters": {"weight": m.weight, "density": m.density}} for m in self.models
+        ]
+        parameters: dict[str, Any] = {"lambda": self.lambda_, "int8_mask": self.int8_mask}
+        if self.normalize is not None:
+            parameters["normalize"] = self.normalize
+        if self.rescale is not None:
+            parameters["rescale"] = self.rescale
+        data["parameters"] = parameters
+        if self.dtype is not None:
+            data["dtype"] = self.dtype
+        data["tokenizer_source"] = self.tokenizer_source
+        data["random_seed"] = self.seed
+        if self.include is not None:
+            data["include"] = list(self.include)
+        if self.exclude is not None:
+            data["exclude"] = list(self.exclude)
+        if self.trust_remote_code:
+            data["trust_remote_code"] = True
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+class _Reader:
+    """Reads typed values out of the raw YAML, naming the file and the key in every error."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, message: str) -> ExpertMergeError:
+        return ExpertMergeError(f"{self.path}: key '{key}': {message}")
+
+    def check_keys(self, mapping: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+        for key in mapping:
+            full = f"{where}.{key}" if where else str(key)
+            if key in _UNSUPPORTED:
+                raise self.fail(full, f"not supported: {_UNSUPPORTED[key]}.")
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise self.fail(full, f"unknown key.{hint} Known keys here: {', '.join(known)}.")
+
+    def number(self, value: Any, key: str, low: float | None = None, high: float | None = None) -> float:
+        if isinstance(value, list):
+            raise self.fail(
+                key,
+                f"a list ({value}) is a mergekit gradient over layers, which is not supported; give one number "
+                "(or use `include`/`exclude` and separate merges for different tensor groups).",
+            )
+        if isinstance(value, dict):
+            raise self.fail(
+                key,
+                "per-tensor values (`filter:` / `value:`) are not supported; give one number per model "
+                "(or use `include`/`exclude` and separate merges for different tensor groups).",
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {value!r}.")
+        value = float(value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.fail(key, f"{value} is out of range [{low}, {high}].")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if isinstance(value, list | dict):
+            self.number(value, key)  # same message for gradients / filters
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}.")
+        return value
+
+    def integer(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer, got {value!r}.")
+        return value
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {value!r}.")
+        return value
+
+    def patterns(self, value: Any, key: str) -> list[str] | None:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+            raise self.fail(key, f"expected a list of regular expressions, got {value!r}.")
+        for pattern in items:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise self.fail(key, f"'{pattern}' is not a valid regular expression ({error}).") from error
+        return list(items)
+
+    def source(self, value: Any, key: str) -> str:
+        source = self.text(value, key)
+        if source.startswith(ZOO_SCHEME) or Path(os.path.expanduser(source)).exists():
+            return source
+        if "+" in source:
+            raise self.fail(
+                key,
+                f"'{source}': LoRA sources (`model+lora`) are not supported; merge the adapter into its model first.",
+            )
+        if looks_like_hub_id(source):
+            return source  # passed through to the hub when the pool opens it
+        raise self.fail(key, f"'{source}' is not an existing folder (nor a hub id like 'org/name').")
+
+
+def _get_method(name: str, reader: _Reader) -> Any:
+    from expertmerge import methods
+
+    try:
+        return methods.get_method(name)
+    except ExpertMergeError as error:
+        raise reader.fail("merge_method", str(error)) from error
+
+
+def _check_method_parameters(method: Any, config: MergeConfig, reader: _Reader) -> None:
+    """Parameters the method would refuse (or silently ignore) are config errors, named by key, found now."""
+    from expertmerge import methods
+
+    for i, entry in enumerate(config.models):
+        if entry.density != 1 and not method.uses_density:
+            raise reader.fail(
+                f"models[{i}].parameters.density",
+                f"density {entry.density} has no effect with '{method.name}'; remove it, or use ties, "
+                "dare_linear or dare_ties to sparsify task vectors.",
+            )
+    if not method.needs_base and config.lambda_ != 1:
+        raise reader.fail(
+            "parameters.lambda", f"lambda scales task vectors; '{method.name}' has none. Remove it."
+        )
+    # Anything else the method refuses shows up on a one-element dry run, before any model is opened.
+    try:
+        methods.merge_tensor(
+            method,
+            torch.zeros(1),
+            [torch.zeros(1) for _ in config.models],
+            [methods.ExpertParams(weight=e.weight, density=e.density) for e in config.models],
+            methods.MethodParams(
+                normalize=config.normalize,
+                lambda_=config.lambda_,
+                rescale=config.rescale,
+                int8_mask=config.int8_mask,
+            ),
+            methods.tensor_generator(config.seed, "dry-run"),
+        )
+    except ExpertMergeError as error:
+        raise ExpertMergeError(f"{reader.path}: {error}") from error
+
+
+def parse_merge_config(data: Any, path: str = "<config>") -> MergeConfig:
+    """Validate a config given as a mapping (already read from YAML); every error names `path` and the key."""
+    reader = _Reader(path)
+    if not isinstance(data, Mapping):
+        raise ExpertMergeError(
+            f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}."
+        )
+    reader.check_keys(data, TOP_LEVEL_KEYS, "")
+    if "merge_method" not in data:
+        raise reader.fail("merge_method", "missing; say which method to use, e.g. `merge_method: ties`.")
+    method_name = reader.text(data["merge_method"], "merge_method")
+    method = _get_method(method_name, reader)
+
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise reader.fail("parameters", f"expected a mapping, got {parameters!r}.")
+    reader.check_keys(parameters, GLOBAL_PARAMETER_KEYS, "parameters")
+    default_weight = reader.number(parameters.get("weight", 1.0), "parameters.weight")
+    default_density = reader.number(parameters.get("density", 1.0), "parameters.density", 0.0, 1.0)
+
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise reader.fail("models", "expected a non-empty list of `- model: <path>` entries.")
+    models: list[ModelEntry] = []
+    for i, entry in enumerate(models_raw):
+        key = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping):
+            raise reader.fail(key, f"expected `model: <path>` (and optional `parameters:`), got {entry!r}.")
+        reader.check_keys(entry, MODEL_KEYS, key)
+        if "model" not in entry:
+            raise reader.fail(
+                f"{key}.model", "missing; give the expert's folder, zoo:// reference or hub id."
+            )
+        source = reader.source(entry["model"], f"{key}.model")
+        model_parameters = entry.get("parameters") or {}
+        if not isinstance(model_parameters, Mapping):
+            raise reader.fail(f"{key}.parameters", f"expected a mapping, got {model_parameters!r}.")
+        reader.check_keys(model_parameters, MODEL_PARAMETER_KEYS, f"{key}.parameters")
+        weight = reader.number(model_parameters.get("weight", default_weight), f"{key}.parameters.weight")
+        density = reader.number(
+            model_parameters.get("density", default_density), f"{key}.parameters.density", 0.0, 1.0
+        )
+        if density == 0.0:
+            raise reader.fail(f"{key}.parameters.density", "0 would drop the whole task vector; use (0, 1].")
+        models.append(ModelEntry(source, weight, density))
+    sources = [m.source for m in models]
+    for i, source in enumerate(sources):
+        if sources.index(source) != i:
+            raise reader.fail(
+                f"models[{i}].model",
+                f"'{source}' is listed twice (first as models[{sources.index(source)}]).",
+            )
+
+    base_model = data.get("base_model")
+    if base_model is not None:
+        base_model = reader.source(base_model, "base_model")
+    if base_model is None and getattr(method, "needs_base", True):
+        raise reader.fail(
+            "base_model",
+            f"missing; '{method_name}' works on task vectors (model - base), so it needs a base model.",
+        )
+
+    dtype = None
+    for key in ("dtype", "out_dtype"):  # mergekit: out_dtype (output) overrides dtype; we compute in fp32
+        if data.get(key) is not None:
+            name = reader.text(data[key], key).lower()
+            name = _DTYPE_ALIASES.get(name, name)
+            if name not in DTYPES:
+                raise reader.fail(key, f"'{data[key]}' is not one of {', '.join(DTYPES)}.")
+            dtype = name
+
+    tokenizer_source = "base"
+    if data.get("tokenizer_source") is not None:
+        tokenizer_source = reader.text(data["tokenizer_source"], "tokenizer_source")
+    if data.get("tokenizer") is not None:
+        tokenizer = data["tokenizer"]
+        if not isinstance(tokenizer, Mapping):
+            raise reader.fail("tokenizer", f"expected a mapping like `source: base`, got {tokenizer!r}.")
+        unsupported = sorted(set(tokenizer) - {"source"})
+        if unsupported:
+            raise reader.fail(
+                f"tokenizer.{unsupported[0]}", "not supported; only `tokenizer: {source: base}` is."
+            )
+        tokenizer_source = reader.text(tokenizer.get("source", "base"), "tokenizer.source")
+    if tokenizer_source != "base":
+        key = "tokenizer.source" if data.get("tokenizer") is not None else "tokenizer_source"
+        raise reader.fail(
+            key,
+            f"'{tokenizer_source}' is not supported; only `base` is (experts must share the base's vocabulary, "
+            "and the merged model keeps the base's tokenizer). Remove the key or set it to `base`.",
+        )
+
+    seeds = {
+        key: reader.integer(data[key], key) for key in ("random_seed", "seed") if data.get(key) is not None
+    }
+    if len(set(seeds.values())) > 1:
+        raise reader.fail(
+            "seed", f"random_seed={seeds['random_seed']} and seed={seeds['seed']} disagree; give one."
+        )
+
+    output_dir = data.get("output_dir")
+    config = MergeConfig(
+        merge_method=method.name,
+        models=models,
+        base_model=base_model,
+        normalize=method.default_normalize
+        if parameters.get("normalize") is None
+        else reader.boolean(parameters["normalize"], "parameters.normalize"),
+        lambda_=reader.number(parameters.get("lambda", 1.0), "parameters.lambda"),
+        rescale=method.default_rescale
+        if parameters.get("rescale") is None
+        else reader.boolean(parameters["rescale"], "parameters.rescale"),
+        int8_mask=reader.boolean(parameters.get("int8_mask", False), "parameters.int8_mask"),
+        dtype=dtype,
+        tokenizer_source=tokenizer_source,
+        seed=next(iter(seeds.values()), 0),
+        include=reader.patterns(data.get("include"), "include"),
+        exclude=reader.patterns(data.get("exclude"), "exclude"),
+        trust_remote_code=reader.boolean(data.get("trust_remote_code", False), "trust_remote_code"),
+        output_dir=None if output_dir is None else reader.text(output_dir, "output_dir"),
+        path=path,
+        raw=dict(data),
+    )
+    _check_method_parameters(method, config, reader)
+    return config
+
+
+def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and validate a merge YAML; relative model paths are taken as given (relative to the cwd)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ExpertMergeError(f"Cannot read merge config '{path}': {error}") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ExpertMergeError(f"{path}: not valid YAML: {error}") from error
+    return parse_merge_config(data, str(path))
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+def parse_size(size: str | int) -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, ints pass (the units of `transformers`)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise ExpertMergeError(f"Shard size '{size}' is not a size like 2GB, 500MB or 1GiB.")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(number * scale[unit])
+
+
+@dataclass
+class _Planned:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    merged: bool
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: Sequence[_Planned], max_shard_bytes: int) -> list[list[_Planned]]:
+    """Greedy split in model order; a tensor larger than the limit gets a shard of its own (as transformers).
+
+    Within a shard, tensors are ordered by element size (largest first), as safetensors does, so every
+    tensor's offset is aligned to its element size.
+    """
+    shards: list[list[_Planned]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    itemsize = {t.name: torch.empty((), dtype=t.dtype).element_size() for t in tensors}
+    return [sorted(shard, key=lambda t: -itemsize[t.name]) for shard in shards if shard]
+
+
+class _ShardWriter:
+    """A safetensors file written as a stream: header first (all shapes are known), then tensor after tensor."""
+
+    def __init__(self, path: Path, tensors: Sequence[_Planned]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in tensors:
+            header[tensor.name] = {
+                "dtype": _SAFETENSORS_CODES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.nbytes],
+            }
+            offset += tensor.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.expected = [t.name for t in tensors]
+        self.planned = {t.name: t for t in tensors}
+        self.path = path
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed by __exit__; lives across many writes
+        self.handle.write(struct.pack("<Q", len(encoded)))
+        self.handle.write(encoded)
+        self.position = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.planned[name]
+        if self.expected[self.position] != name:
+            raise RuntimeError(
+                f"shard {self.path.name}: expected '{self.expected[self.position]}', got '{name}'"
+            )
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"'{name}': got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}"
+            )
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
+            raise ExpertMergeError("Writing safetensors on a big-endian machine is not supported.")
+        self.handle.write(memoryview(data.numpy()))
+        self.position += 1
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        self.handle.close()
+        if kind is None and self.position != len(self.expected):
+            raise RuntimeError(
+                f"shard {self.path.name}: {len(self.expected) - self.position} tensors not written"
+            )
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did; `peak_rss_bytes` is the peak resident memory during the merge (or of the process)."""
+
+    method: str
+    output: Path
+    num_experts: int
+    tensors_merged: int
+    tensors_copied: int
+    num_shards: int
+    output_bytes: int
+    model_bytes: int  # the base checkpoint's weights, for comparison with the peak memory
+    wall_seconds: float
+    start_rss_bytes: int  # resident memory when the merge started (libraries, interpreter)
+    peak_rss_bytes: int
+    peak_rss_is_merge_only: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux lets a process reset its peak RSS, so the summary reports the merge's own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory: Linux's VmHWM (which `_reset_peak_rss` resets), else `getrusage`.
+
+    `getrusage` alone can report the parent's memory: at exec, Linux carries the forked copy's peak over.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _majority_dtype(pool: ExpertPool) -> torch.dtype:
+    """The base's stored dtype: the floating dtype holding most of its parameters."""
+    counts: dict[torch.dtype, int] = {}
+    for name in pool.tensor_names:
+        dtype = pool.stored_dtype(name)
+        if dtype.is_floating_point:
+            numel = 1
+            for size in pool.shape(name):
+                numel *= size
+            counts[dtype] = counts.get(dtype, 0) + numel
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _copy_support_files(base_dir: Path, target: Path, trust_remote_code: bool) -> list[str]:
+    copied = []
+    for filename in _COPIED_FILES:
+        if (base_dir / filename).is_file():
+            shutil.copy2(base_dir / filename, target / filename)
+            copied.append(filename)
+    if trust_remote_code:  # a config with auto_map needs its modeling code next to it
+        for code in sorted(base_dir.glob("*.py")):
+            shutil.copy2(code, target / code.name)
+            copied.append(code.name)
+    return copied
+
+
+def _write_config(base_dir: Path, target: Path, dtype: torch.dtype) -> None:
+    config = json.loads((base_dir / "config.json").read_text())
+    config["dtype"] = _dtype_name(dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = _dtype_name(dtype)
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _weights_bytes(folder: Path) -> int:
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def _merge_one(
+    pool: ExpertPool, name: str, method: Any, expert_params: list, method_params: Any, seed: int
+) -> torch.Tensor:
+    """One merged tensor; only this tensor of each model is in memory (read in fp32, computed in fp32)."""
+    from expertmerge import methods
+
+    base = pool.base_tensor(name, torch.float32) if method.needs_base else None
+    experts = [pool.expert_tensor(expert, name, torch.float32) for expert in pool.expert_names]
+    return methods.merge_tensor(
+        method, base, experts, expert_params, method_params, methods.tensor_generator(seed, name)
+    )
+
+
+def _make_pool(config: MergeConfig, method: Any) -> tuple[ExpertPool, list[ModelEntry]]:
+    """The pool and the entries that act as experts (mergekit's rules for the base model)."""
+    entries = list(config.models)
+    if config.base_model is None:
+        # `average` without a base: the first model gives the structure, config and tokenizer.
+        base = entries[0].source
+    else:
+        base = config.base_model
+        if getattr(method, "needs_base", True):
+            # mergekit skips the base in the task vectors: its own task vector is zero.
+            entries = [e for e in entries if e.source != base]
+            if not entries:
+                raise ExpertMergeError(
+                    f"{config.path}: key 'models': only the base model is listed; nothing to merge."
+                )
+    pool = ExpertPool(
+        base,
+        [e.source for e in entries],
+        trust_remote_code=config.trust_remote_code,
+        include=config.include,
+        exclude=config.exclude,
+    )
+    return pool, entries
+
+
+def run_merge(
+    config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_SIZE,
+    console: Any = None,
+    progress: bool = True,
+) -> MergeSummary:
+    """Merge the config's models into the Hugging Face model folder `out` (or the config's `output_dir`).
+
+    Everything is validated (config, output folder, model compatibility) before any tensor is read; the output
+    appears only when complete.
+    """
+    from rich.console import Console
+    from transformers import AutoConfig  # noqa: F401 - imported before the memory baseline, not counted in it
+
+    from expertmerge import methods
+
+    started = time.perf_counter()
+    merge_only = _reset_peak_rss()
+    start_rss = current_rss_bytes()
+    console = console or Console()
+    if isinstance(config, MergeConfig):
+        pass
+    elif isinstance(config, Mapping):
+        config = parse_merge_config(config)
+    else:
+        config = load_merge_config(config)
+    out = out if out is not None else config.output_dir
+    if out is None:
+        raise ExpertMergeError(
+            f"{config.path}: no output folder; pass --out DIR or set `output_dir` in the config."
+        )
+    check_output_dir(out, force)
+    shard_limit = parse_size(max_shard_bytes)
+    if shard_limit <= 0:
+        raise ExpertMergeError(f"Shard size must be positive, got {max_shard_bytes!r}.")
+
+    method = methods.get_method(config.merge_method)
+    pool, entries = _make_pool(config, method)
+    pool.validate()
+    out_dtype = DTYPES[config.dtype] if config.dtype else _majority_dtype(pool)
+    merged = set(pool.merged_names)
+    planned = [
+        _Planned(
+            name,
+            pool.shape(name),
+            out_dtype if pool.stored_dtype(name).is_floating_point else pool.stored_dtype(name),
+            name in merged,
+        )
+        for name in pool.tensor_names
+    ]
+    shards = plan_shards(planned, shard_limit)
+    expert_params = [methods.ExpertParams(weight=e.weight, density=e.density) for e in entries]
+    method_params = methods.MethodParams(
+        normalize=config.normalize, lambda_=config.lambda_, rescale=config.rescale, int8_mask=config.int8_mask
+    )
+
+    with atomic_output_dir(out, force) as tmp:
+        total = len(shards)
+        filenames = (
+            [SAFETENSORS_SINGLE]
+            if total == 1
+            else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        )
+        with _progress(console, progress) as bar:
+            task = bar.add_task("merging", total=len(planned), tensor="")
+            for filename, shard in zip(filenames, shards, strict=True):
+                with _ShardWriter(tmp / filename, shard) as writer:
+                    for item in shard:
+                        bar.update(task, tensor=item.name)
+                        if item.merged:
+                            result = _merge_one(
+                                pool, item.name, method, expert_params, method_params, config.seed
+                            )
+                        else:
+                            result = pool.base_tensor(item.name)
+                        writer.write(item.name, result.to(item.dtype))
+                        del result
+                        bar.advance(task)
+        if total > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in planned)},
+                "weight_map": {
+                    t.name: filename
+                    for filename, shard in zip(filenames, shards, strict=True)
+                    for t in sorted(shard, key=lambda t: t.name)
+                },
+            }
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_config(pool.base_dir, tmp, out_dtype)
+        _copy_support_files(pool.base_dir, tmp, config.trust_remote_code)
+        resolved_yaml = config.to_mergekit_yaml()
+        (tmp / "merge_config.yaml").write_text(resolved_yaml)
+        hashes = pool.content_hashes()
+        write_merge_card(
+            tmp,
+            title=f"{config.merge_method} merge of {len(entries)} expert(s)",
+            method=config.merge_method,
+            base=None if config.base_model is None else (config.base_model, hashes[BASE]),
+            experts={
+                name: (e.source, hashes[name]) for name, e in zip(pool.expert_names, entries, strict=True)
+            },
+            parameters={
+                "normalize": config.normalize,
+                "lambda": config.lambda_,
+                "rescale": config.rescale,
+                "int8_mask": config.int8_mask,
+                "models": {
+                    name: dataclasses.asdict(e) for name, e in zip(pool.expert_names, entries, strict=True)
+                },
+                "dtype": _dtype_name(out_dtype),
+                "random_seed": config.seed,
+                "include": config.include,
+                "exclude": config.exclude,
+                "tensors_merged": len(merged),
+                "tensors_copied_from_base": len(planned) - len(merged),
+            },
+            sections={
+                "Merge config": f"Re-run with `python -m expertmerge merge --config merge_config.yaml --out DIR`.\n\n"
+                f"```yaml\n{resolved_yaml}```",
+                **({"Notes": "\n".join(f"- {note}" for note in pool.notes)} if pool.notes else {}),
+            },
+        )
+        output_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+    model_bytes = _weights_bytes(pool.base_dir)
+    pool.close()
+    summary = MergeSummary(
+        method=config.merge_method,
+        output=Path(out).expanduser(),
+        num_experts=len(entries),
+        tensors_merged=len(merged),
+        tensors_copied=len(planned) - len(merged),
+        num_shards=total,
+        output_bytes=output_bytes,
+        model_bytes=model_bytes,
+        wall_seconds=time.perf_counter() - started,
+        start_rss_bytes=start_rss,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_is_merge_only=merge_only,
+        notes=list(pool.notes),
+    )
+    return summary
+
+
+def _progress(console: Any, enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]merge"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[tensor]}", style="dim"),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+def summary_table(summary: MergeSummary) -> Any:
+    from rich.table import Table
+
+    table = Table(title="merge summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("method", f"{summary.method} over {summary.num_experts} expert(s)")
+    table.add_row(
+        "tensors", f"{summary.tensors_merged} merged, {summary.tensors_copied} copied from the base"
+    )
+    table.add_row(
+        "output",
+        f"{summary.output} ({human_bytes(summary.output_bytes)}, {summary.num_shards} shard(s))",
+    )
+    table.add_row("wall time", f"{summary.wall_seconds:.2f} s")
+    label = "during the merge" if summary.peak_rss_is_merge_only else "of the process"
+    table.add_row(
+        "peak memory",
+        f"{human_bytes(summary.peak_rss_bytes)} RSS {label}, "
+        f"+{human_bytes(max(0, summary.peak_rss_bytes - summary.start_rss_bytes))} over the start; "
+        f"one model's weights: {human_bytes(summary.model_bytes)}",
+    )
+    for note in summary.notes:
+        table.add_row("note", note)
+    return table
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    """`python -m expertmerge merge --config X.yaml --out DIR [--force] [--max-shard-size 5GB]`."""
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(
+        prog="python -m expertmerge merge",
+        description="Training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) of experts "
+        "fine-tuned from one base, from a mergekit-style YAML; streams tensor by tensor.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="merge YAML (mergekit format), e.g. configs/merge_ties.yaml"
+    )
+    parser.add_argument("--out", help="output model folder (default: the config's output_dir)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    options = parser.parse_args(list(argv))
+    console = Console()
+    summary = run_merge(
+        options.config,
+        out=options.out,
+        force=options.force,
+        max_shard_bytes=options.max_shard_size,
+        console=console,
+        progress=not options.no_progress,
+    )
+    console.print(summary_table(summary))
+    return 0

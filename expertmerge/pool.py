@@ -1,0 +1,590 @@
+"""`ExpertPool`: a base model and N experts fine-tuned from it, read lazily tensor by tensor.
+
+"What to merge" lives here (FusionBench's model pool): where each model comes from, whether the models are
+compatible, and which tensors are merged. Nothing here holds a whole model: checkpoint files are opened with
+safetensors' `safe_open` (or memory-mapped `torch.load(weights_only=True)` for `.bin`), the handles are kept,
+and each call reads one tensor of one model.
+
+Sources, per model:
+
+- a local folder with `model.safetensors`, a sharded `model.safetensors.index.json`, or (only when no
+  safetensors are there) `pytorch_model.bin` / `pytorch_model.bin.index.json`, read with `weights_only=True`;
+- `zoo://<zoo>/<path>`: the offline demo zoo (see `expertmerge.zoo`);
+- a hub id such as `org/name` that is not an existing path: downloaded with `huggingface_hub.snapshot_download`
+  (config, tokenizer and weights only) and then read like a local folder.
+
+Which tensors are merged (`merged_names`): every floating-point tensor whose name matches one of the `include`
+regular expressions (default: all) and none of the `exclude` ones (default: none), matched with `re.search`.
+Integer/bool buffers are never merged. Tensors that are not merged are taken from the base unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertmerge.errors import ExpertMergeError
+from expertmerge.hashing import file_hash, model_content_hash
+from expertmerge.paths import resolve_path
+
+BASE = "base"  # the key of the base model in `content_hashes()`; no expert may take this name
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Files that define what token ids mean; formatting-only files (tokenizer_config.json, chat templates) are not
+# compared, since fine-tuning often rewrites them without changing a single id.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.safetensors"]
+
+_SHOWN = 5  # how many names an error lists before "... and N more"
+
+
+def _few(names: Iterable[str]) -> str:
+    names = sorted(names, key=natural_key)
+    shown = ", ".join(f"'{n}'" for n in names[:_SHOWN])
+    return shown + (f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts `layers.2` before `layers.10`, so tensors come in model order, not string order."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    """`org/name` (no leading `.`, `/` or `~`, exactly one slash) and not an existing local path."""
+    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
+
+
+def _download(reference: str, label: str) -> Path:
+    """Fetch a hub model's config, tokenizer and weights (safetensors, else `.bin`) into the HF cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:  # pragma: no cover - huggingface_hub comes with transformers
+        raise ExpertMergeError(
+            f"{label}: '{reference}' looks like a hub id but huggingface_hub is missing."
+        ) from error
+    try:
+        folder = Path(snapshot_download(reference, allow_patterns=_HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(reference, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except Exception as error:  # network, auth, missing repo: all mean "cannot use this source"
+        raise ExpertMergeError(
+            f"{label}: '{reference}' is not a local folder and downloading it from the Hugging Face hub "
+            f"failed ({type(error).__name__}: {error}). Give a local folder, or check the id and network."
+        ) from error
+    return folder
+
+
+class Checkpoint:
+    """One model folder's weights: names, shapes and dtypes from the file headers; tensors read one at a time.
+
+    `label` names the model in every error (e.g. "expert 'arith' (/path/to/arith)").
+
+    A safetensors file is opened for each read and closed right after: `get_tensor` returns a tensor backed by
+    the file's memory map, and an open handle keeps every page read so far resident, so long-lived handles on
+    N+1 models would grow the process to N+1 models' size. `.bin` files (legacy) are memory-mapped once.
+    """
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.folder = folder
+        self.label = label
+        self._file_of: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._bin_state: dict[str, Mapping[str, torch.Tensor]] = {}
+        self._is_bin = False
+        if (folder / SAFETENSORS_INDEX).is_file():
+            self._file_of = self._read_index(folder / SAFETENSORS_INDEX)
+            for filename in sorted(set(self._file_of.values())):
+                self._read_header(filename)
+        elif (folder / SAFETENSORS_SINGLE).is_file():
+            self._read_header(SAFETENSORS_SINGLE)
+            self._file_of = dict.fromkeys(self._meta, SAFETENSORS_SINGLE)
+        elif (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
+            self._is_bin = True
+            if (folder / BIN_INDEX).is_file():
+                self._file_of = self._read_index(folder / BIN_INDEX)
+            else:
+                self._file_of = dict.fromkeys(self._bin(BIN_SINGLE), BIN_SINGLE)
+            for filename in sorted(set(self._file_of.values())):
+                for name, tensor in self._bin(filename).items():
+                    self._meta[name] = (tuple(tensor.shape), tensor.dtype)
+        else:
+            raise ExpertMergeError(
+                f"{label}: no weights found; expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                f"{BIN_SINGLE} or {BIN_INDEX} in the folder."
+            )
+        unindexed = sorted(set(self._file_of) - set(self._meta))
+        if unindexed:
+            raise ExpertMergeError(
+                f"{label}: the shard index lists tensor(s) missing from their files: {_few(unindexed)}."
+            )
+        self.names = sorted(self._file_of, key=natural_key)
+
+    @property
+    def format(self) -> str:
+        return "bin" if self._is_bin else "safetensors"
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ExpertMergeError(
+                f"{self.label}: cannot read the shard index '{path.name}': {error}"
+            ) from error
+        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+        if missing:
+            raise ExpertMergeError(
+                f"{self.label}: '{path.name}' lists shard files that are missing: {missing}."
+            )
+        return dict(weight_map)
+
+    def _open(self, filename: str) -> Any:
+        from safetensors import safe_open
+
+        path = self.folder / filename
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as error:
+            raise ExpertMergeError(f"{self.label}: cannot read '{path}': {error}") from error
+
+    def _read_header(self, filename: str) -> None:
+        with self._open(filename) as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                view = handle.get_slice(name)
+                code = view.get_dtype()
+                if code not in _SAFETENSORS_DTYPES:
+                    raise ExpertMergeError(f"{self.label}: tensor '{name}' has unsupported dtype {code}.")
+                self._meta[name] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[code])
+
+    def _bin(self, filename: str) -> Mapping[str, torch.Tensor]:
+        if filename in self._bin_state:
+            return self._bin_state[filename]
+        path = self.folder / filename
+        try:
+            # weights_only: a .bin is a pickle, and only plain tensors may come out of it. mmap keeps the
+            # file's tensors on disk until they are read.
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ExpertMergeError(f"{self.label}: cannot read '{path}' (weights only): {error}") from error
+        if not isinstance(state, Mapping):
+            raise ExpertMergeError(f"{self.label}: '{filename}' does not hold a state dict.")
+        self._bin_state[filename] = state
+        return state
+
+    def _known(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in self._meta:
+            raise ExpertMergeError(f"{self.label} has no tensor '{name}'.")
+        return self._meta[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._known(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._known(name)[1]
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor (optionally cast); raise naming the model and tensor if it holds NaN or Inf."""
+        self._known(name)
+        filename = self._file_of[name]
+        if self._is_bin:
+            tensor = self._bin(filename)[name].clone()
+        else:
+            with self._open(filename) as handle:
+                tensor = handle.get_tensor(name)
+        # A finite sum means finite entries, and costs no temporary the size of the tensor (unlike isfinite,
+        # or a float64 sum, which casts first); only a non-finite sum (or an fp16 overflow) counts exactly.
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ExpertMergeError(
+                    f"{self.label}: tensor '{name}' holds {bad} NaN/Inf value(s) of {tensor.numel()}; "
+                    "this checkpoint is broken, re-export it or leave it out of the merge."
+                )
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def close(self) -> None:
+        self._bin_state.clear()
+
+
+class ExpertPool:
+    """A base model and named experts fine-tuned from it.
+
+    Args:
+        base: the base model: local folder, `zoo://` reference or hub id.
+        experts: `{name: source}`, or a list of sources named after their last path component (made unique
+            by prefixing parent folders, then numbering).
+        trust_remote_code: passed to `AutoConfig` for the config; never on unless given.
+        include / exclude: regular expressions (`re.search`) choosing which tensors are merged;
+            default: every floating-point tensor is merged (training-free merges), none is excluded.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        experts: Mapping[str, str] | Sequence[str],
+        trust_remote_code: bool = False,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        self.base_source = str(base)
+        self.expert_sources: dict[str, str] = _name_experts(experts)
+        self.trust_remote_code = bool(trust_remote_code)
+        self.include = _compile(include, "include")
+        self.exclude = _compile(exclude, "exclude")
+        self.notes: list[str] = []  # what validate() accepted but a user may want to know
+        self._dirs: dict[str, Path] = {}
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._validated = False
+
+    # ----------------------------------------------------------------------------------------- sources
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.expert_sources)
+
+    def label(self, model: str) -> str:
+        """How errors name a model: its role, name and source."""
+        if model == BASE:
+            return f"base model ({self.base_source})"
+        return f"expert '{model}' ({self.expert_sources[model]})"
+
+    def _dir(self, model: str) -> Path:
+        if model in self._dirs:
+            return self._dirs[model]
+        source = self.base_source if model == BASE else self.expert_sources[model]
+        label = self.label(model)
+        try:
+            local = resolve_path(source)
+        except ExpertMergeError:
+            raise
+        except Exception as error:
+            raise ExpertMergeError(f"{label}: cannot resolve '{source}': {error}") from error
+        folder = Path(local)
+        if not folder.exists():
+            if looks_like_hub_id(source):
+                folder = _download(source, label)
+            else:
+                raise ExpertMergeError(f"{label}: folder '{folder}' does not exist.")
+        if not folder.is_dir():
+            raise ExpertMergeError(f"{label}: '{folder}' is not a folder.")
+        if not (folder / "config.json").is_file():
+            raise ExpertMergeError(
+                f"{label}: '{folder}' has no config.json; is it a Hugging Face model folder?"
+            )
+        self._dirs[model] = folder
+        return folder
+
+    @property
+    def base_dir(self) -> Path:
+        return self._dir(BASE)
+
+    @property
+    def expert_dirs(self) -> dict[str, Path]:
+        return {name: self._dir(name) for name in self.expert_sources}
+
+    def checkpoint(self, model: str) -> Checkpoint:
+        """The lazily opened weights of `model` (`"base"` or an expert name)."""
+        if model != BASE and model not in self.expert_sources:
+            raise ExpertMergeError(f"Unknown expert '{model}'; experts are {self.expert_names}.")
+        if model not in self._checkpoints:
+            self._checkpoints[model] = Checkpoint(self._dir(model), self.label(model))
+        return self._checkpoints[model]
+
+    def raw_config(self, model: str) -> dict[str, Any]:
+        path = self._dir(model) / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ExpertMergeError(f"{self.label(model)}: cannot read '{path}': {error}") from error
+
+    def load_config(self, model: str) -> Any:
+        """`transformers` config of a model (class defaults filled in)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self._dir(model)), trust_remote_code=self.trust_remote_code)
+        except Exception as error:
+            hint = "" if self.trust_remote_code else " (if it needs custom code, set trust_remote_code: true)"
+            raise ExpertMergeError(f"{self.label(model)}: cannot load its config: {error}{hint}") from error
+
+    @cached_property
+    def config(self) -> Any:
+        """The base's `transformers` config."""
+        return self.load_config(BASE)
+
+    # ----------------------------------------------------------------------------------------- tensors
+    @property
+    def tensor_names(self) -> list[str]:
+        """All tensor names of the base checkpoint, in model order (layer numbers sorted numerically)."""
+        return list(self.checkpoint(BASE).names)
+
+    @cached_property
+    def merged_names(self) -> list[str]:
+        """Floating-point tensors matched by `include` (default all) and not by `exclude` (default none)."""
+        base = self.checkpoint(BASE)
+        return [
+            name
+            for name in base.names
+            if base.dtype(name).is_floating_point
+            and (self.include is None or any(p.search(name) for p in self.include))
+            and not any(p.search(name) for p in self.exclude or ())
+        ]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checkpoint(BASE).shape(name)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the base checkpoint stores `name` in."""
+        return self.checkpoint(BASE).dtype(name)
+
+    def base_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.checkpoint(BASE).tensor(name, dtype)
+
+    def expert_tensor(self, expert: str, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if expert not in self.expert_sources:
+            raise ExpertMergeError(f"Unknown expert '{expert}'; experts are {self.expert_names}.")
+        return self.checkpoint(expert).tensor(name, dtype)
+
+    def task_vectors(self, name: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        """`theta_k - theta_base` for every expert, subtracted in fp32 and then cast to `dtype`."""
+        base = self.base_tensor(name, torch.float32)
+        return [(self.expert_tensor(e, name, torch.float32) - base).to(dtype) for e in self.expert_sources]
+
+    def iter_tensors(
+        self, names: Iterable[str] | None = None, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """Yield `(name, base tensor, [expert tensors])` one tensor name at a time (default: `merged_names`)."""
+        for name in self.merged_names if names is None else names:
+            yield (
+                name,
+                self.base_tensor(name, dtype),
+                [self.expert_tensor(e, name, dtype) for e in self.expert_sources],
+            )
+
+    def content_hashes(self) -> dict[str, str]:
+        """`{"base": hash, expert: hash, ...}` of weights and config (cached by path, size and mtime)."""
+        hashes = {BASE: model_content_hash(self.base_dir)}
+        hashes.update({name: model_content_hash(folder) for name, folder in self.expert_dirs.items()})
+        return hashes
+
+    def close(self) -> None:
+        for checkpoint in self._checkpoints.values():
+            checkpoint.close()
+        self._checkpoints.clear()
+
+    # -------------------------------------------------------------------------------------- validation
+    def validate(self) -> ExpertPool:
+        """Check that the experts can be merged onto the base; raise one `ExpertMergeError` otherwise.
+
+        Checks, in this order, naming the model (name and path) and the tensor at fault: folders and configs
+        exist, same `model_type`, same tied/untied embeddings, same vocabulary size, same tokenizer (where an
+        expert ships one; a missing one is noted in `notes`), same tensor names, same shapes. Tensor values
+        are checked for NaN/Inf when they are read. Cheap: reads configs and checkpoint headers only.
+        """
+        if self._validated:
+            return self
+        models = [BASE, *self.expert_sources]
+        for model in models:
+            self._dir(model)
+        raw = {model: self.raw_config(model) for model in models}
+        base_type = raw[BASE].get("model_type")
+        for model in self.expert_sources:
+            if raw[model].get("model_type") != base_type:
+                raise ExpertMergeError(
+                    f"{self.label(model)} has model_type '{raw[model].get('model_type')}' but the "
+                    f"{self.label(BASE)} has '{base_type}'; experts must be fine-tunes of the base architecture."
+                )
+        configs = {model: self.load_config(model) for model in models}
+        self.__dict__["config"] = configs[BASE]
+        base_tie, base_vocab = _tied(configs[BASE]), _vocab_size(configs[BASE])
+        for model in self.expert_sources:
+            tie = _tied(configs[model])
+            if tie != base_tie:
+                raise ExpertMergeError(
+                    f"{self.label(model)} has tie_word_embeddings={tie} but the {self.label(BASE)} has "
+                    f"{base_tie}; tied and untied embeddings cannot be merged tensor by tensor."
+                )
+            vocab = _vocab_size(configs[model])
+            if vocab != base_vocab:
+                raise ExpertMergeError(
+                    f"{self.label(model)} has vocab_size={vocab} but the {self.label(BASE)} has {base_vocab}; "
+                    "experts with a resized vocabulary cannot be merged."
+                )
+        for model in self.expert_sources:
+            self._check_tokenizer(model)
+        base = self.checkpoint(BASE)
+        base_names = set(base.names)
+        for model in self.expert_sources:
+            checkpoint = self.checkpoint(model)
+            names = set(checkpoint.names)
+            missing, extra = base_names - names, names - base_names
+            if missing:
+                raise ExpertMergeError(
+                    f"{self.label(model)} lacks {len(missing)} tensor(s) that the base has: {_few(missing)}."
+                )
+            if extra:
+                raise ExpertMergeError(
+                    f"{self.label(model)} has {len(extra)} tensor(s) that the base lacks: {_few(extra)}."
+                )
+            for name in base.names:
+                if checkpoint.shape(name) != base.shape(name):
+                    raise ExpertMergeError(
+                        f"{self.label(model)}: tensor '{name}' has shape {list(checkpoint.shape(name))} but "
+                        f"the base's is {list(base.shape(name))}."
+                    )
+        if not self.merged_names:
+            raise ExpertMergeError(
+                f"No tensor matches include={_patterns(self.include)} / exclude={_patterns(self.exclude)}; "
+                f"tensor names look like '{base.names[0]}'."
+            )
+        self._validated = True
+        return self
+
+    def _check_tokenizer(self, model: str) -> None:
+        base_dir, folder = self.base_dir, self._dir(model)
+        base_files = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
+        model_files = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+        if not model_files:
+            self.notes.append(f"{self.label(model)} ships no tokenizer; the base's tokenizer is assumed.")
+            return
+        if not base_files:
+            self.notes.append(f"The {self.label(BASE)} ships no tokenizer; tokenizers were not compared.")
+            return
+        for filename in sorted(set(base_files) & set(model_files)):
+            if file_hash(base_dir / filename) == file_hash(folder / filename):
+                continue
+            if filename == "tokenizer.json" and _token_ids(base_dir / filename) == _token_ids(
+                folder / filename
+            ):
+                continue  # same ids, only settings (padding, truncation, ...) differ
+            raise ExpertMergeError(
+                f"{self.label(model)} has a different tokenizer from the {self.label(BASE)} ('{filename}' "
+                "differs); experts must share the base's vocabulary."
+            )
+        if not set(base_files) & set(model_files):
+            self.notes.append(
+                f"{self.label(model)} and the base ship different tokenizer files ({model_files} vs {base_files}); "
+                "they were not compared."
+            )
+
+
+def _compile(patterns: Sequence[str] | None, key: str) -> list[re.Pattern] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ExpertMergeError(
+                f"{key}: '{pattern}' is not a valid regular expression ({error})."
+            ) from error
+    return compiled
+
+
+def _patterns(compiled: list[re.Pattern] | None) -> list[str] | None:
+    return None if compiled is None else [p.pattern for p in compiled]
+
+
+def _tied(config: Any) -> bool:
+    for candidate in (config, config.get_text_config()):
+        value = getattr(candidate, "tie_word_embeddings", None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
+def _vocab_size(config: Any) -> int | None:
+    return getattr(config.get_text_config(), "vocab_size", getattr(config, "vocab_size", None))
+
+
+def _token_ids(path: Path) -> tuple[Any, Any]:
+    """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id)."""
+    data = json.loads(path.read_text())
+    vocab = data.get("model", {}).get("vocab")
+    added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens", []))
+    return json.dumps(vocab, sort_keys=True), added
+
+
+def _default_name(source: str) -> list[str]:
+    """Path components of a source, last first (`zoo://tiny/experts/arith` -> [arith, experts, tiny])."""
+    text = source.split("://", 1)[-1].rstrip("/\\")
+    parts = [p for p in re.split(r"[/\\]", text) if p not in ("", ".", "..", "~")]
+    return list(reversed(parts)) or [source]
+
+
+def _name_experts(experts: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    if isinstance(experts, str):
+        raise ExpertMergeError(
+            "experts must be a list of sources or a {name: source} mapping, not one string."
+        )
+    if isinstance(experts, Mapping):
+        named = {str(k): str(v) for k, v in experts.items()}
+        if BASE in named:
+            raise ExpertMergeError(f"An expert may not be named '{BASE}' (reserved for the base model).")
+    else:
+        sources = [str(s) for s in experts]
+        duplicates = sorted({s for s in sources if sources.count(s) > 1})
+        if duplicates:
+            raise ExpertMergeError(f"Expert source(s) given more than once: {duplicates}.")
+        parts = [_default_name(s) for s in sources]
+        depth = [1] * len(sources)
+
+        def name_of(i: int) -> str:
+            return "-".join(reversed(parts[i][: depth[i]]))
+
+        # Prefix parent folders until names differ (runA/ckpt, runB/ckpt -> runA-ckpt, runB-ckpt).
+        while True:
+            names = [name_of(i) for i in range(len(sources))]
+            clashing = [i for i, n in enumerate(names) if names.count(n) > 1 or n == BASE]
+            growable = [i for i in clashing if depth[i] < len(parts[i])]
+            if not growable:
+                break
+            for i in growable:
+                depth[i] += 1
+        named = {}
+        for source, name in zip(sources, names, strict=True):
+            unique, number = name, 2
+            while unique in named or unique == BASE:
+                unique, number = f"{name}-{number}", number + 1
+            named[unique] = source
+    if len(named) < 1:
+        raise ExpertMergeError("At least one expert is needed.")
+    return named
