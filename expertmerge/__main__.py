@@ -1,0 +1,3 @@
+from expertmerge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""From a dense family to its fused Mixture-of-Experts format: config, tensor names, forced routing.
+
+Which dense families map to which MoE format (the `transformers` classes they load as):
+
+| dense `model_type` | MoE format | class | shared expert |
+|---|---|---|---|
+| `llama`, `mistral` | `mixtral` | `MixtralForCausalLM` | none |
+| `qwen2` | `qwen2_moe` | `Qwen2MoeForCausalLM` | one, always on (gated) |
+| `qwen3` | `qwen3_moe` | `Qwen3MoeForCausalLM` | none |
+
+Layout the installed `transformers` (5.x) loads, per decoder layer `l` (`P = model.layers.{l}.mlp`):
+
+- `P.gate.weight` `[E, hidden]`: the router, logits `x @ W.T` on the output `x` of the post-attention norm;
+- `P.experts.gate_up_proj` `[E, 2 * I, hidden]`: expert `e`'s dense `gate_proj.weight` stacked over its `up_proj.weight`
+  (the forward splits `x @ gate_up_proj[e].T` into gate then up with `chunk(2)`);
+- `P.experts.down_proj` `[E, hidden, I]`: expert `e`'s dense `down_proj.weight`;
+- Qwen2-MoE only: `P.shared_expert.{gate,up,down}_proj.weight` (a dense FFN) and `P.shared_expert_gate.weight`
+  `[1, hidden]`; the block adds `sigmoid(x @ shared_expert_gate.T) * shared_expert(x)` to the routed output.
+
+Every other tensor (embeddings, attention, norms, head) keeps the dense name.
+
+Routing semantics and the settings that make an MoE reproduce one dense expert exactly:
+
+- Mixtral: `softmax` over all router logits (fp32), top-k, then the top-k weights are always renormalised to
+  sum to 1. Qwen2-MoE / Qwen3-MoE renormalise only when `norm_topk_prob` is true; we always write
+  `norm_topk_prob: true`, because each routed expert is a whole dense FFN and the routed output must stay a convex
+  combination of FFNs (with `false`, top-2 of 3 experts would shrink the FFN output by the left-out probability).
+- "Forced" routing to expert k: when expert k's logit exceeds every other by more than ~104, the others' fp32
+  softmax probabilities underflow to exactly 0, expert k's is exactly 1, and after renormalisation its weight is
+  exactly 1 and every other selected expert's exactly 0, for any `top_k`. With `top_k == 1` the renormalised
+  weight is exactly 1 for any logits (p / p). No router of these formats has a bias, so a weight matrix alone cannot
+  give one expert the top logit for every possible input; `forced_routing` therefore feeds each router a fixed
+  probe vector and sets its rows so expert k's logit is `logit` (default 1e4) and every other is 0, leaving the
+  softmax / top-k / renormalisation code of the format untouched.
+- Qwen2-MoE's shared expert is always on. Without a base expert it is written as zeros (an FFN of width
+  `min(intermediate_size, 256)`, its gate row zero), so it adds exactly 0 and the exactness above holds. With the
+  base FFN as the shared expert, see `write_moe_checkpoint`'s `shared_expert_weight`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from expertmerge.errors import ExpertMergeError
+
+# The largest Qwen2-MoE shared expert written as zeros (when the format must have one but we have nothing to put
+# there): small, and divisible by every usual tensor-parallel degree.
+ZERO_SHARED_EXPERT_WIDTH = 256
+
+# Dense config keys every supported MoE config takes unchanged.
+_COMMON_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+_FFN_NAME = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp)\.(?P<proj>gate|up|down)_proj\.(?P<kind>weight|bias)$"
+)
+_PROJECTIONS = ("gate", "up", "down")
+# Buffers some older dense checkpoints carry that no current model loads.
+_IGNORED_DENSE = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class MoeFormat:
+    """A fused MoE output format: its `model_type`, the class it loads as, and the dense families it comes from."""
+
+    name: str
+    architecture: str
+    source_types: tuple[str, ...]
+    shared_expert: bool  # an always-on shared expert next to the routed ones (Qwen2-MoE)
+
+
+MIXTRAL = MoeFormat("mixtral", "MixtralForCausalLM", ("llama", "mistral"), shared_expert=False)
+QWEN2_MOE = MoeFormat("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2",), shared_expert=True)
+QWEN3_MOE = MoeFormat("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), shared_expert=False)
+MOE_FORMATS: dict[str, MoeFormat] = {
+    source: fmt for fmt in (MIXTRAL, QWEN2_MOE, QWEN3_MOE) for source in fmt.source_types
+}
+
+
+def supported_families() -> str:
+    """`"llama, mistral -> mixtral; qwen2 -> qwen2_moe; qwen3 -> qwen3_moe"`, for error messages and help."""
+    by_format: dict[str, list[str]] = {}
+    for source, fmt in MOE_FORMATS.items():
+        by_format.setdefault(fmt.name, []).append(source)
+    return "; ".join(f"{', '.join(sources)} -> {name}" for name, sources in by_format.items())
+
+
+def moe_format_for(model_type: str | None) -> MoeFormat:
+    """The MoE format for a dense `model_type`; `ExpertMergeError` naming the supported families otherwise."""
+    if model_type not in MOE_FORMATS:
+        raise ExpertMergeError(
+            f"No fused MoE format for dense model_type '{model_type}'. Supported source families: "
+            f"{supported_families()}."
+        )
+    return MOE_FORMATS[model_type]
+
+
+# ------------------------------------------------------------------------------------------------- config
+def build_moe_config(
+    dense_config: Any,
+    num_experts: int,
+    top_k: int = 2,
+    *,
+    shared_expert_size: int | None = None,
+) -> Any:
+    """The `transformers` config of the MoE made from `dense_config`'s family, with `num_experts` routed experts.
+
+    Each routed expert has the dense FFN's width. `top_k` routed experts run per token; their weights are
+    renormalised to sum to 1 in every format (Mixtral always does; Qwen formats get `norm_topk_prob=True`).
+    `shared_expert_size` is the width of Qwen2-MoE's shared expert (default: the dense FFN width); other formats
+    have none and refuse it. Raises `ExpertMergeError` for an unsupported family or a dense setting the MoE format
+    cannot express (biases in the FFN or attention of a Llama, mixed sliding/full attention layers in Qwen3).
+    """
+    fmt = moe_format_for(getattr(dense_config, "model_type", None))
+    dense = dense_config.to_dict()
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ExpertMergeError(f"num_experts must be a positive integer, got {num_experts!r}.")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ExpertMergeError(
+            f"top_k must be an integer from 1 to the number of experts ({num_experts}), got {top_k!r}."
+        )
+    if shared_expert_size is not None and not fmt.shared_expert:
+        raise ExpertMergeError(
+            f"The {fmt.name} format has no shared expert; shared_expert_size must be None."
+        )
+
+    settings: dict[str, Any] = {key: dense[key] for key in _COMMON_KEYS if key in dense}
+    if dense.get("head_dim") is not None:
+        settings["head_dim"] = dense["head_dim"]
+    intermediate = dense["intermediate_size"]
+    source = dense_config.model_type
+
+    if fmt is MIXTRAL:
+        from transformers import MixtralConfig
+
+        for flag in ("attention_bias", "mlp_bias"):
+            if dense.get(flag):
+                raise ExpertMergeError(
+                    f"The dense {source} model has {flag}=true; Mixtral has no biases in attention or experts, "
+                    "so this model cannot become a Mixtral MoE."
+                )
+        config = MixtralConfig(
+            **settings,
+            intermediate_size=intermediate,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            sliding_window=dense.get("sliding_window"),
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
+    elif fmt is QWEN2_MOE:
+        from transformers import Qwen2MoeConfig
+
+        use_sliding = bool(dense.get("use_sliding_window", False))
+        config = Qwen2MoeConfig(
+            **settings,
+            intermediate_size=intermediate,  # only for dense layers, of which we write none
+            moe_intermediate_size=intermediate,
+            shared_expert_intermediate_size=intermediate
+            if shared_expert_size is None
+            else shared_expert_size,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            qkv_bias=True,  # Qwen2 attention always has q/k/v biases
+            use_sliding_window=use_sliding,
+            sliding_window=dense.get("sliding_window") if use_sliding else None,
+            max_window_layers=dense.get("max_window_layers", dense["num_hidden_layers"]),
+            layer_types=list(dense["layer_types"]) if dense.get("layer_types") else None,
+            output_router_logits=False,
+        )
+    else:
+        from transformers import Qwen3MoeConfig
+
+        layer_types = set(dense.get("layer_types") or ["full_attention"])
+        if len(layer_types) > 1:
+            raise ExpertMergeError(
+                "The dense qwen3 model mixes sliding-window and full attention layers (layer_types); Qwen3-MoE "
+                "applies one attention type to every layer, so it cannot reproduce this model."
+            )
+        use_sliding = layer_types == {"sliding_attention"}
+        config = Qwen3MoeConfig(
+            **settings,
+            intermediate_size=intermediate,
+            moe_intermediate_size=intermediate,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            attention_bias=bool(dense.get("attention_bias", False)),
+            use_sliding_window=use_sliding,
+            sliding_window=dense.get("sliding_window") if use_sliding else None,
+            output_router_logits=False,
+        )
+    config.architectures = [fmt.architecture]
+    return config
+
+
+# ------------------------------------------------------------------------------------------------- names
+@dataclass
+class DenseLayout:
+    """A dense checkpoint's tensor names split into the FFN of each layer and everything else (shared)."""
+
+    shared: list[str]
+    ffn: dict[int, dict[str, str]]  # layer -> {"gate"|"up"|"down": dense tensor name}
+    mlp_prefix: dict[int, str]  # layer -> "model.layers.{l}.mlp"
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ffn)
+
+
+def split_dense_names(names: Sequence[str]) -> DenseLayout:
+    """Split dense tensor names into per-layer FFN weights (which become experts) and shared tensors.
+
+    Raises `ExpertMergeError` when an FFN has a bias (no supported MoE expert has one), a layer lacks one of
+    gate/up/down, or layer numbers have gaps.
+    """
+    shared: list[str] = []
+    ignored: list[str] = []
+    ffn: dict[int, dict[str, str]] = {}
+    prefix: dict[int, str] = {}
+    for name in names:
+        match = _FFN_NAME.match(name)
+        if match is None:
+            (ignored if _IGNORED_DENSE.search(name) else shared).append(name)
+            continue
+        if match["kind"] == "bias":
+            raise ExpertMergeError(
+                f"The dense FFN has a bias ('{name}'); experts of the supported MoE formats have none."
+            )
+        layer = int(match["layer"])
+        ffn.setdefault(layer, {})[match["proj"]] = name
+        prefix[layer] = match["prefix"]
+    if not ffn:
+        raise ExpertMergeError(
+            "No FFN weights named like 'model.layers.N.mlp.{gate,up,down}_proj.weight' found; cannot build experts."
+        )
+    if sorted(ffn) != list(range(len(ffn))):
+        raise ExpertMergeError(f"FFN layers are not numbered 0..{len(ffn) - 1}: found {sorted(ffn)}.")
+    for layer, projections in ffn.items():
+        lacking = [p for p in _PROJECTIONS if p not in projections]
+        if lacking:
+            raise ExpertMergeError(f"Layer {layer}'s FFN lacks {', '.join(p + '_proj' for p in lacking)}.")
+    return DenseLayout(shared=shared, ffn=dict(sorted(ffn.items())), mlp_prefix=prefix, ignored=ignored)
+
+
+@dataclass(frozen=True)
+class MoeLayerNames:
+    """The MoE tensor names of one decoder layer."""
+
+    router: str
+    gate_up: str
+    down: str
+    shared_gate: str | None = None  # Qwen2-MoE: shared_expert.gate_proj.weight
+    shared_up: str | None = None
+    shared_down: str | None = None
+    shared_expert_gate: str | None = None  # Qwen2-MoE: the sigmoid gate of the shared expert
+
+
+def moe_layer_names(fmt: MoeFormat, mlp_prefix: str) -> MoeLayerNames:
+    """Names of one layer's MoE tensors, e.g. `model.layers.3.mlp.experts.gate_up_proj`."""
+    names = {
+        "router": f"{mlp_prefix}.gate.weight",
+        "gate_up": f"{mlp_prefix}.experts.gate_up_proj",
+        "down": f"{mlp_prefix}.experts.down_proj",
+    }
+    if fmt.shared_expert:
+        names.update(
+            shared_gate=f"{mlp_prefix}.shared_expert.gate_proj.weight",
+            shared_up=f"{mlp_prefix}.shared_expert.up_proj.weight",
+            shared_down=f"{mlp_prefix}.shared_expert.down_proj.weight",
+            shared_expert_gate=f"{mlp_prefix}.shared_expert_gate.weight",
+        )
+    return MoeLayerNames(**names)
+
+
+def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the installed `transformers` expects for `config` (from a model built on the meta device).
+
+    A tied `lm_head.weight` is left out: checkpoints of tied models do not store it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------- routing
+def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The sparse MoE blocks of a loaded model, in layer order: modules with a router `gate` and `experts`."""
+    blocks = [
+        module
+        for module in model.modules()
+        if hasattr(module, "experts")
+        and isinstance(getattr(module, "gate", None), torch.nn.Module)
+        and isinstance(getattr(module.gate, "weight", None), torch.Tensor)
+        and module.gate.weight.dim() == 2
+    ]
+    if not blocks:
+        raise ExpertMergeError(
+            f"{type(model).__name__} has no sparse MoE blocks (a 'gate' router next to 'experts')."
+        )
+    return blocks
+
+
+@contextlib.contextmanager
+def forced_routing(model: torch.nn.Module, expert: int, logit: float = 1e4) -> Iterator[torch.nn.Module]:
+    """Route every token of every MoE layer to routed expert `expert` (oracle routing), inside the `with` block.
+
+    Each router is given a fixed probe input (first coordinate 1, the rest 0) and rows that give `expert` the logit
+    `logit` and every other expert 0, so the format's own softmax / top-k / renormalisation yields weight exactly 1
+    for `expert` and exactly 0 for any other selected expert (fp32 `exp(-1e4)` is 0). The experts still see the
+    real hidden states. Router weights are restored on exit, also on error.
+    """
+    blocks = moe_blocks(model)
+    saved: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    handles = []
+
+    def probe(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0]
+        replaced = torch.zeros_like(hidden)
+        replaced[..., 0] = 1
+        return (replaced, *args[1:]), kwargs
+
+    try:
+        for block in blocks:
+            gate = block.gate
+            num_experts = gate.weight.shape[0]
+            if not 0 <= expert < num_experts:
+                raise ExpertMergeError(
+                    f"Expert index {expert} is out of range; the MoE has {num_experts} routed experts."
+                )
+            forced = torch.zeros_like(gate.weight)
+            forced[expert, 0] = logit
+            saved.append((gate, gate.weight.data))
+            gate.weight.data = forced
+            handles.append(gate.register_forward_pre_hook(probe, with_kwargs=True))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for gate, weight in saved:
+            gate.weight.data = weight

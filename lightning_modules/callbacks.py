@@ -1,0 +1,229 @@
+"""Callbacks of the fit: at its end, compare the merges per task and export the learned one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from expertmerge.evaluate import (
+    TaskScores,
+    expert_scores,
+    mean_scores,
+    score_task,
+    scores_table,
+    scores_to_json,
+)
+from expertmerge.export import atomic_output_dir, write_merge_card
+from expertmerge.plots import write_plots
+
+
+@dataclass
+class ExportSettings:
+    """Where and how the fit writes its merged model.
+
+    Args:
+        output_dir: the merged model folder (written atomically at the end of the fit).
+        force: replace `output_dir` if it exists.
+        evaluate: print (and save as eval.json) the per-task table base / task arithmetic / learned / expert.
+    """
+
+    output_dir: str = "outputs/expert-merging"
+    force: bool = False
+    evaluate: bool = True
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    dtype = getattr(AutoConfig.from_pretrained(str(folder)), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, TaskScores]]:
+    """Per-task scores of base, task arithmetic at alpha0, the learned merge and the experts (held-out split)."""
+    datamodule = module.datamodule
+    device = module.device
+    rows: dict[str, dict[str, TaskScores]] = {}
+    temperature = module.hparams.temperature
+
+    def score(forward) -> dict[str, TaskScores]:
+        result = {}
+        for task in module.task_names:
+            samples = datamodule.task_samples(task, "eval")
+            result[task] = score_task(
+                forward,
+                samples.input_ids,
+                samples.attention_mask,
+                module.targets[(task, "eval")],
+                temperature,
+                device=device,
+            )
+        return result
+
+    module.eval()
+    if include_base:
+        base = (
+            AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir), dtype=torch.float32)
+            .eval()
+            .to(device)
+        )
+        rows["base"] = score(
+            lambda ids, mask: base(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        )
+        del base
+    rows["task arithmetic (alpha0)"] = score(
+        lambda ids, mask: (
+            module(ids, mask, coefficients=module.alpha0_coefficients, output_hidden_states=False).logits
+        )
+    )
+    if module.stage1_values is not None:
+        stage1 = module.layerwise_coefficients(module.stage1_values)
+        rows["expert merging (layer-wise)"] = score(
+            lambda ids, mask: module(ids, mask, coefficients=stage1, output_hidden_states=False).logits
+        )
+        rows["expert merging++ (chunk-wise)"] = score(
+            lambda ids, mask: module(ids, mask, output_hidden_states=False).logits
+        )
+    else:
+        rows["expert merging"] = score(lambda ids, mask: module(ids, mask, output_hidden_states=False).logits)
+    rows["experts"] = {
+        task: expert_scores(
+            datamodule.task_samples(task, "eval").attention_mask, module.targets[(task, "eval")]
+        )
+        for task in module.task_names
+    }
+    return rows
+
+
+def export_dense(
+    module: Any,
+    output_dir: str | Path,
+    force: bool,
+    config_yaml: str | None = None,
+    scores: dict[str, dict[str, TaskScores]] | None = None,
+) -> Path:
+    """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
+    pool = module.pool
+    with atomic_output_dir(output_dir, force=force) as tmp:
+        model = module.fold()
+        model.to(_stored_dtype(pool.base_dir)).save_pretrained(tmp)
+        # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
+        with contextlib.suppress(OSError, ValueError):
+            AutoTokenizer.from_pretrained(str(pool.base_dir)).save_pretrained(tmp)
+        with contextlib.suppress(OSError):
+            GenerationConfig.from_pretrained(str(pool.base_dir)).save_pretrained(tmp)
+        coefficients = {
+            "experts": module.expert_names,
+            "alpha0": module.hparams.alpha0,
+            "chunk_counts": dict(
+                zip(module.coefficient_names, module.coefficients.chunk_counts, strict=True)
+            ),
+            "coefficients": module.coefficients.to_dict(module.expert_names),
+            "layerwise": {
+                name: dict(zip(module.expert_names, [round(float(v), 6) for v in column], strict=True))
+                for name, column in zip(
+                    module.coefficient_names, module.coefficients.layerwise_values().T, strict=True
+                )
+            },
+        }
+        (tmp / "coefficients.json").write_text(json.dumps(coefficients, indent=1))
+        if module.chunk_allocation is not None:
+            (tmp / "chunk_allocation.json").write_text(json.dumps(module.chunk_allocation, indent=1))
+        write_plots(module, tmp)
+        if scores:
+            (tmp / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
+        if config_yaml:
+            (tmp / "fit_config.yaml").write_text(config_yaml)
+        hashes = pool.content_hashes()
+        sections = {}
+        if scores:
+            lines = [
+                "| model | mean perplexity | mean KL to expert | mean top-1 agree |",
+                "|---|---|---|---|",
+            ]
+            for name, per_task in scores.items():
+                m = mean_scores(per_task)
+                lines.append(f"| {name} | {m.perplexity:.3f} | {m.kl:.4f} | {m.top1:.1%} |")
+            sections["Evaluation (held-out calibration samples)"] = "\n".join(lines)
+        hp = module.hparams
+        write_merge_card(
+            tmp,
+            title="Expert Merging result",
+            method="expert_merging (learned coefficients, arXiv 2509.25712)",
+            base=(pool.base_source, hashes["base"]),
+            experts={name: (pool.expert_sources[name], hashes[name]) for name in module.expert_names},
+            parameters={
+                "alpha0": hp.alpha0,
+                "gamma": hp.gamma,
+                "mu": hp.mu,
+                "temperature": hp.temperature,
+                "hidden_layers": module.hidden_layers,
+                "task_weights": hp.task_weights,
+                "tasks": {
+                    t: module.expert_names[k]
+                    for t, k in zip(module.task_names, module.task_experts, strict=True)
+                },
+                "learned_tensors": len(module.coefficient_names),
+                "chunking": (
+                    None
+                    if module.chunk_allocation is None
+                    else {
+                        k: module.chunk_allocation[k]
+                        for k in ("budget", "kappa", "total_chunks", "fixed_tensors")
+                    }
+                ),
+                "coefficients": module.coefficients.num_trainable(),
+                "steps": module.global_step,
+            },
+            sections=sections,
+        )
+    return Path(output_dir)
+
+
+class ExportMergedModel(pl.Callback):
+    """At the end of `fit`: the per-task comparison table, then the merged model written atomically."""
+
+    def __init__(self, settings: ExportSettings, config_yaml: str | None = None) -> None:
+        self.settings = settings
+        self.config_yaml = config_yaml
+        self._started = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        console = Console()
+        scores = None
+        if self.settings.evaluate:
+            scores = evaluate_fit(pl_module)
+            console.print(
+                scores_table("Held-out calibration samples, per task", scores, pl_module.task_names)
+            )
+        fit_seconds = time.perf_counter() - self._started
+        path = export_dense(
+            pl_module, self.settings.output_dir, self.settings.force, self.config_yaml, scores
+        )
+        summary = Table(title="expertmerge fit", show_header=False)
+        summary.add_row("output", str(path))
+        summary.add_row("experts", ", ".join(pl_module.expert_names))
+        summary.add_row("tensors with learned coefficients", str(len(pl_module.coefficient_names)))
+        summary.add_row("coefficients", str(pl_module.coefficients.num_trainable()))
+        summary.add_row("steps", str(trainer.global_step))
+        summary.add_row(
+            "teacher targets computed / reused",
+            f"{pl_module.teacher_stats.computed} / {pl_module.teacher_stats.reused}",
+        )
+        summary.add_row("fit wall time", f"{fit_seconds:.1f} s")
+        console.print(summary)

@@ -1,0 +1,594 @@
+"""ExpertMergingModule: learn merge coefficients so the merged model behaves like each expert on its data.
+
+Only the coefficients are trainable. The base model's weights and the task vectors are frozen buffers; each
+step builds the merged tensors once and runs the base architecture on them with `functional_call`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM
+
+from expertmerge.coefficients import MergeCoefficients
+from expertmerge.errors import ExpertMergeError
+from expertmerge.importance import allocate_chunks, importance_scores
+from expertmerge.losses import full_kl_per_token, hidden_mse_loss, logit_kl_loss, topk_kl_per_token
+from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
+
+DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class _TaskVectors(nn.Module):
+    """tau[k, p] for the tensors with learned coefficients, as non-persistent buffers (never checkpointed)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], num_experts: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        for index, shape in enumerate(shapes):
+            self.register_buffer(
+                f"t{index}", torch.zeros((num_experts, *shape), dtype=dtype), persistent=False
+            )
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return getattr(self, f"t{index}")
+
+
+class ExpertMergingModule(pl.LightningModule):
+    """Expert Merging (arXiv 2509.25712): coefficients over frozen task vectors, aligned to the experts.
+
+    Args:
+        base: folder (or hub id, or `zoo://` reference) of the base model the experts were fine-tuned from.
+        experts: expert name -> folder. Tasks in the data config name these experts.
+        alpha0: start value of every coefficient (one, or one per expert in `experts` order); also where
+            the tensors without learned coefficients are merged (task arithmetic at alpha0).
+        gamma: weight of the regulariser `mean |c - start|`.
+        mu: weight of the hidden-state MSE relative to the logit KL.
+        temperature: T of the T^2 * KL(expert || merged) logit loss.
+        hidden_layers: indices into the model's `hidden_states` (0 = embeddings) aligned by MSE;
+            default: the middle layer.
+        task_weights: beta per task name (default 1 for every task); raise one to favour that task.
+        learn_include: regexes; tensors whose name matches one get learned coefficients.
+        learn_exclude: regexes; matching tensors are merged at alpha0 instead.
+        learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
+        logit_topk: the teacher's logits are cached as the top k plus the log-sum-exp; null caches full logits.
+        task_vector_dtype: storage dtype of the task vectors (the merge itself is computed in fp32).
+        lr: learning rate of the coefficient logits (Adam).
+        scheduler: learning-rate schedule over the fit's steps.
+        warmup_steps: linear warm-up steps before the schedule.
+        teacher_batch_size: batch size of the one-off teacher pass.
+        chunking: Expert Merging++: after the layer-wise fit (`trainer.max_steps` steps), give the important
+            tensors several coefficients along their output rows and fit again for `stage2_steps` steps.
+        chunk_budget: total chunks B shared among the learned tensors (default: their number, so the
+            coefficient count stays that of the layer-wise fit).
+        chunk_kappa: exponent on the importance: 0 spreads chunks evenly, larger concentrates them.
+        stage2_steps: optimiser steps of the chunk-wise stage.
+        stage2_lr: learning rate of the chunk-wise stage (default: `lr`).
+        stage1_result: `coefficients.json` of an earlier layer-wise fit (or its output folder): skip stage 1
+            and run the chunk-wise stage from those coefficients (implies `chunking`).
+        trust_remote_code: allow model folders that ship their own modelling code.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        experts: dict[str, str],
+        alpha0: float | list[float] = 0.3,
+        gamma: float = 0.05,
+        mu: float = 1.0,
+        temperature: float = 1.0,
+        hidden_layers: list[int] | None = None,
+        task_weights: dict[str, float] | None = None,
+        learn_include: list[str] | None = None,
+        learn_exclude: list[str] | None = None,
+        learn_matrices_only: bool = True,
+        logit_topk: int | None = 64,
+        task_vector_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        lr: float = 0.1,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        teacher_batch_size: int = 8,
+        chunking: bool = False,
+        chunk_budget: int | None = None,
+        chunk_kappa: float = 1.0,
+        stage2_steps: int = 60,
+        stage2_lr: float | None = None,
+        stage1_result: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not experts:
+            raise ExpertMergeError("model.experts is empty: name at least one expert folder.")
+        self.expert_names = list(experts)
+        self.strict_loading = False  # checkpoints hold the coefficients only
+        self.model: nn.Module | None = None
+        self.coefficients: MergeCoefficients | None = None
+        self.task_vectors: _TaskVectors | None = None
+        self.targets: dict[tuple[str, str], TeacherTargets] = {}
+        self.teacher_stats = TeacherStats()
+        self.task_names: list[str] = []
+        self.task_experts: list[int] = []
+        self.coefficient_names: list[str] = []
+        self.pool = None
+        self.datamodule = None
+        self.stage = 1
+        self.stage1_steps: int | None = None
+        self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
+        self.chunk_allocation: dict[str, Any] | None = None
+        self._folded = False
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.prepare(self.trainer.datamodule)
+
+    def prepare(self, datamodule: Any) -> None:
+        """Check inputs, cache teacher targets, load the base and the task vectors (one expert at a time)."""
+        from expertmerge.pool import ExpertPool
+
+        hp = self.hparams
+        pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
+        pool.validate()
+        datamodule.check(self.expert_names)
+        datamodule.setup("fit")
+        self.pool, self.datamodule = pool, datamodule
+        self.task_names = list(datamodule.task_names)
+        task_experts = {spec.name: spec.expert for spec in datamodule.tasks}
+        self.task_experts = [self.expert_names.index(task_experts[t]) for t in self.task_names]
+        unknown = set(hp.task_weights or {}) - set(self.task_names)
+        if unknown:
+            raise ExpertMergeError(
+                f"model.task_weights names unknown tasks {sorted(unknown)}; tasks are {self.task_names}."
+            )
+
+        model = self._load(pool.base_dir)
+        num_layers = int(getattr(model.config, "num_hidden_layers", 2))
+        self.hidden_layers = list(hp.hidden_layers) if hp.hidden_layers is not None else [num_layers // 2]
+        for layer in self.hidden_layers:
+            if not -num_layers - 1 <= layer <= num_layers:
+                raise ExpertMergeError(
+                    f"model.hidden_layers: {layer} is out of range for a {num_layers}-layer model."
+                )
+        self.hidden_layers = [layer % (num_layers + 1) for layer in self.hidden_layers]
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        params = dict(model.named_parameters())
+        self.coefficient_names = [name for name in params if self._learns(name, params[name])]
+        if not self.coefficient_names:
+            raise ExpertMergeError(
+                "No tensor matches model.learn_include / learn_exclude: nothing would be learned. "
+                f"Tensor names look like '{next(iter(params))}'."
+            )
+        num_experts = len(self.expert_names)
+        self.task_vectors = _TaskVectors(
+            [params[n].shape for n in self.coefficient_names], num_experts, _DTYPES[hp.task_vector_dtype]
+        )
+        alpha = torch.as_tensor(hp.alpha0, dtype=torch.float32).flatten().expand(num_experts)
+        static_delta: dict[str, torch.Tensor] = {}
+        coefficient_index = {name: i for i, name in enumerate(self.coefficient_names)}
+
+        def take_task_vector(expert: str, expert_model: nn.Module) -> None:
+            k = self.expert_names.index(expert)
+            for name, theta in expert_model.named_parameters():
+                if name not in params:
+                    raise ExpertMergeError(f"Expert '{expert}' has parameter '{name}' that the base lacks.")
+                delta = theta.detach().float() - params[name]
+                if name in coefficient_index:
+                    self.task_vectors[coefficient_index[name]][k].copy_(delta)
+                else:
+                    acc = static_delta.setdefault(name, torch.zeros_like(params[name]))
+                    acc.add_(delta, alpha=float(alpha[k]))
+
+        jobs = []
+        for task, expert_index in zip(self.task_names, self.task_experts, strict=True):
+            for split in ("train", "eval"):
+                samples = datamodule.task_samples(task, split)
+                jobs.append(
+                    TeacherJob(
+                        task=task,
+                        split=split,
+                        expert=self.expert_names[expert_index],
+                        input_ids=samples.input_ids,
+                        attention_mask=samples.attention_mask,
+                        fingerprint=datamodule.fingerprint(task, split),
+                    )
+                )
+        hashes = pool.content_hashes()
+        self.targets, self.teacher_stats = collect_targets(
+            jobs,
+            expert_hashes=hashes,
+            load_expert=lambda name: self._load(pool.expert_dirs[name]),
+            settings=self.teacher_settings,
+            expert_order=self.expert_names,
+            on_expert_loaded=take_task_vector,
+        )
+        with torch.no_grad():
+            for name, delta in static_delta.items():
+                params[name].add_(delta)
+        static_delta.clear()
+        gc.collect()
+        self.model = model
+        self.coefficients = MergeCoefficients(
+            self.coefficient_names,
+            [params[n].shape[0] for n in self.coefficient_names],
+            num_experts,
+            alpha0=hp.alpha0,
+        )
+        if hp.stage1_result:
+            self._start_stage2(self._read_stage1_result(hp.stage1_result))
+        self._build_metrics()
+
+    @property
+    def teacher_settings(self) -> TeacherSettings:
+        return TeacherSettings(
+            hidden_layers=tuple(self.hidden_layers),
+            logit_topk=self.hparams.logit_topk,
+            temperature=self.hparams.temperature,
+            batch_size=self.hparams.teacher_batch_size,
+        )
+
+    def _load(self, folder: Any) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
+        )
+        return model.eval()
+
+    def _learns(self, name: str, tensor: torch.Tensor) -> bool:
+        hp = self.hparams
+        include = hp.learn_include if hp.learn_include is not None else DEFAULT_LEARN_INCLUDE
+        if hp.learn_matrices_only and tensor.dim() != 2:
+            return False
+        if not any(re.search(p, name) for p in include):
+            return False
+        return not any(re.search(p, name) for p in hp.learn_exclude or ())
+
+    def _build_metrics(self) -> None:
+        def per_task() -> nn.ModuleDict:
+            return nn.ModuleDict({t: torchmetrics.MeanMetric() for t in self.task_names})
+
+        self.val_kl = per_task()
+        self.val_top1 = per_task()
+
+    # ------------------------------------------------------------------------------------ the merge
+    def merged_parameters(
+        self, coefficients: Callable[[int], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """theta_p = theta0_p + sum_k c[k,p] tau[k,p] for every tensor with coefficients.
+
+        `coefficients(index) -> [N, rows]` overrides the learned ones (e.g. alpha0 for task arithmetic).
+        """
+        assert self.model is not None and self.coefficients is not None
+        merged = {}
+        for index, name in enumerate(self.coefficient_names):
+            base = self.model.get_parameter(name)
+            if coefficients is None:
+                merged[name] = self.coefficients.merged_tensor(index, base, self.task_vectors[index])
+            else:
+                tau = self.task_vectors[index]
+                row_c = coefficients(index).to(base.device)
+                view = (tau.shape[0], tau.shape[1]) + (1,) * (tau.dim() - 2)
+                merged[name] = base + (tau.float() * row_c.view(view)).sum(0)
+        return merged
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        coefficients: Callable[[int], torch.Tensor] | None = None,
+        output_hidden_states: bool = True,
+    ) -> Any:
+        return functional_call(
+            self.model,
+            self.merged_parameters(coefficients),
+            args=(),
+            kwargs={
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "output_hidden_states": output_hidden_states,
+                "use_cache": False,
+            },
+        )
+
+    def alpha0_coefficients(self, index: int) -> torch.Tensor:
+        """Task arithmetic at alpha0, as per-row coefficients."""
+        rows = self.task_vectors[index].shape[1]
+        return self.coefficients.alpha0.view(-1, 1).expand(-1, rows)
+
+    def layerwise_coefficients(self, values: dict[str, torch.Tensor]) -> Callable[[int], torch.Tensor]:
+        """Per-row coefficients from one value per (expert, tensor), e.g. the stage-1 result."""
+
+        def rows(index: int) -> torch.Tensor:
+            tau = self.task_vectors[index]
+            return values[self.coefficient_names[index]].to(tau.device).view(-1, 1).expand(-1, tau.shape[1])
+
+        return rows
+
+    # ------------------------------------------------------------------- Expert Merging++ (stage 2)
+    @property
+    def chunking_enabled(self) -> bool:
+        return bool(self.hparams.chunking or self.hparams.stage1_result)
+
+    def _read_stage1_result(self, reference: str) -> dict[str, torch.Tensor]:
+        path = Path(reference)
+        if path.is_dir():
+            path = path / "coefficients.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ExpertMergeError(
+                f"model.stage1_result: cannot read '{path}' ({error}); give the coefficients.json (or the "
+                "output folder) of an earlier `fit`."
+            ) from error
+        if saved.get("experts") != self.expert_names:
+            raise ExpertMergeError(
+                f"model.stage1_result '{path}' was fitted with experts {saved.get('experts')}, "
+                f"this config has {self.expert_names}: use a result of the same experts, in the same order."
+            )
+        layerwise = saved.get("layerwise")
+        table = layerwise if layerwise is not None else saved.get("coefficients", {})
+        missing = [name for name in self.coefficient_names if name not in table]
+        if missing:
+            raise ExpertMergeError(
+                f"model.stage1_result '{path}' has no coefficients for {missing[:3]} "
+                f"({len(missing)} tensors): it was fitted with other learn_include / learn_exclude settings."
+            )
+        values = {}
+        for name in self.coefficient_names:
+            rows = [table[name][expert] for expert in self.expert_names]
+            rows = [r if isinstance(r, list) else [r] for r in rows]
+            values[name] = torch.tensor([sum(r) / len(r) for r in rows], dtype=torch.float32)
+        return values
+
+    @torch.no_grad()
+    def compute_chunk_allocation(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Importance of every learned tensor from the stage-1 values and the task vectors, then chunks."""
+        hp = self.hparams
+        coefficient_matrix = torch.stack([values[name].float().cpu() for name in self.coefficient_names], 1)
+        mean_abs = torch.stack(
+            [
+                torch.stack([tau_k.float().abs().mean() for tau_k in self.task_vectors[i]]).cpu()
+                for i in range(len(self.coefficient_names))
+            ],
+            dim=1,
+        )
+        numels = [self.task_vectors[i][0].numel() for i in range(len(self.coefficient_names))]
+        rows = [self.task_vectors[i].shape[1] for i in range(len(self.coefficient_names))]
+        importance = importance_scores(coefficient_matrix, mean_abs, numels)
+        budget = len(self.coefficient_names) if hp.chunk_budget is None else int(hp.chunk_budget)
+        if budget < 0:
+            raise ExpertMergeError(f"model.chunk_budget must be >= 0, got {budget}.")
+        chunks = allocate_chunks(importance, budget, hp.chunk_kappa, rows)
+        return {
+            "budget": budget,
+            "kappa": hp.chunk_kappa,
+            "total_chunks": sum(chunks),
+            "layerwise_coefficients": len(self.coefficient_names) * len(self.expert_names),
+            "chunkwise_coefficients": sum(chunks) * len(self.expert_names),
+            "fixed_tensors": sum(1 for c in chunks if c == 0),
+            "tensors": {
+                name: {"importance": float(importance[i]), "chunks": chunks[i], "rows": rows[i]}
+                for i, name in enumerate(self.coefficient_names)
+            },
+        }
+
+    def _start_stage2(self, stage1_values: dict[str, torch.Tensor]) -> None:
+        """Swap the layer-wise coefficients for chunk-wise ones that start from (and stay near) stage 1."""
+        allocation = self.compute_chunk_allocation(stage1_values)
+        device = self.task_vectors[0].device
+        self.stage1_values = {name: value.detach().float().cpu() for name, value in stage1_values.items()}
+        self.chunk_allocation = allocation
+        self.coefficients = MergeCoefficients(
+            self.coefficient_names,
+            [info["rows"] for info in allocation["tensors"].values()],
+            len(self.expert_names),
+            alpha0=self.hparams.alpha0,
+            chunks={name: info["chunks"] for name, info in allocation["tensors"].items()},
+            start={name: value.view(-1, 1) for name, value in self.stage1_values.items()},
+        ).to(device)
+        self.stage = 2
+
+    def stage1_snapshot(self) -> dict[str, torch.Tensor]:
+        values = self.coefficients.layerwise_values()
+        return {name: values[:, i].detach().cpu() for i, name in enumerate(self.coefficient_names)}
+
+    def on_train_start(self) -> None:
+        if not self.chunking_enabled:
+            return
+        loop = self.trainer.fit_loop
+        if self.hparams.stage1_result:  # stage 1 was an earlier run: this run is the chunk-wise stage only
+            self.stage1_steps = 0
+            loop.epoch_loop.max_steps = int(self.hparams.stage2_steps)
+        else:
+            self.stage1_steps = int(self.trainer.max_steps)
+            if self.stage1_steps < 0:
+                raise ExpertMergeError(
+                    "model.chunking needs trainer.max_steps (the layer-wise stage's steps) to be set."
+                )
+            loop.epoch_loop.max_steps = self.stage1_steps + int(self.hparams.stage2_steps)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.chunking_enabled and self.stage == 1 and self.global_step >= (self.stage1_steps or 0):
+            self._start_stage2(self.stage1_snapshot())
+            self.trainer.strategy.setup_optimizers(self.trainer)  # fresh optimiser over the new coefficients
+            if self.trainer.is_global_zero:
+                Console().print(allocation_table(self.chunk_allocation))
+
+    # ------------------------------------------------------------------------------------ the loss
+    def _kl_per_token(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        temperature = self.hparams.temperature
+        if "logits" in targets:
+            return full_kl_per_token(logits, targets["logits"], temperature)
+        return topk_kl_per_token(
+            logits, targets["topk_values"], targets["topk_indices"], targets["logsumexp"], temperature
+        )
+
+    def task_losses(self, batch: dict[str, Any], split: str = "train") -> dict[str, torch.Tensor]:
+        """KL, hidden MSE and top-1 agreement of the merged model against the batch's own expert."""
+        task = self.task_names[int(batch["task_index"])]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        targets = self.targets[(task, split)].rows(batch["sample_index"], ids.shape[1], ids.device)
+        out = self(ids, mask)
+        kl_tokens = self._kl_per_token(out.logits, targets)
+        kl = logit_kl_loss(kl_tokens, mask, self.hparams.temperature)
+        mse = torch.stack(
+            [
+                hidden_mse_loss(out.hidden_states[layer], targets[f"hidden.{layer}"], mask)
+                for layer in self.hidden_layers
+            ]
+        ).mean()
+        teacher_top1 = (
+            targets["logits"].argmax(-1) if "logits" in targets else targets["topk_indices"][..., 0]
+        )
+        agree = (out.logits.argmax(-1) == teacher_top1).float()
+        real = mask.float()
+        top1 = (agree * real).sum() / real.sum().clamp_min(1)
+        return {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}
+
+    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        # A batch is one task's samples, or a round with one sub-batch per task (one step sees every task).
+        task_batches = batch if isinstance(batch, list) else [batch]
+        weights = self.hparams.task_weights or {}
+        alignment = 0.0
+        for task_batch in task_batches:
+            task = self.task_names[int(task_batch["task_index"])]
+            parts = self.task_losses(task_batch)
+            beta = float(weights.get(task, 1.0))
+            alignment = alignment + beta * (parts["kl"] + self.hparams.mu * parts["mse"])
+            size = task_batch["input_ids"].shape[0]
+            self.log(f"train/kl/{task}", parts["kl"], batch_size=size)
+            self.log(f"train/mse/{task}", parts["mse"], batch_size=size)
+            self.log(f"train/top1/{task}", parts["top1"], batch_size=size)
+        regularizer = self.coefficients.regularizer()
+        loss = alignment / len(task_batches) + self.hparams.gamma * regularizer
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reg", regularizer)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            values = self.coefficients.layerwise_values()  # [N, P]
+            for k, expert in enumerate(self.expert_names):
+                self.log(f"coef/mean/{expert}", values[k].mean())
+                self.log(f"coef/min/{expert}", values[k].min())
+                self.log(f"coef/max/{expert}", values[k].max())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        task = self.task_names[int(batch["task_index"])]
+        parts = self.task_losses(batch, split="eval")
+        tokens = batch["attention_mask"].sum()
+        self.val_kl[task].update(parts["kl"], tokens)
+        self.val_top1[task].update(parts["top1"], tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        kls = []
+        for task in self.task_names:
+            if self.val_kl[task].update_count == 0:
+                continue
+            kl = self.val_kl[task].compute()
+            kls.append(kl)
+            self.log(f"val/kl/{task}", kl)
+            self.log(f"val/top1/{task}", self.val_top1[task].compute())
+            self.val_kl[task].reset()
+            self.val_top1[task].reset()
+        if kls:
+            self.log("val/kl_mean", torch.stack(kls).mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if self.stage == 2:
+            lr, total = (hp.stage2_lr or hp.lr), int(hp.stage2_steps)
+        else:
+            lr, total = hp.lr, int(self.trainer.max_steps)
+            if total < 0:
+                total = int(self.trainer.estimated_stepping_batches)
+        optimizer = torch.optim.Adam(self.coefficients.parameters(), lr=lr)
+        total = max(1, total)
+        warmup = max(0, int(self.hparams.warmup_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if self.hparams.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item()) * 0.9 + 0.1
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The base model and task vectors are inputs, not results: keep checkpoints to the coefficients.
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")
+        }
+        checkpoint["expertmerge"] = {
+            "expert_names": self.expert_names,
+            "coefficient_names": self.coefficient_names,
+            "chunk_counts": self.coefficients.chunk_counts,
+            "stage": self.stage,
+            "stage1_values": self.stage1_values,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("expertmerge", {})
+        if (
+            self.coefficients is not None
+            and saved
+            and (
+                saved.get("coefficient_names") != self.coefficient_names
+                or saved.get("expert_names") != self.expert_names
+            )
+        ):
+            raise ExpertMergeError(
+                "The checkpoint's experts or merged tensors differ from this configuration; "
+                "resume with the config the checkpoint was made with."
+            )
+        if self.coefficients is not None and saved.get("stage") == 2 and self.stage == 1:
+            # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
+            self._start_stage2(saved["stage1_values"])
+
+    # ---------------------------------------------------------------------------------- results
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """Write the learned merge into the base model's weights (in place) and hand the model back."""
+        if self._folded:
+            return self.model
+        merged = self.merged_parameters()
+        for name, value in merged.items():
+            self.model.get_parameter(name).copy_(value)
+        self._folded = True
+        return self.model
+
+
+def allocation_table(allocation: dict[str, Any], top: int = 12) -> Table:
+    """The tensors that got the most chunks, with their importance."""
+    table = Table(
+        title=f"Expert Merging++ chunk allocation (budget {allocation['budget']}, kappa {allocation['kappa']})"
+    )
+    table.add_column("tensor")
+    table.add_column("importance", justify="right")
+    table.add_column("chunks", justify="right")
+    table.add_column("rows", justify="right")
+    ranked = sorted(allocation["tensors"].items(), key=lambda item: -item[1]["importance"])
+    for name, info in ranked[:top]:
+        table.add_row(name, f"{info['importance']:.3f}", str(info["chunks"]), str(info["rows"]))
+    table.caption = (
+        f"{allocation['total_chunks']} chunks; {allocation['fixed_tensors']} tensors keep their stage-1 value; "
+        f"coefficients {allocation['layerwise_coefficients']} (layer-wise) -> "
+        f"{allocation['chunkwise_coefficients']} (chunk-wise)"
+    )
+    return table

@@ -1,0 +1,132 @@
+"""`python -m expertmerge fit` end to end on the tiny zoo: real models, real Lightning training, real exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from expertmerge.cli import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fit_tiny.yaml")
+
+
+def fit(tmp: Path, name: str, *overrides: str) -> Path:
+    """Run `fit` on the tiny zoo into tmp/name; returns the exported folder."""
+    out = tmp / name
+    code = main(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            "--export.output_dir",
+            str(out),
+            "--trainer.default_root_dir",
+            str(tmp / f"{name}-logs"),
+            *overrides,
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def mean_kl(scores: dict, row: str) -> float:
+    return sum(task["kl"] for task in scores[row].values()) / len(scores[row])
+
+
+def all_coefficients(folder: Path) -> list[float]:
+    table = json.loads((folder / "coefficients.json").read_text())["coefficients"]
+    return [v for per_expert in table.values() for values in per_expert.values() for v in values]
+
+
+@pytest.fixture(scope="module")
+def layerwise_fit(tiny_zoo, tmp_path_factory) -> Path:
+    return fit(tmp_path_factory.mktemp("fit"), "layerwise")
+
+
+def test_learned_merge_beats_task_arithmetic_on_held_out_kl(layerwise_fit: Path) -> None:
+    scores = json.loads((layerwise_fit / "eval.json").read_text())
+    learned, arithmetic = mean_kl(scores, "expert merging"), mean_kl(scores, "task arithmetic (alpha0)")
+    assert learned < 0.95 * arithmetic, (learned, arithmetic)
+    assert mean_kl(scores, "experts") == pytest.approx(0.0, abs=1e-6)
+    values = all_coefficients(layerwise_fit)
+    assert all(0.0 < v < 1.0 for v in values)
+    assert max(abs(v - 0.3) for v in values) > 0.02  # the coefficients did move from alpha0
+
+
+def test_exported_model_is_the_learned_merge(layerwise_fit: Path, tiny_zoo: Path) -> None:
+    merged = AutoModelForCausalLM.from_pretrained(layerwise_fit, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_zoo / "base", dtype=torch.float32)
+    experts = {
+        name: AutoModelForCausalLM.from_pretrained(tiny_zoo / "experts" / name, dtype=torch.float32)
+        for name in ("arith", "reverse", "sort")
+    }
+    saved = json.loads((layerwise_fit / "coefficients.json").read_text())
+    merged_state, base_state = merged.state_dict(), base.state_dict()
+    for name, per_expert in saved["coefficients"].items():
+        expected = base_state[name].clone()
+        for expert, values in per_expert.items():
+            expected += values[0] * (experts[expert].state_dict()[name] - base_state[name])
+        # task vectors are stored in bf16 during the fit: compare at that precision
+        torch.testing.assert_close(merged_state[name], expected, atol=2e-3, rtol=0)
+    # tensors without learned coefficients are task arithmetic at alpha0
+    norm = "model.norm.weight"
+    expected = base_state[norm] + 0.3 * sum(e.state_dict()[norm] - base_state[norm] for e in experts.values())
+    torch.testing.assert_close(merged_state[norm], expected, atol=1e-5, rtol=0)
+    for required in ("tokenizer.json", "README.md", "fit_config.yaml", "coefficients.png"):
+        assert (layerwise_fit / required).is_file(), required
+
+
+def test_second_fit_reuses_teacher_targets_and_is_deterministic(
+    layerwise_fit: Path, tmp_path: Path, capsys
+) -> None:
+    capsys.readouterr()
+    again = fit(tmp_path, "again")
+    printed = capsys.readouterr().out
+    assert "0 / 6" in printed  # teacher targets computed / reused: every one came from the cache
+    assert all_coefficients(again) == all_coefficients(layerwise_fit)
+
+
+def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
+    # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be.
+    common = ("--model.scheduler", "constant", "--trainer.val_check_interval", "12")
+    straight = fit(tmp_path, "straight", "--trainer.max_steps", "24", *common)
+    fit(tmp_path, "first-half", "--trainer.max_steps", "12", *common)
+    checkpoint = next((tmp_path / "first-half-logs").rglob("*.ckpt"))
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert all(key.startswith("coefficients.") for key in stored["state_dict"])  # no model weights inside
+    resumed = fit(tmp_path, "resumed", "--trainer.max_steps", "24", "--ckpt_path", str(checkpoint), *common)
+    assert all_coefficients(resumed) == pytest.approx(all_coefficients(straight), abs=1e-5)
+
+
+def test_bad_config_fails_before_any_work(tiny_zoo, tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            "--export.output_dir",
+            str(tmp_path / "never"),
+            "--model.experts",
+            '{"arith": "zoo://tiny/experts/arith", "nope": "' + str(tmp_path / "missing") + '"}',
+        ]
+    )
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_expert_merging_plus_plus_improves_on_layerwise(tiny_zoo, tmp_path: Path) -> None:
+    out = fit(tmp_path, "chunked", "--model.chunking", "true", "--model.stage2_steps", "36")
+    scores = json.loads((out / "eval.json").read_text())
+    chunkwise = mean_kl(scores, "expert merging++ (chunk-wise)")
+    layerwise = mean_kl(scores, "expert merging (layer-wise)")
+    assert chunkwise < layerwise, (chunkwise, layerwise)
+    allocation = json.loads((out / "chunk_allocation.json").read_text())
+    assert allocation["chunkwise_coefficients"] <= 1.2 * allocation["layerwise_coefficients"]
+    assert allocation["total_chunks"] <= allocation["budget"]
+    for picture in ("coefficients.png", "importance.png", "chunks.png"):
+        assert (out / picture).stat().st_size > 1000
