@@ -44,6 +44,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         def before_fit(self) -> None:
             settings = ExportSettings(**self.config_dump_section("export"))
             check_output_dir(settings.output_dir, settings.force)  # fail now, not after the fit
+            if self.config[self.subcommand].model.moe:
+                check_output_dir(settings.moe_dir(), settings.force)
             config_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
             self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
 

@@ -35,11 +35,16 @@ class ExportSettings:
         output_dir: the merged model folder (written atomically at the end of the fit).
         force: replace `output_dir` if it exists.
         evaluate: print (and save as eval.json) the per-task table base / task arithmetic / learned / expert.
+        moe_output_dir: where the fused MoE goes when `model.moe` is on (default: `output_dir` + "-moe").
     """
 
     output_dir: str = "outputs/expert-merging"
     force: bool = False
     evaluate: bool = True
+    moe_output_dir: str | None = None
+
+    def moe_dir(self) -> str:
+        return self.moe_output_dir or self.output_dir.rstrip("/") + "-moe"
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
@@ -57,11 +62,12 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
     temperature = module.hparams.temperature
 
     def score(forward) -> dict[str, TaskScores]:
+        """`forward(ids, mask, task)`: the model's logits on that task's samples."""
         result = {}
         for task in module.task_names:
             samples = datamodule.task_samples(task, "eval")
             result[task] = score_task(
-                forward,
+                lambda ids, mask, task=task: forward(ids, mask, task),
                 samples.input_ids,
                 samples.attention_mask,
                 module.targets[(task, "eval")],
@@ -78,24 +84,29 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
             .to(device)
         )
         rows["base"] = score(
-            lambda ids, mask: base(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            lambda ids, mask, task: base(input_ids=ids, attention_mask=mask, use_cache=False).logits
         )
         del base
-    rows["task arithmetic (alpha0)"] = score(
-        lambda ids, mask: (
-            module(ids, mask, coefficients=module.alpha0_coefficients, output_hidden_states=False).logits
-        )
-    )
+
+    def merged(coefficients=None, oracle: bool = False):
+        def forward(ids, mask, task):
+            expert = module.oracle_expert(task) if oracle else None
+            return module(
+                ids, mask, coefficients=coefficients, output_hidden_states=False, oracle_expert=expert
+            ).logits
+
+        return forward
+
+    rows["task arithmetic (alpha0)"] = score(merged(module.alpha0_coefficients))
     if module.stage1_values is not None:
         stage1 = module.layerwise_coefficients(module.stage1_values)
-        rows["expert merging (layer-wise)"] = score(
-            lambda ids, mask: module(ids, mask, coefficients=stage1, output_hidden_states=False).logits
-        )
-        rows["expert merging++ (chunk-wise)"] = score(
-            lambda ids, mask: module(ids, mask, output_hidden_states=False).logits
-        )
+        rows["expert merging (layer-wise)"] = score(merged(stage1))
+        rows["expert merging++ (chunk-wise)"] = score(merged())
     else:
-        rows["expert merging"] = score(lambda ids, mask: module(ids, mask, output_hidden_states=False).logits)
+        rows["expert merging"] = score(merged())
+    if module.hparams.moe:
+        # the learned shared backbone with each task's own expert FFN: the MoE with a perfect router
+        rows["MoE backbone, oracle routing"] = score(merged(oracle=True))
     rows["experts"] = {
         task: expert_scores(
             datamodule.task_samples(task, "eval").attention_mask, module.targets[(task, "eval")]
@@ -103,6 +114,22 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
         for task in module.task_names
     }
     return rows
+
+
+@torch.no_grad()
+def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
+    """The learned merge as a plain model folder, in `dtype`; the module itself is left as it was."""
+    model = module.model
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    state.update({name: tensor.detach() for name, tensor in module.merged_parameters().items()})
+    state = {
+        name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()
+    }
+    model.save_pretrained(folder, state_dict=state)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_dense(
@@ -115,8 +142,7 @@ def export_dense(
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
     pool = module.pool
     with atomic_output_dir(output_dir, force=force) as tmp:
-        model = module.fold()
-        model.to(_stored_dtype(pool.base_dir)).save_pretrained(tmp)
+        save_merged_weights(module, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
         with contextlib.suppress(OSError, ValueError):
             AutoTokenizer.from_pretrained(str(pool.base_dir)).save_pretrained(tmp)
@@ -208,6 +234,11 @@ class ExportMergedModel(pl.Callback):
         scores = None
         if self.settings.evaluate:
             scores = evaluate_fit(pl_module)
+        moe_path = None
+        if pl_module.hparams.moe:
+            moe_path, moe_scores = export_moe(pl_module, self.settings.moe_dir(), self.settings.force, scores)
+            scores = moe_scores if scores is not None else None
+        if scores is not None:
             console.print(
                 scores_table("Held-out calibration samples, per task", scores, pl_module.task_names)
             )
@@ -217,6 +248,8 @@ class ExportMergedModel(pl.Callback):
         )
         summary = Table(title="expertmerge fit", show_header=False)
         summary.add_row("output", str(path))
+        if moe_path is not None:
+            summary.add_row("fused MoE", f"{moe_path} (router {pl_module.hparams.moe_router})")
         summary.add_row("experts", ", ".join(pl_module.expert_names))
         summary.add_row("tensors with learned coefficients", str(len(pl_module.coefficient_names)))
         summary.add_row("coefficients", str(pl_module.coefficients.num_trainable()))
@@ -227,3 +260,170 @@ class ExportMergedModel(pl.Callback):
         )
         summary.add_row("fit wall time", f"{fit_seconds:.1f} s")
         console.print(summary)
+
+
+# --------------------------------------------------------------------------------------- fused MoE export
+class _OracleView(torch.nn.Module):
+    """The learned backbone with expert k's FFN, callable like a `transformers` model (for router statistics)."""
+
+    def __init__(self, module: Any, expert: int) -> None:
+        super().__init__()
+        self.inner = module.model  # registered so its post-attention norms can be hooked
+        self._module = [module]
+        self.expert = expert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
+        return self._module[0](
+            input_ids, attention_mask, output_hidden_states=False, oracle_expert=self.expert
+        )
+
+
+def _batches(samples: Any, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (samples.input_ids[i : i + batch_size], samples.attention_mask[i : i + batch_size])
+        for i in range(0, samples.input_ids.shape[0], batch_size)
+    ]
+
+
+@torch.no_grad()
+def _calibrated(rows: torch.Tensor, means: torch.Tensor, gap: float = 4.0) -> torch.Tensor:
+    """Scale each layer's unit router rows so a task's mean input prefers its own expert by about `gap` logits."""
+    scaled = []
+    for layer in range(rows.shape[0]):
+        logits = means[:, layer] @ rows[layer].T  # [tasks(=experts), experts]
+        experts = logits.shape[0]
+        own = logits.diagonal()
+        others = (logits.sum(1) - own) / max(1, experts - 1)
+        margin = float((own - others).mean())
+        scaled.append(rows[layer] * (gap / margin if margin > 1e-6 else 1.0))
+    return torch.stack(scaled)
+
+
+@torch.no_grad()
+def router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
+    """[layers, experts, hidden] router weights for the fused MoE, from the fit's calibration data."""
+    from expertmerge.moe import (
+        collect_router_inputs,
+        mean_token_embeddings,
+        router_from_embeddings,
+        router_from_hidden,
+        router_random,
+    )
+
+    datamodule, names = module.datamodule, module.expert_names
+    config = module.model.config
+    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    tasks_of = {
+        k: [t for t, e in zip(module.task_names, module.task_experts, strict=True) if e == k]
+        for k in range(len(names))
+    }
+    if method == "random":
+        return router_random(len(names), layers, hidden, seed=seed)
+    if method == "cheap_embed":
+        embedding = module.model.get_input_embeddings().weight
+        per_expert = []
+        for k in range(len(names)):
+            batches = {t: _batches(datamodule.task_samples(t, "train")) for t in tasks_of[k]}
+            per_expert.append(mean_token_embeddings(embedding, batches).mean(0))
+        return router_from_embeddings(torch.stack(per_expert), layers, center=True, names=names)
+    means = []
+    for k in range(len(names)):
+        view = _OracleView(module, k)
+        batches = {t: _batches(datamodule.task_samples(t, "train")) for t in tasks_of[k]}
+        means.append(collect_router_inputs(view, batches).mean(0))
+    means = torch.stack(means).float()  # [experts, layers, hidden]
+    rows = router_from_hidden(means, center=True, names=names)
+    return _calibrated(rows, means - means.mean(0, keepdim=True))
+
+
+def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
+    datamodule = module.datamodule
+    result = {}
+    for task in module.task_names:
+        samples = datamodule.task_samples(task, "eval")
+        result[task] = score_task(
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+            samples.input_ids,
+            samples.attention_mask,
+            module.targets[(task, "eval")],
+            module.hparams.temperature,
+            device=module.device,
+        )
+    return result
+
+
+def tune_router(module: Any, moe: torch.nn.Module) -> None:
+    """Train only the gates of `moe` on the mixed calibration set (a short Lightning fit of its own)."""
+    from lightning_modules.router import RouterTuningModule
+
+    hp = module.hparams
+    tuner = RouterTuningModule(
+        moe, module.targets, module.task_names, hp.temperature, hp.router_lr, hp.router_balance
+    )
+    trainer = pl.Trainer(
+        max_steps=int(hp.router_tuning_steps),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        accelerator="cpu" if module.device.type == "cpu" else "auto",
+        devices=1,
+        enable_progress_bar=False,  # runs inside the fit's own live progress display
+    )
+    Console().print(f"router tuning: {hp.router_tuning_steps} steps on the mixed calibration set")
+    trainer.fit(tuner, train_dataloaders=module.datamodule.train_dataloader())
+    moe.eval()
+
+
+def export_moe(
+    module: Any, output_dir: str | Path, force: bool, scores: dict[str, dict[str, TaskScores]] | None = None
+) -> tuple[Path, dict[str, dict[str, TaskScores]]]:
+    """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router)."""
+    from expertmerge.moe import write_moe_checkpoint
+
+    hp = module.hparams
+    pool = module.pool
+    method = hp.moe_router
+    rows = router_rows(module, method)
+    merged = {name: t.detach() for name, t in module.merged_parameters().items()}
+    state = dict(module.model.state_dict())
+    out = Path(output_dir)
+    parameters = {
+        "router_tuning_steps": hp.router_tuning_steps,
+        "shared_tensors": "learned coefficients with oracle routing (expertmerge fit, model.moe)",
+        "alpha0": hp.alpha0,
+        "gamma": hp.gamma,
+    }
+    write_moe_checkpoint(
+        pool,
+        out,
+        lambda name: merged[name] if name in merged else state[name].detach(),
+        rows,
+        top_k=hp.moe_top_k,
+        include_base_expert=hp.moe_include_base_expert,
+        router_method=method,
+        force=force,
+        card_parameters=parameters,
+    )
+    scores = dict(scores or {})
+    moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(module.device)
+    scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
+    if hp.router_tuning_steps > 0:
+        tune_router(module, moe)
+        scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
+        with atomic_output_dir(out, force=True) as tmp:
+            for item in out.iterdir():
+                if item.is_file() and not item.name.startswith("model") or item.suffix == ".md":
+                    (tmp / item.name).write_bytes(item.read_bytes())
+            dtype = _stored_dtype(out)
+            moe.save_pretrained(
+                tmp,
+                state_dict={
+                    k: v.to(dtype) if v.is_floating_point() else v for k, v in moe.state_dict().items()
+                },
+            )
+            (tmp / "config.json").write_bytes((out / "config.json").read_bytes())
+    (out / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
+    return out, scores

@@ -78,6 +78,17 @@ class ExpertMergingModule(pl.LightningModule):
         stage2_lr: learning rate of the chunk-wise stage (default: `lr`).
         stage1_result: `coefficients.json` of an earlier layer-wise fit (or its output folder): skip stage 1
             and run the chunk-wise stage from those coefficients (implies `chunking`).
+        moe: fused-MoE mode: each task's batches run through its own expert's FFN (oracle routing) and only the
+            shared tensors (attention, and whatever else `learn_include` picks outside the FFN) are learned;
+            the result is the shared backbone of an MoE whose experts are the experts' FFNs.
+        moe_top_k: experts per token of the exported MoE.
+        moe_router: router initialisation: per-task mean of the router's input through the learned backbone
+            (`hidden`), mean token embedding per task (`cheap_embed`), or seeded `random` rows.
+        moe_include_base_expert: add the base FFN as a generalist expert (the shared expert of Qwen2-MoE).
+        router_tuning_steps: after the export's router initialisation, train only the router gates this many
+            steps on the mixed calibration set against the experts' targets (0: no tuning).
+        router_lr: learning rate of router tuning.
+        router_balance: weight of the load-balancing term during router tuning.
         trust_remote_code: allow model folders that ship their own modelling code.
     """
 
@@ -106,6 +117,13 @@ class ExpertMergingModule(pl.LightningModule):
         stage2_steps: int = 60,
         stage2_lr: float | None = None,
         stage1_result: str | None = None,
+        moe: bool = False,
+        moe_top_k: int = 2,
+        moe_router: Literal["hidden", "cheap_embed", "random"] = "hidden",
+        moe_include_base_expert: bool = False,
+        router_tuning_steps: int = 0,
+        router_lr: float = 0.01,
+        router_balance: float = 0.01,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -166,7 +184,24 @@ class ExpertMergingModule(pl.LightningModule):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         params = dict(model.named_parameters())
-        self.coefficient_names = [name for name in params if self._learns(name, params[name])]
+        self.ffn_names: list[str] = []
+        if hp.moe:
+            from expertmerge.moe import moe_format_for, split_dense_names
+
+            moe_format_for(getattr(model.config, "model_type", None))  # unsupported family: fail now
+            layout = split_dense_names(list(params))
+            self.ffn_names = [name for layer in layout.ffn.values() for name in layer.values()]
+            missing = set(range(len(self.expert_names))) - set(self.task_experts)
+            if missing:
+                raise ExpertMergeError(
+                    "model.moe: experts "
+                    f"{[self.expert_names[k] for k in sorted(missing)]} have no calibration task; every MoE "
+                    "expert needs one (its data initialises its router row)."
+                )
+        ffn_set = set(self.ffn_names)
+        self.coefficient_names = [
+            name for name in params if name not in ffn_set and self._learns(name, params[name])
+        ]
         if not self.coefficient_names:
             raise ExpertMergeError(
                 "No tensor matches model.learn_include / learn_exclude: nothing would be learned. "
@@ -176,9 +211,13 @@ class ExpertMergingModule(pl.LightningModule):
         self.task_vectors = _TaskVectors(
             [params[n].shape for n in self.coefficient_names], num_experts, _DTYPES[hp.task_vector_dtype]
         )
+        self.ffn_vectors = _TaskVectors(
+            [params[n].shape for n in self.ffn_names], num_experts, _DTYPES[hp.task_vector_dtype]
+        )
         alpha = torch.as_tensor(hp.alpha0, dtype=torch.float32).flatten().expand(num_experts)
         static_delta: dict[str, torch.Tensor] = {}
         coefficient_index = {name: i for i, name in enumerate(self.coefficient_names)}
+        ffn_index = {name: i for i, name in enumerate(self.ffn_names)}
 
         def take_task_vector(expert: str, expert_model: nn.Module) -> None:
             k = self.expert_names.index(expert)
@@ -188,6 +227,8 @@ class ExpertMergingModule(pl.LightningModule):
                 delta = theta.detach().float() - params[name]
                 if name in coefficient_index:
                     self.task_vectors[coefficient_index[name]][k].copy_(delta)
+                elif name in ffn_index:
+                    self.ffn_vectors[ffn_index[name]][k].copy_(delta)
                 else:
                     acc = static_delta.setdefault(name, torch.zeros_like(params[name]))
                     acc.add_(delta, alpha=float(alpha[k]))
@@ -264,14 +305,23 @@ class ExpertMergingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ the merge
     def merged_parameters(
-        self, coefficients: Callable[[int], torch.Tensor] | None = None
+        self, coefficients: Callable[[int], torch.Tensor] | None = None, oracle_expert: int | None = None
     ) -> dict[str, torch.Tensor]:
         """theta_p = theta0_p + sum_k c[k,p] tau[k,p] for every tensor with coefficients.
 
         `coefficients(index) -> [N, rows]` overrides the learned ones (e.g. alpha0 for task arithmetic).
+        In MoE mode the FFN tensors are expert `oracle_expert`'s own (oracle routing), or task arithmetic at
+        alpha0 when no expert is named (the dense view of the same merge).
         """
         assert self.model is not None and self.coefficients is not None
         merged = {}
+        for index, name in enumerate(self.ffn_names):
+            base, tau = self.model.get_parameter(name), self.ffn_vectors[index]
+            if oracle_expert is not None:
+                merged[name] = base + tau[oracle_expert].float()
+            else:
+                alpha = self.coefficients.alpha0.to(base.device).view(-1, *([1] * (tau.dim() - 1)))
+                merged[name] = base + (tau.float() * alpha).sum(0)
         for index, name in enumerate(self.coefficient_names):
             base = self.model.get_parameter(name)
             if coefficients is None:
@@ -289,10 +339,11 @@ class ExpertMergingModule(pl.LightningModule):
         attention_mask: torch.Tensor,
         coefficients: Callable[[int], torch.Tensor] | None = None,
         output_hidden_states: bool = True,
+        oracle_expert: int | None = None,
     ) -> Any:
         return functional_call(
             self.model,
-            self.merged_parameters(coefficients),
+            self.merged_parameters(coefficients, oracle_expert),
             args=(),
             kwargs={
                 "input_ids": input_ids,
@@ -301,6 +352,12 @@ class ExpertMergingModule(pl.LightningModule):
                 "use_cache": False,
             },
         )
+
+    def oracle_expert(self, task: str) -> int | None:
+        """In MoE mode, the expert whose FFN serves `task` (oracle routing); None for a dense merge."""
+        if not self.hparams.moe:
+            return None
+        return self.task_experts[self.task_names.index(task)]
 
     def alpha0_coefficients(self, index: int) -> torch.Tensor:
         """Task arithmetic at alpha0, as per-row coefficients."""
@@ -440,7 +497,7 @@ class ExpertMergingModule(pl.LightningModule):
         task = self.task_names[int(batch["task_index"])]
         ids, mask = batch["input_ids"], batch["attention_mask"]
         targets = self.targets[(task, split)].rows(batch["sample_index"], ids.shape[1], ids.device)
-        out = self(ids, mask)
+        out = self(ids, mask, oracle_expert=self.oracle_expert(task))
         kl_tokens = self._kl_per_token(out.logits, targets)
         kl = logit_kl_loss(kl_tokens, mask, self.hparams.temperature)
         mse = torch.stack(
