@@ -263,21 +263,6 @@ class ExportMergedModel(pl.Callback):
 
 
 # --------------------------------------------------------------------------------------- fused MoE export
-class _OracleView(torch.nn.Module):
-    """The learned backbone with expert k's FFN, callable like a `transformers` model (for router statistics)."""
-
-    def __init__(self, module: Any, expert: int) -> None:
-        super().__init__()
-        self.inner = module.model  # registered so its post-attention norms can be hooked
-        self._module = [module]
-        self.expert = expert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
-        return self._module[0](
-            input_ids, attention_mask, output_hidden_states=False, oracle_expert=self.expert
-        )
-
-
 def _batches(samples: Any, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
         (samples.input_ids[i : i + batch_size], samples.attention_mask[i : i + batch_size])
@@ -303,7 +288,6 @@ def _calibrated(rows: torch.Tensor, means: torch.Tensor, gap: float = 4.0) -> to
 def router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
     """[layers, experts, hidden] router weights for the fused MoE, from the fit's calibration data."""
     from expertmerge.moe import (
-        collect_router_inputs,
         mean_token_embeddings,
         router_from_embeddings,
         router_from_hidden,
@@ -326,14 +310,70 @@ def router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
             batches = {t: _batches(datamodule.task_samples(t, "train")) for t in tasks_of[k]}
             per_expert.append(mean_token_embeddings(embedding, batches).mean(0))
         return router_from_embeddings(torch.stack(per_expert), layers, center=True, names=names)
-    means = []
-    for k in range(len(names)):
-        view = _OracleView(module, k)
-        batches = {t: _batches(datamodule.task_samples(t, "train")) for t in tasks_of[k]}
-        means.append(collect_router_inputs(view, batches).mean(0))
-    means = torch.stack(means).float()  # [experts, layers, hidden]
-    rows = router_from_hidden(means, center=True, names=names)
-    return _calibrated(rows, means - means.mean(0, keepdim=True))
+    means, within = _router_input_statistics(module, tasks_of)
+    centred = means - means.mean(0, keepdim=True)  # [experts, layers, hidden]
+    router_from_hidden(means, center=True, names=names)  # warns when two tasks look alike to the router
+    rows = []
+    for layer in range(layers):
+        # Whitened class means (linear discriminant): directions that separate the experts' tokens, not
+        # merely point at their means, which matters when tasks share most of their hidden-state mass.
+        scatter = within[layer]
+        shrink = 0.1 * scatter.diagonal().mean()
+        solve = torch.linalg.solve(
+            scatter + shrink * torch.eye(hidden, dtype=scatter.dtype), centred[:, layer].T.double()
+        ).T
+        rows.append(solve / solve.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return _calibrated(torch.stack(rows).float(), centred.float(), ROUTER_GAP)
+
+
+ROUTER_GAP = 3.0  # logits by which a task's mean router input prefers its own expert after initialisation
+
+
+@torch.no_grad()
+def _router_input_statistics(
+    module: Any, tasks_of: dict[int, list[str]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert the mean router input [experts, layers, hidden] (through the learned backbone with that
+    expert's FFN), and per layer the pooled within-expert covariance [layers, hidden, hidden] (fp64)."""
+    from expertmerge.moe import router_input_modules
+
+    datamodule = module.datamodule
+    norms = router_input_modules(module.model)
+    captured: list[torch.Tensor | None] = [None] * len(norms)
+
+    def hook_for(layer: int):
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    handles = [norm.register_forward_hook(hook_for(i)) for i, norm in enumerate(norms)]
+    sums, squares, counts = [], [], []
+    try:
+        for k, tasks in tasks_of.items():
+            total, outer, count = None, None, 0
+            for task in tasks:
+                for ids, mask in _batches(datamodule.task_samples(task, "train")):
+                    ids, mask = ids.to(module.device), mask.to(module.device)
+                    module(ids, mask, output_hidden_states=False, oracle_expert=k)
+                    keep = mask.bool()
+                    states = torch.stack([c[keep] for c in captured]).double()  # [layers, tokens, hidden]
+                    total = states.sum(1) if total is None else total + states.sum(1)
+                    products = states.transpose(1, 2) @ states
+                    outer = products if outer is None else outer + products
+                    count += int(keep.sum())
+            sums.append(total)
+            squares.append(outer)
+            counts.append(count)
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = torch.stack([total / count for total, count in zip(sums, counts, strict=True)])
+    within = sum(
+        outer - count * torch.einsum("lh,lg->lhg", mean, mean)
+        for outer, count, mean in zip(squares, counts, means, strict=True)
+    ) / max(1, sum(counts) - len(counts))
+    return means.float(), within
 
 
 def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:

@@ -130,3 +130,25 @@ def test_expert_merging_plus_plus_improves_on_layerwise(tiny_zoo, tmp_path: Path
     assert allocation["total_chunks"] <= allocation["budget"]
     for picture in ("coefficients.png", "importance.png", "chunks.png"):
         assert (out / picture).stat().st_size > 1000
+
+
+def test_fused_moe_export_loads_generates_and_tuned_router_helps(tiny_zoo, tmp_path: Path) -> None:
+    out = fit(tmp_path, "moe", "--model.moe", "true", "--model.router_tuning_steps", "40")
+    moe_dir = tmp_path / "moe-moe"
+    model, info = AutoModelForCausalLM.from_pretrained(moe_dir, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    generated = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+    scores = json.loads((moe_dir / "eval.json").read_text())
+    initial = mean_kl(scores, "MoE (router hidden, top-2)")
+    tuned = mean_kl(scores, "MoE (router tuned, top-2)")
+    oracle = mean_kl(scores, "MoE backbone, oracle routing")
+    dense = mean_kl(scores, "expert merging")
+    assert initial < dense, (initial, dense)  # hidden-state routing alone beats the dense merge
+    assert tuned < initial, (tuned, initial)
+    assert tuned < dense, (tuned, dense)  # the MoE keeps more of the experts than any dense merge of them
+    assert oracle < tuned  # a perfect router is the bound the tuned one approaches
+    card = (moe_dir / "README.md").read_text()
+    assert "hidden" in card and "top" in card.lower()
+    assert (out / "config.json").is_file()
