@@ -98,6 +98,12 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit` (.ckpt)")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--moe",
+        action="store_true",
+        help="write the fused MoE (experts' FFNs as MoE experts, learned shared tensors, router from the "
+        "calibration data; model.moe_* and model.router_* keys of the config apply)",
+    )
     options, overrides = parser.parse_known_args(argv)
     check_output_dir(options.out, options.force)
     try:
@@ -108,7 +114,14 @@ def export_main(argv: Sequence[str]) -> int:
     module.prepare(datamodule)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
-    path = export_dense(module, options.out, options.force)
+    if options.moe:
+        from expertmerge.evaluate import scores_table
+        from lightning_modules.callbacks import evaluate_fit, export_moe
+
+        path, scores = export_moe(module, options.out, options.force, evaluate_fit(module, include_base=False))
+        Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
+    else:
+        path = export_dense(module, options.out, options.force)
     Console().print(f"[green]exported[/green] {path}")
     return 0
 

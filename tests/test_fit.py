@@ -152,3 +152,18 @@ def test_fused_moe_export_loads_generates_and_tuned_router_helps(tiny_zoo, tmp_p
     card = (moe_dir / "README.md").read_text()
     assert "hidden" in card and "top" in card.lower()
     assert (out / "config.json").is_file()
+
+
+def test_export_and_evaluate_commands_reproduce_the_fit(layerwise_fit: Path, tmp_path: Path) -> None:
+    checkpoint = next((layerwise_fit.parent / "layerwise-logs").rglob("*.ckpt"))
+    again = tmp_path / "re-exported"
+    assert main(["export", "--config", CONFIG, "--ckpt_path", str(checkpoint), "--out", str(again)]) == 0
+    fitted = AutoModelForCausalLM.from_pretrained(layerwise_fit).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(again).state_dict().items():
+        torch.testing.assert_close(tensor, fitted[name], atol=0, rtol=0)
+    report = tmp_path / "scores.json"
+    assert main(["evaluate", "--config", CONFIG, "--model", f"merged={again}", "--json", str(report)]) == 0
+    scores = json.loads(report.read_text())
+    expected = json.loads((layerwise_fit / "eval.json").read_text())
+    assert mean_kl(scores, "merged") == pytest.approx(mean_kl(expected, "expert merging"), rel=1e-4)
+    assert mean_kl(scores, "base") == pytest.approx(mean_kl(expected, "base"), rel=1e-4)
