@@ -40,7 +40,7 @@ from expertmerge.paths import cache_dir
 # Bump whenever the data, the model or the training changes: cached zoos with another version are rebuilt.
 BUILDER_VERSION = 2
 MANIFEST_NAME = "zoo.json"
-KNOWN_ZOOS = ("tiny",)
+KNOWN_ZOOS = ("tiny", "smollm2")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -413,9 +413,18 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_current(folder: Path) -> bool:
+def _builder(name: str) -> tuple[Callable[..., Path], int]:
+    """The build function of zoo `name` (called as `build(out, seed=...)`) and its builder version."""
+    if name == "smollm2":
+        from expertmerge import smollm2_zoo
+
+        return smollm2_zoo.build_smollm2_zoo, smollm2_zoo.BUILDER_VERSION
+    return build_tiny_zoo, BUILDER_VERSION
+
+
+def _is_current(folder: Path, name: str = "tiny") -> bool:
     manifest = read_manifest(folder)
-    return manifest is not None and manifest.get("builder_version") == BUILDER_VERSION
+    return manifest is not None and manifest.get("builder_version") == _builder(name)[1]
 
 
 def ensure_zoo(name: str, force: bool = False) -> Path:
@@ -429,19 +438,19 @@ def ensure_zoo(name: str, force: bool = False) -> Path:
     root = cache_dir() / "zoo"
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
-    if not force and _is_current(target):
+    if not force and _is_current(target, name):
         return target  # the common case takes no lock
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not force and _is_current(target):
+            if not force and _is_current(target, name):
                 return target  # another process built it while we waited
             if target.exists():
                 # Move the stale zoo aside first so the rename below never meets a half-deleted folder.
                 retired = root / f".{name}.old-{os.getpid()}"
                 os.rename(target, retired)
                 shutil.rmtree(retired, ignore_errors=True)
-            return build_tiny_zoo(target)
+            return _builder(name)[0](target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -469,7 +478,7 @@ def zoo_main(argv: list[str]) -> int:
     """`python -m expertmerge zoo [--name tiny] [--force] [--out DIR]`: build or find a zoo, show its losses."""
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge zoo",
-        description="Build (or find) the offline demo zoo: a tiny base model and experts fine-tuned from it.",
+        description="Build (or find) an offline demo zoo: a base model and experts fine-tuned from it.",
     )
     parser.add_argument("--name", default="tiny", help=f"which zoo ({', '.join(KNOWN_ZOOS)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a current zoo exists")
@@ -482,12 +491,12 @@ def zoo_main(argv: list[str]) -> int:
         if options.name not in KNOWN_ZOOS:
             raise ExpertMergeError(f"Unknown zoo '{options.name}'; known zoos: {', '.join(KNOWN_ZOOS)}.")
         folder = Path(options.out)
-        if folder.exists() and (options.force or not _is_current(folder)):
+        if folder.exists() and (options.force or not _is_current(folder, options.name)):
             if read_manifest(folder) is None and any(folder.iterdir()):
                 raise ExpertMergeError(f"'{folder}' exists and is not a zoo; refusing to replace it.")
             shutil.rmtree(folder)
         if not folder.exists():
-            build_tiny_zoo(folder, seed=options.seed)
+            _builder(options.name)[0](folder, seed=options.seed)
     manifest = read_manifest(folder)
     assert manifest is not None
     console = Console()

@@ -65,7 +65,9 @@ def fit_in_subprocess(tmp: Path, name: str, *overrides: str) -> dict:
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, (
+        f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    )
     return json.loads((out / "coefficients.json").read_text())
 
 
@@ -78,7 +80,9 @@ def test_two_ranks_take_alternate_batches_of_the_single_process_order() -> None:
     # The premise of the DDP comparison below, checked on the sampler itself: rank 0's and rank 1's batches,
     # interleaved, are exactly one process's batches, epoch after epoch.
     def sampler(rank: int, world: int) -> BalancedTaskBatchSampler:
-        return BalancedTaskBatchSampler([32, 32, 32], 8, seed=0, offsets=[0, 32, 64], rank=rank, world_size=world)
+        return BalancedTaskBatchSampler(
+            [32, 32, 32], 8, seed=0, offsets=[0, 32, 64], rank=rank, world_size=world
+        )
 
     single, ranks = sampler(0, 1), [sampler(0, 2), sampler(1, 2)]
     for epoch in range(3):
