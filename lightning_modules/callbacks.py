@@ -318,14 +318,17 @@ def router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
         # Whitened class means (linear discriminant): directions that separate the experts' tokens, not
         # merely point at their means, which matters when tasks share most of their hidden-state mass.
         scatter = within[layer]
-        shrink = 0.1 * scatter.diagonal().mean()
-        solve = torch.linalg.solve(
-            scatter + shrink * torch.eye(hidden, dtype=scatter.dtype), centred[:, layer].T.double()
-        ).T
+        target = centred[:, layer].double()
+        if scatter.dim() == 1:  # wide models keep only the variances (see FULL_COVARIANCE_MAX_HIDDEN)
+            solve = target / (scatter + 0.1 * scatter.mean())
+        else:
+            shrink = 0.1 * scatter.diagonal().mean()
+            solve = torch.linalg.solve(scatter + shrink * torch.eye(hidden, dtype=scatter.dtype), target.T).T
         rows.append(solve / solve.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return _calibrated(torch.stack(rows).float(), centred.float(), ROUTER_GAP)
 
 
+FULL_COVARIANCE_MAX_HIDDEN = 2048  # above this, a [layers, hidden, hidden] fp64 scatter costs gigabytes
 ROUTER_GAP = 3.0  # logits by which a task's mean router input prefers its own expert after initialisation
 
 
@@ -359,7 +362,10 @@ def _router_input_statistics(
                     keep = mask.bool()
                     states = torch.stack([c[keep] for c in captured]).double()  # [layers, tokens, hidden]
                     total = states.sum(1) if total is None else total + states.sum(1)
-                    products = states.transpose(1, 2) @ states
+                    if states.shape[-1] > FULL_COVARIANCE_MAX_HIDDEN:
+                        products = (states * states).sum(1)  # [layers, hidden]: variances only
+                    else:
+                        products = states.transpose(1, 2) @ states
                     outer = products if outer is None else outer + products
                     count += int(keep.sum())
             sums.append(total)
@@ -369,9 +375,14 @@ def _router_input_statistics(
         for handle in handles:
             handle.remove()
     means = torch.stack([total / count for total, count in zip(sums, counts, strict=True)])
+
+    def centred_scatter(outer: torch.Tensor, count: int, mean: torch.Tensor) -> torch.Tensor:
+        if outer.dim() == 2:
+            return outer - count * mean * mean
+        return outer - count * torch.einsum("lh,lg->lhg", mean, mean)
+
     within = sum(
-        outer - count * torch.einsum("lh,lg->lhg", mean, mean)
-        for outer, count, mean in zip(squares, counts, means, strict=True)
+        centred_scatter(outer, count, mean) for outer, count, mean in zip(squares, counts, means, strict=True)
     ) / max(1, sum(counts) - len(counts))
     return means.float(), within
 
