@@ -75,7 +75,15 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
 
 def fit_main(argv: Sequence[str]) -> int:
-    _fit_cli(["fit", *argv])
+    import warnings
+
+    # Lightning suggests TensorBoard when it falls back to its CSV logger; the CSV logs are what we want.
+    warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
+    saved, sys.argv = sys.argv, sys.argv[:1]  # arguments come from `argv`, not the process command line
+    try:
+        _fit_cli(["fit", *argv])
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -118,7 +126,9 @@ def export_main(argv: Sequence[str]) -> int:
         from expertmerge.evaluate import scores_table
         from lightning_modules.callbacks import evaluate_fit, export_moe
 
-        path, scores = export_moe(module, options.out, options.force, evaluate_fit(module, include_base=False))
+        path, scores = export_moe(
+            module, options.out, options.force, evaluate_fit(module, include_base=False)
+        )
         Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
     else:
         path = export_dense(module, options.out, options.force)

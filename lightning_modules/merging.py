@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,9 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import full_kl_per_token, hidden_mse_loss, logit_kl_loss, topk_kl_per_token
 from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
+
+# The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
