@@ -79,11 +79,9 @@ def fit_main(argv: Sequence[str]) -> int:
 
     # Lightning suggests TensorBoard when it falls back to its CSV logger; the CSV logs are what we want.
     warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
-    saved, sys.argv = sys.argv, sys.argv[:1]  # arguments come from `argv`, not the process command line
-    try:
-        _fit_cli(["fit", *argv])
-    finally:
-        sys.argv = saved
+    # `argv` is the process's own command line; sys.argv must stay intact (DDP re-launches ranks from it).
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    _fit_cli(["fit", *argv])
     return 0
 
 
