@@ -9,6 +9,7 @@ A cache entry is keyed by the expert's content hash, the tokenized data and the 
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import uuid
 import warnings
@@ -26,7 +27,7 @@ from expertmerge.hashing import json_hash
 from expertmerge.losses import next_token_nll
 from expertmerge.paths import cache_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry a checksum of their tensors
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,16 @@ def _cache_file(key: str) -> Path:
     return cache_dir() / "teachers" / f"{key}.safetensors"
 
 
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """blake2b over every tensor's name, dtype, shape and bytes: catches damage the file format cannot see."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_cached(key: str) -> TeacherTargets | None:
     """The cached targets, or None when absent or unreadable (a crash mid-write or a damaged file)."""
     path = _cache_file(key)
@@ -81,9 +92,13 @@ def load_cached(key: str) -> TeacherTargets | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("key") != key:
+            metadata = handle.metadata() or {}
+            if metadata.get("key") != key:
                 raise ValueError("key mismatch")
-            return TeacherTargets({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        if metadata.get("checksum") != _checksum(tensors):
+            raise ValueError("checksum mismatch")
+        return TeacherTargets(tensors)
     except Exception as error:  # a damaged entry is recomputed, never trusted
         warnings.warn(
             f"Ignoring damaged teacher cache entry {path} ({error}); it will be recomputed.", stacklevel=2
@@ -92,11 +107,18 @@ def load_cached(key: str) -> TeacherTargets | None:
 
 
 def save_cached(key: str, targets: TeacherTargets) -> None:
+    """Written to a temporary name and renamed: readers see the old entry or the complete new one."""
     path = _cache_file(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file({k: v.contiguous() for k, v in targets.tensors.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)  # atomic: readers see the old state or the complete file
+    tensors = {k: v.contiguous() for k, v in targets.tensors.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={"key": key, "checksum": _checksum(tensors)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # the bytes reach the disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
