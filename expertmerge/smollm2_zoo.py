@@ -600,6 +600,20 @@ class _Timer:
         return round(time.perf_counter() - self.started, 2)
 
 
+def _remove_dead_stagings(out: Path) -> None:
+    """Staging folders of builds whose process is gone (killed: no cleanup ran) hold gigabytes; drop them."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def build_smollm2_zoo(
     out: Path,
     seed: int = 0,
@@ -625,6 +639,7 @@ def build_smollm2_zoo(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    _remove_dead_stagings(out)
     console = console or Console(stderr=True)
     timer = _Timer()
     threads = torch.get_num_threads()

@@ -269,6 +269,16 @@ def test_build_refuses_an_existing_folder_and_cleans_up_after_a_failure(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_staging_folders_of_dead_builds_are_removed(tmp_path: Path) -> None:
+    import os
+
+    dead, alive = tmp_path / ".zoo.partial-999999999", tmp_path / f".zoo.partial-{os.getpid()}"
+    for folder in (dead, alive):
+        folder.mkdir()
+    smollm2_zoo._remove_dead_stagings(tmp_path / "zoo")
+    assert not dead.exists() and alive.exists()
+
+
 def test_ensure_zoo_builds_smollm2_once_and_rebuilds_on_a_new_builder_version(tmp_path, monkeypatch) -> None:
     from expertmerge.paths import resolve_path
     from expertmerge.zoo import ensure_zoo
