@@ -27,6 +27,37 @@ commands:
 """
 
 
+SEQUENCE_MOE_CLASS = "lightning_modules.sequence_moe.SequenceMoEModule"
+
+
+def _names_sequence_moe(args: Sequence[str]) -> bool:
+    """Whether the fit is the sequence-level MoE: its config's `model.class_path` (or a `--model` argument)
+    names `SequenceMoEModule`. Any other fit is Expert Merging, whose configs have no class_path."""
+    import yaml
+
+    for index, arg in enumerate(args):
+        value = args[index + 1] if index + 1 < len(args) else ""
+        if arg.startswith("--model=") or arg.startswith("--model.class_path="):
+            value, arg = arg.split("=", 1)[1], "--model"
+        if arg in ("--model", "--model.class_path") and value.endswith("SequenceMoEModule"):
+            return True
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else value
+            try:
+                with open(path) as handle:
+                    config = yaml.safe_load(handle) or {}
+            except (OSError, yaml.YAMLError):
+                continue  # LightningCLI reports unreadable configs itself
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and str(model.get("class_path", "")).endswith("SequenceMoEModule"):
+                return True
+    return False
+
+
+def _first_value(mapping: dict) -> str | None:
+    return next(iter(mapping.values()), None) if mapping else None
+
+
 def _fit_cli(args: Sequence[str], run: bool = True):
     from pytorch_lightning.callbacks import RichProgressBar
     from pytorch_lightning.cli import LightningCLI
@@ -36,17 +67,29 @@ def _fit_cli(args: Sequence[str], run: bool = True):
     from lightning_modules.callbacks import ExportMergedModel, ExportSettings
     from lightning_modules.merging import ExpertMergingModule
 
+    sequence_moe = _names_sequence_moe(args)
+
     class ExpertMergeCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(ExportSettings, "export")
-            parser.link_arguments("model.base", "data.tokenizer")  # the experts share the base's tokenizer
+            if sequence_moe:  # the experts share a tokenizer (checked): the first expert's
+                parser.link_arguments("model.init_args.experts", "data.tokenizer", compute_fn=_first_value)
+            else:
+                parser.link_arguments(
+                    "model.base", "data.tokenizer"
+                )  # the experts share the base's tokenizer
 
         def before_fit(self) -> None:
             settings = ExportSettings(**self.config_dump_section("export"))
             check_output_dir(settings.output_dir, settings.force)  # fail now, not after the fit
+            config_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+            if sequence_moe:
+                from lightning_modules.sequence_moe import ExportSequenceMoE
+
+                self.trainer.callbacks.append(ExportSequenceMoE(settings, config_yaml))
+                return
             if self.config[self.subcommand].model.moe:
                 check_output_dir(settings.moe_dir(), settings.force)
-            config_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
             self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
 
         def config_dump_section(self, key: str) -> dict:
@@ -62,6 +105,21 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         "default_root_dir": "outputs/fit-logs",
         "callbacks": [RichProgressBar()],
     }
+    if sequence_moe:
+        import pytorch_lightning as pl
+
+        # `model: {class_path: lightning_modules.sequence_moe.SequenceMoEModule, init_args: {...}}`
+        return ExpertMergeCLI(
+            pl.LightningModule,
+            CalibrationDataModule,
+            subclass_mode_model=True,
+            args=list(args),
+            run=run,
+            seed_everything_default=0,
+            trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m expertmerge fit"} if run else None,
+        )
     return ExpertMergeCLI(
         ExpertMergingModule,
         CalibrationDataModule,
@@ -81,6 +139,10 @@ def fit_main(argv: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
     # `argv` is the process's own command line; sys.argv must stay intact (DDP re-launches ranks from it).
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    # Raised inside Lightning by newer torch versions; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # The sequence MoE has nothing to validate during the fit (it is evaluated at the end).
+    warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
     _fit_cli(["fit", *argv])
     return 0
 

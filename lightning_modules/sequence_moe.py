@@ -1,0 +1,356 @@
+"""Sequence-level MoE (MergeME): build it from whole experts, train what it learns, export it.
+
+What is trained, all on the unlabeled calibration data, everything else frozen:
+- `shared` embeddings (experts of different widths, depths or families): each expert's input and output
+  projectors, by distillation to that expert's own logits on its task's samples (T^2 KL, top-k targets
+  cached like the fit's teacher targets);
+- the `learned` router: a linear layer on the mean prompt embedding, trained to send each sample to the
+  expert whose calibration set it came from (which expert a text belongs to is how the data is organised,
+  not a label anyone wrote). It sees random prefixes of the samples, because at inference it sees prompts.
+
+The perplexity router needs no training. Both routers are evaluated at the end of the fit (routing accuracy
+per task on the held-out samples, whole sample and first half), whichever one the export uses.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
+
+from expertmerge.errors import ExpertMergeError
+from expertmerge.evaluate import TaskScores, expert_scores, score_task, scores_table, scores_to_json
+from expertmerge.hashing import model_content_hash
+from expertmerge.losses import full_kl_per_token, logit_kl_loss, topk_kl_per_token
+from expertmerge.moe.sequence import ROUTERS
+from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
+from expertmerge.paths import resolve_path
+from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
+
+# The frozen experts run in eval mode on purpose (no dropout while projectors and router learn).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+class SequenceMoEModule(pl.LightningModule):
+    """A sequence-level mixture of whole experts (MergeME): routing once per request, by perplexity or learned.
+
+    Args:
+        experts: name -> model folder, hub id or `zoo://` reference. Experts may differ in width, depth and
+            family but must share a tokenizer. Calibration tasks name their expert.
+        embeddings: `own` (each expert keeps its embedding and head: exact), `shared` (one embedding and
+            head of the widest expert, per-expert projectors trained by distillation: MergeME's
+            heterogeneous join), or `auto` (own when all experts share one architecture, else shared).
+        router: the exported model's router, `perplexity` (no training) or `learned`.
+        top_k: experts per request; above 1 their next-token distributions are mixed.
+        train_router: train the learned router (also when `router` is perplexity, to report both).
+        router_lr: Adam learning rate of the router.
+        projector_lr: Adam learning rate of the projectors (`shared` only).
+        min_prefix: the router trains on prefixes of at least this fraction of each sample.
+        logit_topk: teacher logits kept per token (None: the full vocabulary).
+        temperature: distillation temperature T (the loss is T^2 KL).
+        trust_remote_code: passed to transformers when loading the experts.
+    """
+
+    def __init__(
+        self,
+        experts: dict[str, str],
+        embeddings: str = "auto",
+        router: str = "perplexity",
+        top_k: int = 1,
+        train_router: bool = True,
+        router_lr: float = 0.05,
+        projector_lr: float = 3e-3,
+        min_prefix: float = 0.25,
+        logit_topk: int | None = 64,
+        temperature: float = 1.0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if router not in ROUTERS:
+            raise ExpertMergeError(f"model.router must be one of {list(ROUTERS)}, not '{router}'.")
+        if not 1 <= top_k <= len(experts):
+            raise ExpertMergeError(
+                f"model.top_k must be between 1 and {len(experts)} (the number of experts)."
+            )
+        if not 0 < min_prefix <= 1:
+            raise ExpertMergeError("model.min_prefix must be in (0, 1].")
+        self.expert_names = list(experts)
+        self.model = None
+        self.datamodule = None
+        self.targets: dict[tuple[str, str], Any] = {}
+        self.task_experts: list[int] = []
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.datamodule.task_names
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.prepare(self.trainer.datamodule)
+
+    def prepare(self, datamodule: Any) -> None:
+        """Check inputs, build the model, cache the teacher targets (one expert in memory at a time)."""
+        hp = self.hparams
+        self.expert_dirs = {name: resolve_path(source) for name, source in hp.experts.items()}
+        if datamodule.tokenizer_path is None:
+            datamodule.tokenizer_path = next(iter(self.expert_dirs.values()))
+        datamodule.check(self.expert_names)
+        self.model = build_sequence_moe(
+            self.expert_dirs, hp.embeddings, hp.router, hp.top_k, hp.trust_remote_code, Console(stderr=True)
+        )
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self._trainable(name))
+        datamodule.setup("fit")
+        self.datamodule = datamodule
+        experts_of = {spec.name: spec.expert for spec in datamodule.tasks}
+        self.task_experts = [self.expert_names.index(experts_of[t]) for t in datamodule.task_names]
+        splits = ("train", "eval") if self.model.config.embeddings == "shared" else ("eval",)
+        jobs = [
+            TeacherJob(
+                task,
+                split,
+                experts_of[task],
+                s.input_ids,
+                s.attention_mask,
+                datamodule.fingerprint(task, split),
+            )
+            for task in datamodule.task_names
+            for split in splits
+            for s in [datamodule.task_samples(task, split)]
+        ]
+        settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
+        self.targets, stats = collect_targets(
+            jobs,
+            {name: model_content_hash(path) for name, path in self.expert_dirs.items()},
+            lambda name: AutoModelForCausalLM.from_pretrained(
+                self.expert_dirs[name], dtype=torch.float32, trust_remote_code=hp.trust_remote_code
+            ).eval(),
+            settings,
+            self.expert_names,
+        )
+        Console(stderr=True).print(f"teacher targets: {stats.computed} / {stats.reused} (computed / reused)")
+
+    def _trainable(self, name: str) -> bool:
+        if name.startswith("router."):
+            return bool(self.hparams.train_router)
+        # The widest expert reads and writes the shared space as is (identity projectors): kept exact.
+        anchor = self.model.config.router_expert
+        if name.startswith((f"input_projectors.{anchor}.", f"output_projectors.{anchor}.")):
+            return False
+        return name.startswith(("input_projectors.", "output_projectors."))
+
+    # --------------------------------------------------------------------------------------- training
+    def configure_optimizers(self) -> Any:
+        groups = []
+        projectors = [p for n, p in self.model.named_parameters() if p.requires_grad and "projectors." in n]
+        if projectors:
+            groups.append({"params": projectors, "lr": self.hparams.projector_lr})
+        if self.hparams.train_router:
+            groups.append({"params": list(self.model.router.parameters()), "lr": self.hparams.router_lr})
+        if not groups:
+            return None  # own embeddings and the perplexity router: nothing to learn
+        return torch.optim.Adam(groups)
+
+    def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor | None:
+        task_index = batch["task_index"]
+        task = self.task_names[task_index]
+        expert = self.task_experts[task_index]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        losses = {}
+        if self.model.config.embeddings == "shared":
+            logits, _ = self.model.expert_forward(expert, ids, mask)
+            rows = self.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1], self.device)
+            losses["kl"] = logit_kl_loss(self._kl(logits, rows), mask, self.hparams.temperature)
+        if self.hparams.train_router:
+            prefix = _random_prefix_mask(mask, self.hparams.min_prefix)
+            target = torch.full((ids.shape[0],), expert, device=self.device)
+            router_logits = self.model.router_logits(ids, prefix)
+            losses["router"] = F.cross_entropy(router_logits, target)
+            self.log(
+                f"router_acc/{task}", (router_logits.argmax(1) == target).float().mean(), batch_size=len(ids)
+            )
+        for key, value in losses.items():
+            self.log(f"{key}/{task}", value, batch_size=len(ids), prog_bar=key == "kl")
+        return sum(losses.values()) if losses else None
+
+    def _kl(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        temperature = self.hparams.temperature
+        if "logits" in rows:
+            return full_kl_per_token(logits, rows["logits"], temperature)
+        return topk_kl_per_token(
+            logits, rows["topk_values"], rows["topk_indices"], rows["logsumexp"], temperature
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only what training changes: the experts are re-read from their folders.
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith(("model.router.", "model.input_projectors.", "model.output_projectors."))
+        }
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, dict[str, TaskScores]], dict[str, dict[str, dict[str, float]]]]:
+        """Held-out per-task scores (each expert alone, the MoE with each router) and routing accuracy."""
+        model = self.model.eval()
+        temperature = self.hparams.temperature
+        routers = ["perplexity"] + (["learned"] if self.hparams.train_router else [])
+        exported_router = model.config.router
+
+        def score(model: Any = model) -> dict[str, TaskScores]:
+            return {
+                task: score_task(
+                    lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                    s.input_ids,
+                    s.attention_mask,
+                    self.targets[(task, "eval")],
+                    temperature,
+                    device=self.device,
+                )
+                for task in self.task_names
+                for s in [self.datamodule.task_samples(task, "eval")]
+            }
+
+        rows: dict[str, dict[str, TaskScores]] = {}
+        for name in self.expert_names:  # the original experts, as they were given
+            expert = AutoModelForCausalLM.from_pretrained(
+                self.expert_dirs[name], dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
+            )
+            rows[f"expert {name} alone"] = score(model=expert.eval().to(self.device))
+            del expert
+        accuracy: dict[str, dict[str, dict[str, float]]] = {}
+        try:
+            for router in routers:
+                model.config.router = router
+                rows[f"sequence MoE ({router} router)"] = score()
+                accuracy[router] = {
+                    part: {
+                        task: self._routing_accuracy(task_index, part)
+                        for task_index, task in enumerate(self.task_names)
+                    }
+                    for part in ("whole sample", "first half")
+                }
+        finally:
+            model.config.router = exported_router
+        rows["experts"] = {
+            task: expert_scores(
+                self.datamodule.task_samples(task, "eval").attention_mask, self.targets[(task, "eval")]
+            )
+            for task in self.task_names
+        }
+        return rows, accuracy
+
+    def _routing_accuracy(self, task_index: int, part: str, batch_size: int = 8) -> float:
+        samples = self.datamodule.task_samples(self.task_names[task_index], "eval")
+        hits = 0
+        for start in range(0, samples.input_ids.shape[0], batch_size):
+            mask = samples.attention_mask[start : start + batch_size]
+            ids = samples.input_ids[start : start + batch_size]
+            if part == "first half":
+                lengths = mask.sum(1)
+                keep = torch.arange(mask.shape[1]).unsqueeze(0) < (lengths // 2).clamp_min(2).unsqueeze(1)
+                mask = mask * keep
+            used = int(mask.sum(1).max())
+            weights = self.model.routing(ids[:, :used].to(self.device), mask[:, :used].to(self.device))
+            hits += int((weights.argmax(1) == self.task_experts[task_index]).sum())
+        return hits / max(1, samples.input_ids.shape[0])
+
+    # ----------------------------------------------------------------------------------------- export
+    def export(
+        self,
+        output_dir: str,
+        force: bool,
+        rows: Any = None,
+        accuracy: Any = None,
+        config_yaml: str | None = None,
+    ) -> Path:
+        hp = self.hparams
+        sections, extra_files = {}, {}
+        if accuracy:
+            sections["Routing accuracy (held-out samples)"] = routing_markdown(accuracy, self.task_names)
+            extra_files["routing.json"] = json.dumps(accuracy, indent=1)
+        if rows:
+            extra_files["eval.json"] = json.dumps(scores_to_json(rows), indent=1)
+        if config_yaml:
+            extra_files["fit_config.yaml"] = config_yaml
+        return export_sequence_moe(
+            self.model,
+            output_dir,
+            force,
+            tokenizer=self.datamodule.tokenizer,
+            experts={n: (hp.experts[n], model_content_hash(p)) for n, p in self.expert_dirs.items()},
+            parameters={
+                "tasks": {
+                    t: self.expert_names[e] for t, e in zip(self.task_names, self.task_experts, strict=True)
+                },
+                "router_trained": bool(hp.train_router),
+                "steps": int(self.trainer.global_step) if self._trainer is not None else 0,
+            },
+            sections=sections,
+            extra_files=extra_files,
+        )
+
+
+def _random_prefix_mask(mask: torch.Tensor, min_fraction: float) -> torch.Tensor:
+    """`mask` cut after a random length in [min_fraction, 1] of each sample's real tokens (at least one)."""
+    lengths = mask.sum(1)
+    fraction = min_fraction + (1 - min_fraction) * torch.rand(lengths.shape, device=mask.device)
+    keep = (lengths.float() * fraction).ceil().clamp_min(1)
+    return mask * (torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < keep.unsqueeze(1))
+
+
+def routing_markdown(accuracy: dict[str, dict[str, dict[str, float]]], tasks: list[str]) -> str:
+    lines = ["| router | prompt | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 3) + "|"]
+    for router, parts in accuracy.items():
+        for part, per_task in parts.items():
+            values = [per_task[t] for t in tasks]
+            lines.append(
+                f"| {router} | {part} | "
+                + " | ".join(f"{v:.0%}" for v in values)
+                + f" | {sum(values) / len(values):.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def routing_table(accuracy: dict[str, dict[str, dict[str, float]]], tasks: list[str]) -> Table:
+    table = Table(title="Routing accuracy: held-out samples sent to their task's expert")
+    for column in ("router", "prompt", *tasks, "mean"):
+        table.add_column(column, justify="left" if column in ("router", "prompt") else "right")
+    for router, parts in accuracy.items():
+        for part, per_task in parts.items():
+            values = [per_task[t] for t in tasks]
+            table.add_row(router, part, *(f"{v:.0%}" for v in values), f"{sum(values) / len(values):.0%}")
+    return table
+
+
+class ExportSequenceMoE(pl.Callback):
+    """At the end of the fit: the per-task table, routing accuracy, then the atomic export."""
+
+    def __init__(self, settings: Any, config_yaml: str | None = None) -> None:
+        self.settings = settings
+        self.config_yaml = config_yaml
+
+    def on_fit_end(self, trainer: pl.Trainer, module: SequenceMoEModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        console = Console()
+        rows, accuracy = module.evaluate() if self.settings.evaluate else (None, None)
+        if rows is not None:
+            console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))
+            console.print(routing_table(accuracy, module.task_names))
+        path = module.export(self.settings.output_dir, self.settings.force, rows, accuracy, self.config_yaml)
+        console.print(f"[green]exported[/green] {path}")
