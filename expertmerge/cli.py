@@ -182,7 +182,11 @@ def export_main(argv: Sequence[str]) -> int:
     module.prepare(datamodule)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
-    if options.moe:
+    from lightning_modules.sequence_moe import SequenceMoEModule
+
+    if isinstance(module, SequenceMoEModule):
+        path = module.export(options.out, options.force)
+    elif options.moe:
         from expertmerge.evaluate import scores_table
         from lightning_modules.callbacks import evaluate_fit, export_moe
 

@@ -276,3 +276,32 @@ def test_bad_settings_fail_before_any_work(tiny_zoo: Path) -> None:
         build_sequence_moe({"arith": experts["arith"]})
     with pytest.raises(ExpertMergeError, match="model.embeddings"):
         build_sequence_moe(experts, embeddings="tied")
+
+
+def test_export_from_a_fit_checkpoint_writes_the_trained_router(tiny_zoo: Path, tmp_path: Path) -> None:
+    folder = run_fit(
+        tmp_path,
+        "fit",
+        "--model.init_args.router",
+        "learned",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.enable_checkpointing",
+        "true",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        str(tmp_path / "checkpoints"),
+        "--trainer.callbacks.every_n_train_steps",
+        "6",
+        "--export.evaluate",
+        "false",
+    )
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(stored) == {"model.router.weight", "model.router.bias"}  # only what the fit trains
+    again = tmp_path / "again"
+    assert main(["export", "--config", CONFIG, "--ckpt_path", str(checkpoint), "--out", str(again)]) == 0
+    first = AutoModelForCausalLM.from_pretrained(folder)
+    second = AutoModelForCausalLM.from_pretrained(again)
+    assert torch.equal(first.router.weight, second.router.weight) and first.router.weight.abs().sum() > 0
+    assert torch.equal(first.experts[2].lm_head.weight, second.experts[2].lm_head.weight)
