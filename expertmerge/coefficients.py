@@ -41,7 +41,8 @@ class _WeightedSum(torch.autograd.Function):
         view = (row_coefficients.shape[1],) + (1,) * (base.dim() - 1)
         merged = base.to(torch.float32, copy=True)
         for k in range(task_vectors.shape[0]):
-            merged.add_(task_vectors[k].to(torch.float32) * row_coefficients[k].view(view))
+            # one fused multiply-add reading bf16 directly: no fp32 copy of tau_k and no product tensor
+            merged.addcmul_(task_vectors[k], row_coefficients[k].view(view))
         ctx.save_for_backward(task_vectors)
         return merged
 
