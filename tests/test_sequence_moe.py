@@ -305,3 +305,24 @@ def test_export_from_a_fit_checkpoint_writes_the_trained_router(tiny_zoo: Path, 
     second = AutoModelForCausalLM.from_pretrained(again)
     assert torch.equal(first.router.weight, second.router.weight) and first.router.weight.abs().sum() > 0
     assert torch.equal(first.experts[2].lm_head.weight, second.experts[2].lm_head.weight)
+
+
+def test_experts_with_tied_embeddings_reload_exactly(tmp_path: Path) -> None:
+    """SmolLM2-style experts tie lm_head to the embedding; the saved MoE must re-tie them on load."""
+    from conftest import perturbed, save_model, tiny_llama, tiny_tokenizer
+
+    base = tiny_llama(seed=3, tie_word_embeddings=True)
+    folders = {
+        name: save_model(perturbed(base, seed), tmp_path / name, tokenizer=tiny_tokenizer())
+        for name, seed in (("one", 1), ("two", 2))
+    }
+    save = tmp_path / "moe"
+    build_sequence_moe({k: str(v) for k, v in folders.items()}).save_pretrained(save)
+    reloaded = AutoModelForCausalLM.from_pretrained(save).eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    for index, folder in enumerate(folders.values()):
+        expert = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            expected = expert(input_ids=ids).logits
+            got = reloaded(input_ids=ids, expert_index=index, use_cache=False).logits
+        assert torch.equal(got, expected)

@@ -144,6 +144,11 @@ class SequenceMoEForCausalLM(PreTrainedModel, GenerationMixin):
             router_width = config.hidden_size
         self.router = nn.Linear(router_width, len(sub_configs))
         self.post_init()
+        # `post_init` gathers tied weights from direct children only; the experts sit in a ModuleList, so their
+        # ties (e.g. lm_head = embed_tokens) are added here, or a reload would leave tied heads uninitialised.
+        for index, expert in enumerate(self.experts):
+            for target, source in (getattr(expert, "all_tied_weights_keys", None) or {}).items():
+                self.all_tied_weights_keys[f"experts.{index}.{target}"] = f"experts.{index}.{source}"
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
