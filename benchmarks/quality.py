@@ -5,7 +5,9 @@
 
 One table, one row per model: the base, every expert, the training-free merges (average, task arithmetic,
 TIES, DARE-TIES via `expertmerge.merge.run_merge`), Expert Merging and Expert Merging++ (the `fit` command in
-a subprocess, `--model.chunking true` for ++). Columns per domain: held-out perplexity, and *gain retained*
+a subprocess, `--model.chunking true` for ++), the fused MoE (`fit --model.moe true`: the experts' FFNs as MoE
+experts, learned shared tensors, router from the calibration data) and the sequence-level MoE (whole experts,
+routed per request by perplexity on the text; it runs every expert on the prompt). Columns per domain: held-out perplexity, and *gain retained*
 
     gain = (loss_base - loss_model) / (loss_base - loss_expert)     (held-out loss in nats/token)
 
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +52,16 @@ from expertmerge.smollm2_zoo import (  # noqa: E402
 from expertmerge.zoo import ensure_zoo, read_manifest  # noqa: E402
 
 FIT_CONFIGS = {"smollm2": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "fit_tiny.yaml"}
-MERGE_ROWS = ("average", "task arithmetic", "TIES", "DARE-TIES", "Expert Merging", "Expert Merging++")
+MERGE_ROWS = (
+    "average",
+    "task arithmetic",
+    "TIES",
+    "DARE-TIES",
+    "Expert Merging",
+    "Expert Merging++",
+    "fused MoE",
+    "sequence MoE (perplexity)",
+)
 
 
 def check_heldout_is_unseen(folder: Path, manifest: dict[str, Any], tokenizer: Any, max_length: int) -> None:
@@ -102,6 +114,8 @@ def training_free_merges(
     }
     outputs = {}
     for name, config in configs.items():
+        if options.rows and name not in options.rows:
+            continue
         out = work / re.sub(r"\W+", "-", name.lower())
         started = time.perf_counter()
         run_merge(
@@ -112,8 +126,9 @@ def training_free_merges(
     return outputs
 
 
-def expert_merging(config: Path, work: Path, chunking: bool, extra: list[str]) -> Path:
-    out = work / ("expert-merging-pp" if chunking else "expert-merging")
+def expert_merging(config: Path, work: Path, chunking: bool, extra: list[str], moe: bool = False) -> Path:
+    """Run `fit` in a subprocess; with `moe`, the fused MoE it exports next to the dense merge."""
+    out = work / ("fused-moe-fit" if moe else "expert-merging-pp" if chunking else "expert-merging")
     command = [
         sys.executable,
         "-m",
@@ -128,15 +143,31 @@ def expert_merging(config: Path, work: Path, chunking: bool, extra: list[str]) -
         "--trainer.default_root_dir",
         str(work / "fit-logs"),
         *(["--model.chunking", "true"] if chunking else []),
+        *(["--model.moe", "true", "--export.moe_output_dir", str(work / "fused-moe")] if moe else []),
         *extra,
     ]
     started = time.perf_counter()
     log = work / f"{out.name}.log"
     with open(log, "w") as handle:
         result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
-    timings["Expert Merging++" if chunking else "Expert Merging"] = time.perf_counter() - started
+    timings["fused MoE" if moe else "Expert Merging++" if chunking else "Expert Merging"] = (
+        time.perf_counter() - started
+    )
     if result.returncode != 0:
         raise SystemExit(f"fit failed ({result.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    return work / "fused-moe" if moe else out
+
+
+def sequence_moe(folder: Path, tasks: list[str], work: Path) -> Path:
+    """The experts kept whole, routed per request by their perplexity on the prompt (MergeME; no training)."""
+    from expertmerge.moe.sequence_build import build_sequence_moe
+
+    out = work / "sequence-moe"
+    started = time.perf_counter()
+    model = build_sequence_moe({t: str(folder / "experts" / t) for t in tasks}, router="perplexity")
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    timings["sequence MoE"] = time.perf_counter() - started
     return out
 
 
@@ -205,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fit", action="store_true", help="leave Expert Merging (and ++) out")
     parser.add_argument("--expert-merging", type=Path, help="use this exported fit instead of fitting")
     parser.add_argument("--expert-merging-pp", type=Path, help="use this exported chunked fit (++)")
+    parser.add_argument("--skip-moe", action="store_true", help="leave the fused and sequence MoE rows out")
+    parser.add_argument(
+        "--rows", nargs="+", choices=MERGE_ROWS, help="score only these merges (base and experts always)"
+    )
+    parser.add_argument("--fused-moe", type=Path, help="use this exported fused MoE instead of fitting one")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options, fit_overrides = parser.parse_known_args(argv)  # the rest goes to `fit`, e.g. --model.lr=0.05
     options.fit_overrides = fit_overrides
@@ -240,10 +276,23 @@ def main(argv: list[str] | None = None) -> int:
         ("Expert Merging", options.expert_merging, False),
         ("Expert Merging++", options.expert_merging_pp, True),
     ):
+        if options.rows and name not in options.rows:
+            continue
         if given is not None:
             models[name] = given
         elif not options.skip_fit:
             models[name] = expert_merging(config, work, chunking, options.fit_overrides)
+
+    wanted = set(options.rows or MERGE_ROWS) - (
+        {"fused MoE", "sequence MoE (perplexity)"} if options.skip_moe else set()
+    )
+    if "fused MoE" in wanted:
+        if options.fused_moe is not None:
+            models["fused MoE"] = options.fused_moe
+        elif not options.skip_fit:
+            models["fused MoE"] = expert_merging(config, work, False, options.fit_overrides, moe=True)
+    if "sequence MoE (perplexity)" in wanted:
+        models["sequence MoE (perplexity)"] = sequence_moe(folder, tasks, work)
 
     def load(name: str) -> Any:
         return AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32).eval()
