@@ -92,6 +92,15 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 check_output_dir(settings.moe_dir(), settings.force)
             self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
 
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            # The rich bar is our default, not a requirement: `--trainer.enable_progress_bar false` turns it off
+            # (a bar in trainer_defaults would make Lightning refuse that flag).
+            if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, RichProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])]
+            ):
+                callbacks = [*callbacks, RichProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
         def config_dump_section(self, key: str) -> dict:
             config = self.config[self.subcommand] if self.subcommand else self.config
             return dict(vars(config[key])) if hasattr(config[key], "__dict__") else dict(config[key])
@@ -103,7 +112,6 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         "use_distributed_sampler": False,  # the calibration batch sampler shards itself across ranks
         "log_every_n_steps": 5,
         "default_root_dir": "outputs/fit-logs",
-        "callbacks": [RichProgressBar()],
     }
     if sequence_moe:
         import pytorch_lightning as pl

@@ -90,6 +90,24 @@ def test_second_fit_reuses_teacher_targets_and_is_deterministic(
     assert all_coefficients(again) == all_coefficients(layerwise_fit)
 
 
+def test_progress_bar_is_a_default_that_can_be_turned_off(
+    layerwise_fit: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from lightning_modules.callbacks import ExportMergedModel
+
+    bars = []
+    original = ExportMergedModel.on_fit_end
+
+    def record(self, trainer, module):
+        bars.append(trainer.progress_bar_callback)
+        return original(self, trainer, module)
+
+    monkeypatch.setattr(ExportMergedModel, "on_fit_end", record)
+    fit(tmp_path, "quiet", "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false")
+    fit(tmp_path, "default", "--trainer.max_steps", "3", "--export.evaluate", "false")
+    assert bars[0] is None and type(bars[1]).__name__ == "RichProgressBar"
+
+
 def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
     # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be.
     common = ("--model.scheduler", "constant", "--trainer.val_check_interval", "12")
