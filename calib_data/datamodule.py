@@ -232,6 +232,14 @@ def collate_task_batch(items: Sequence[tuple[int, int, torch.Tensor, torch.Tenso
     }
 
 
+def collate_round(items: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
+    """A round: one single-task batch per task, in task order (rows keep their order within a task)."""
+    by_task: dict[int, list] = {}
+    for item in items:
+        by_task.setdefault(item[0], []).append(item)
+    return [collate_task_batch(by_task[task]) for task in sorted(by_task)]
+
+
 def _distributed_rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -256,6 +264,7 @@ class BalancedTaskBatchSampler:
         offsets: Sequence[int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        rounds: bool = False,
     ) -> None:
         if not task_sizes or min(task_sizes) < 1:
             raise ValueError(f"every task needs at least one sample, got sizes {list(task_sizes)}")
@@ -265,6 +274,7 @@ class BalancedTaskBatchSampler:
         self.offsets = list(offsets) if offsets is not None else [0] * len(self.task_sizes)
         self.rank = rank
         self.world_size = world_size
+        self.rounds = rounds  # yield one round (a batch of every task) at a time instead of one batch
         self.epoch = 0
 
     @property
@@ -320,15 +330,18 @@ class BalancedTaskBatchSampler:
 
     def __len__(self) -> int:
         _, world = self._rank_and_world()
-        return math.ceil(self.batches_per_task * len(self.task_sizes) / world)
+        units = self.batches_per_task * (1 if self.rounds else len(self.task_sizes))
+        return math.ceil(units / world)
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = self._rank_and_world()
-        batches = self.global_batches()
+        batches = [[self.offsets[task] + row for row in rows] for task, rows in self.global_batches()]
+        if self.rounds:  # consecutive batches task0..taskN-1 form one round
+            n = len(self.task_sizes)
+            batches = [sum(batches[i : i + n], []) for i in range(0, len(batches), n)]
         total = len(self) * world
         padded = [batches[i % len(batches)] for i in range(total)]
-        for task, rows in padded[rank::world]:
-            yield [self.offsets[task] + row for row in rows]
+        yield from padded[rank::world]
 
 
 class CalibrationDataModule(pl.LightningDataModule):
@@ -355,6 +368,9 @@ class CalibrationDataModule(pl.LightningDataModule):
         batch_size: samples per batch (every batch holds one task).
         seed: seeds the shuffle before the split and the train batch order.
         num_workers: DataLoader worker processes (0: load in the main process).
+        rounds: train batches are rounds, a list of one single-task batch per task, so one optimiser step
+            sees every task without `trainer.accumulate_grad_batches` (the default, False, yields one task per
+            batch: set accumulate_grad_batches to the number of tasks for the same effect).
     """
 
     def __init__(
@@ -367,6 +383,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         batch_size: int = 4,
         seed: int = 0,
         num_workers: int = 0,
+        rounds: bool = False,
     ) -> None:
         super().__init__()
         # Plain dicts are accepted too, for code that builds the config by hand.
@@ -378,6 +395,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.rounds = rounds
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._samples: dict[tuple[str, str], TokenizedSamples] = {}  # keyed by (task, "train" | "eval")
         self._train_sampler: BalancedTaskBatchSampler | None = None
@@ -826,11 +844,12 @@ class CalibrationDataModule(pl.LightningDataModule):
             offsets=dataset.offsets[:-1],
             rank=trainer.global_rank if trainer is not None else None,
             world_size=trainer.world_size if trainer is not None else None,
+            rounds=self.rounds,
         )
         return DataLoader(
             dataset,
             batch_sampler=self._train_sampler,
-            collate_fn=collate_task_batch,
+            collate_fn=collate_round if self.rounds else collate_task_batch,
             num_workers=self.num_workers,
         )
 

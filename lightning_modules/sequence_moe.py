@@ -161,7 +161,12 @@ class SequenceMoEModule(pl.LightningModule):
             return None  # own embeddings and the perplexity router: nothing to learn
         return torch.optim.Adam(groups)
 
-    def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: dict[str, Any] | list[dict[str, Any]], batch_index: int
+    ) -> torch.Tensor | None:
+        if isinstance(batch, list):  # a round: one sub-batch per task
+            losses = [loss for part in batch if (loss := self.training_step(part, batch_index)) is not None]
+            return sum(losses) / len(losses) if losses else None
         task_index = batch["task_index"]
         task = self.task_names[task_index]
         expert = self.task_experts[task_index]

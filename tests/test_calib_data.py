@@ -645,3 +645,21 @@ def test_built_from_a_yaml_config_with_tasks_as_dicts(three_tasks, tokenizer_dir
     assert CalibrationDataModule([{"name": "x", "expert": "y", "sources": "a.jsonl"}]).tasks[0].sources == [
         "a.jsonl"
     ]
+
+
+def test_round_batches_hold_one_batch_of_every_task_and_shard_by_round() -> None:
+    from calib_data.datamodule import BalancedTaskBatchSampler
+
+    sizes, offsets = [5, 9, 4], [0, 5, 14]
+    single = list(BalancedTaskBatchSampler(sizes, 4, seed=3, offsets=offsets))
+    rounds = list(BalancedTaskBatchSampler(sizes, 4, seed=3, offsets=offsets, rounds=True))
+    assert len(rounds) == 3 and rounds == [sum(single[i : i + 3], []) for i in range(0, 9, 3)]
+    for round_rows in rounds:  # every task appears in every round
+        assert {0, 1, 2} == {
+            next(t for t in range(3) if offsets[t] <= r < offsets[t] + sizes[t]) for r in round_rows
+        }
+    ranks = [
+        list(BalancedTaskBatchSampler(sizes, 4, seed=3, offsets=offsets, rounds=True, rank=r, world_size=2))
+        for r in (0, 1)
+    ]
+    assert ranks[0] == [rounds[0], rounds[2]] and ranks[1] == [rounds[1], rounds[0]]  # padded by wrapping

@@ -185,3 +185,11 @@ def test_export_and_evaluate_commands_reproduce_the_fit(layerwise_fit: Path, tmp
     expected = json.loads((layerwise_fit / "eval.json").read_text())
     assert mean_kl(scores, "merged") == pytest.approx(mean_kl(expected, "expert merging"), rel=1e-4)
     assert mean_kl(scores, "base") == pytest.approx(mean_kl(expected, "base"), rel=1e-4)
+
+
+def test_rounds_give_the_same_fit_as_accumulating_one_batch_per_task(
+    layerwise_fit: Path, tmp_path: Path
+) -> None:
+    """`data.rounds: true` puts one batch of every task in each step: no accumulate_grad_batches needed."""
+    rounds = fit(tmp_path, "rounds", "--data.rounds", "true", "--trainer.accumulate_grad_batches", "1")
+    assert all_coefficients(rounds) == pytest.approx(all_coefficients(layerwise_fit), abs=1e-5)
