@@ -37,6 +37,8 @@ from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
 
 # The frozen experts run in eval mode on purpose (no dropout while projectors and router learn).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Nothing to validate during the fit (it is evaluated at its end), though the datamodule offers a val loader.
+warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
 
 
 class SequenceMoEModule(pl.LightningModule):
