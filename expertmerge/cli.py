@@ -74,10 +74,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             parser.add_class_arguments(ExportSettings, "export")
             if sequence_moe:  # the experts share a tokenizer (checked): the first expert's
                 parser.link_arguments("model.init_args.experts", "data.tokenizer", compute_fn=_first_value)
-            else:
-                parser.link_arguments(
-                    "model.base", "data.tokenizer"
-                )  # the experts share the base's tokenizer
+            else:  # the experts share the base's tokenizer
+                parser.link_arguments("model.base", "data.tokenizer")
 
         def before_fit(self) -> None:
             settings = ExportSettings(**self.config_dump_section("export"))
@@ -113,24 +111,13 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         "log_every_n_steps": 5,
         "default_root_dir": "outputs/fit-logs",
     }
-    if sequence_moe:
-        import pytorch_lightning as pl
+    import pytorch_lightning as pl
 
-        # `model: {class_path: lightning_modules.sequence_moe.SequenceMoEModule, init_args: {...}}`
-        return ExpertMergeCLI(
-            pl.LightningModule,
-            CalibrationDataModule,
-            subclass_mode_model=True,
-            args=list(args),
-            run=run,
-            seed_everything_default=0,
-            trainer_defaults=trainer_defaults,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "python -m expertmerge fit"} if run else None,
-        )
+    # The sequence MoE config names its module: `model: {class_path: ..., init_args: {...}}`.
     return ExpertMergeCLI(
-        ExpertMergingModule,
+        pl.LightningModule if sequence_moe else ExpertMergingModule,
         CalibrationDataModule,
+        subclass_mode_model=sequence_moe,
         args=list(args),
         run=run,
         seed_everything_default=0,
@@ -314,8 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return evaluate_main(rest)
         if command == "export":
             return export_main(rest)
-    except ExpertMergeError as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+    except Exception as error:
+        # Our errors can arrive wrapped (jsonargparse re-raises what a module's __init__ raised as a ValueError).
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, ExpertMergeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        console.print(f"[bold red]error:[/bold red] {cause}")
         return 2
     console.print(f"[bold red]error:[/bold red] unknown command '{command}'.\n{USAGE}")
     return 2

@@ -326,3 +326,23 @@ def test_experts_with_tied_embeddings_reload_exactly(tmp_path: Path) -> None:
             expected = expert(input_ids=ids).logits
             got = reloaded(input_ids=ids, expert_index=index, use_cache=False).logits
         assert torch.equal(got, expected)
+
+
+def test_fit_with_a_missing_expert_folder_names_it_and_writes_nothing(
+    tiny_zoo: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            "--model.init_args.experts",
+            f"{{arith: {tmp_path / 'nowhere'}, sort: zoo://tiny/experts/sort}}",
+            "--export.output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    printed = "".join(capsys.readouterr().err.split())  # rich wraps long lines, even inside a long path
+    assert f"expert'arith'({tmp_path / 'nowhere'}):folder" in printed and "doesnotexist" in printed
+    assert not (tmp_path / "out").exists()
