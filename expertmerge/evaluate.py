@@ -14,7 +14,7 @@ import torch
 from rich.table import Table
 from torchmetrics import MeanMetric
 
-from expertmerge.losses import full_kl_per_token, next_token_nll, topk_kl_per_token
+from expertmerge.losses import kl_to_teacher, next_token_nll, teacher_top1
 from expertmerge.teachers import TeacherTargets
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> logits
@@ -45,17 +45,10 @@ def score_task(
         mask = mask[:, :used].to(device)
         rows = targets.rows(torch.arange(start, start + ids.shape[0]), used, device)
         logits = forward(ids, mask).float()
-        if "logits" in rows:
-            kl = full_kl_per_token(logits, rows["logits"], temperature)
-            teacher_top1 = rows["logits"].argmax(-1)
-        else:
-            kl = topk_kl_per_token(
-                logits, rows["topk_values"], rows["topk_indices"], rows["logsumexp"], temperature
-            )
-            teacher_top1 = rows["topk_indices"][..., 0].long()
+        kl = kl_to_teacher(logits, rows, temperature)
         real = mask.bool()
         kl_mean.update(kl[real].cpu())
-        top1_mean.update((logits.argmax(-1) == teacher_top1)[real].float().cpu())
+        top1_mean.update((logits.argmax(-1) == teacher_top1(rows))[real].float().cpu())
         nll, target_mask = next_token_nll(logits, ids, mask)
         nll_mean.update(nll[target_mask.bool()].cpu())
     return TaskScores(

@@ -7,6 +7,7 @@ treats everything outside the top k as one "tail" bucket, which is exact when k 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,23 @@ def full_kl_per_token(
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+
+
+def kl_to_teacher(
+    student_logits: torch.Tensor, targets: Mapping[str, torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) per token [B, L] from cached teacher rows: full `logits`, or top-k values,
+    indices and log-sum-exp."""
+    if "logits" in targets:
+        return full_kl_per_token(student_logits, targets["logits"], temperature)
+    return topk_kl_per_token(
+        student_logits, targets["topk_values"], targets["topk_indices"], targets["logsumexp"], temperature
+    )
+
+
+def teacher_top1(targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's most likely next token per position [B, L], from full or top-k rows."""
+    return targets["logits"].argmax(-1) if "logits" in targets else targets["topk_indices"][..., 0].long()
 
 
 def logit_kl_loss(per_token_kl: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

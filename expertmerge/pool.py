@@ -242,6 +242,28 @@ class Checkpoint:
         self._bin_state.clear()
 
 
+def model_dir(source: str, label: str) -> Path:
+    """The local folder of a model source (a folder, a `zoo://` reference, or a hub id downloaded once),
+    checked to be a Hugging Face model folder; errors name the model by `label`."""
+    try:
+        local = resolve_path(source)
+    except ExpertMergeError:
+        raise
+    except Exception as error:
+        raise ExpertMergeError(f"{label}: cannot resolve '{source}': {error}") from error
+    folder = Path(local)
+    if not folder.exists():
+        if looks_like_hub_id(source):
+            folder = _download(source, label)
+        else:
+            raise ExpertMergeError(f"{label}: folder '{folder}' does not exist.")
+    if not folder.is_dir():
+        raise ExpertMergeError(f"{label}: '{folder}' is not a folder.")
+    if not (folder / "config.json").is_file():
+        raise ExpertMergeError(f"{label}: '{folder}' has no config.json; is it a Hugging Face model folder?")
+    return folder
+
+
 class ExpertPool:
     """A base model and named experts fine-tuned from it.
 
@@ -284,30 +306,10 @@ class ExpertPool:
         return f"expert '{model}' ({self.expert_sources[model]})"
 
     def _dir(self, model: str) -> Path:
-        if model in self._dirs:
-            return self._dirs[model]
-        source = self.base_source if model == BASE else self.expert_sources[model]
-        label = self.label(model)
-        try:
-            local = resolve_path(source)
-        except ExpertMergeError:
-            raise
-        except Exception as error:
-            raise ExpertMergeError(f"{label}: cannot resolve '{source}': {error}") from error
-        folder = Path(local)
-        if not folder.exists():
-            if looks_like_hub_id(source):
-                folder = _download(source, label)
-            else:
-                raise ExpertMergeError(f"{label}: folder '{folder}' does not exist.")
-        if not folder.is_dir():
-            raise ExpertMergeError(f"{label}: '{folder}' is not a folder.")
-        if not (folder / "config.json").is_file():
-            raise ExpertMergeError(
-                f"{label}: '{folder}' has no config.json; is it a Hugging Face model folder?"
-            )
-        self._dirs[model] = folder
-        return folder
+        if model not in self._dirs:
+            source = self.base_source if model == BASE else self.expert_sources[model]
+            self._dirs[model] = model_dir(source, self.label(model))
+        return self._dirs[model]
 
     @property
     def base_dir(self) -> Path:

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from expertmerge.coefficients import MergeCoefficients
 from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
-from expertmerge.losses import full_kl_per_token, hidden_mse_loss, logit_kl_loss, topk_kl_per_token
+from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
 
 # The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
@@ -488,21 +488,13 @@ class ExpertMergingModule(pl.LightningModule):
                 Console().print(allocation_table(self.chunk_allocation))
 
     # ------------------------------------------------------------------------------------ the loss
-    def _kl_per_token(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        temperature = self.hparams.temperature
-        if "logits" in targets:
-            return full_kl_per_token(logits, targets["logits"], temperature)
-        return topk_kl_per_token(
-            logits, targets["topk_values"], targets["topk_indices"], targets["logsumexp"], temperature
-        )
-
     def task_losses(self, batch: dict[str, Any], split: str = "train") -> dict[str, torch.Tensor]:
         """KL, hidden MSE and top-1 agreement of the merged model against the batch's own expert."""
         task = self.task_names[int(batch["task_index"])]
         ids, mask = batch["input_ids"], batch["attention_mask"]
         targets = self.targets[(task, split)].rows(batch["sample_index"], ids.shape[1], ids.device)
         out = self(ids, mask, oracle_expert=self.oracle_expert(task))
-        kl_tokens = self._kl_per_token(out.logits, targets)
+        kl_tokens = kl_to_teacher(out.logits, targets, self.hparams.temperature)
         kl = logit_kl_loss(kl_tokens, mask, self.hparams.temperature)
         mse = torch.stack(
             [
@@ -510,10 +502,7 @@ class ExpertMergingModule(pl.LightningModule):
                 for layer in self.hidden_layers
             ]
         ).mean()
-        teacher_top1 = (
-            targets["logits"].argmax(-1) if "logits" in targets else targets["topk_indices"][..., 0]
-        )
-        agree = (out.logits.argmax(-1) == teacher_top1).float()
+        agree = (out.logits.argmax(-1) == teacher_top1(targets)).float()
         real = mask.float()
         top1 = (agree * real).sum() / real.sum().clamp_min(1)
         return {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}

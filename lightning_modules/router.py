@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from expertmerge.losses import full_kl_per_token, logit_kl_loss, topk_kl_per_token
+from expertmerge.losses import kl_to_teacher, logit_kl_loss
 from expertmerge.teachers import TeacherTargets
 
 GATE_PATTERN = re.compile(r"\.mlp\.gate\.weight$")  # the router of Mixtral / Qwen2-MoE / Qwen3-MoE layers
@@ -67,17 +67,7 @@ class RouterTuningModule(pl.LightningModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         targets = self.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1], ids.device)
         out = self.moe(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False)
-        if "logits" in targets:
-            kl_tokens = full_kl_per_token(out.logits, targets["logits"], self.temperature)
-        else:
-            kl_tokens = topk_kl_per_token(
-                out.logits,
-                targets["topk_values"],
-                targets["topk_indices"],
-                targets["logsumexp"],
-                self.temperature,
-            )
-        kl = logit_kl_loss(kl_tokens, mask, self.temperature)
+        kl = logit_kl_loss(kl_to_teacher(out.logits, targets, self.temperature), mask, self.temperature)
         aux = (
             out.aux_loss if getattr(out, "aux_loss", None) is not None else torch.zeros((), device=kl.device)
         )

@@ -29,10 +29,10 @@ from transformers import AutoModelForCausalLM
 from expertmerge.errors import ExpertMergeError
 from expertmerge.evaluate import TaskScores, expert_scores, score_task, scores_table, scores_to_json
 from expertmerge.hashing import model_content_hash
-from expertmerge.losses import full_kl_per_token, logit_kl_loss, topk_kl_per_token
+from expertmerge.losses import kl_to_teacher, logit_kl_loss
 from expertmerge.moe.sequence import ROUTERS
 from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
-from expertmerge.paths import resolve_path
+from expertmerge.pool import model_dir
 from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
 
 # The frozen experts run in eval mode on purpose (no dropout while projectors and router learn).
@@ -86,6 +86,10 @@ class SequenceMoEModule(pl.LightningModule):
         if not 0 < min_prefix <= 1:
             raise ExpertMergeError("model.min_prefix must be in (0, 1].")
         self.expert_names = list(experts)
+        # Resolved now, so a wrong path is reported (by expert name) before data or models are loaded.
+        self.expert_dirs = {
+            name: str(model_dir(source, f"expert '{name}' ({source})")) for name, source in experts.items()
+        }
         self.model = None
         self.datamodule = None
         self.targets: dict[tuple[str, str], Any] = {}
@@ -103,7 +107,6 @@ class SequenceMoEModule(pl.LightningModule):
     def prepare(self, datamodule: Any) -> None:
         """Check inputs, build the model, cache the teacher targets (one expert in memory at a time)."""
         hp = self.hparams
-        self.expert_dirs = {name: resolve_path(source) for name, source in hp.experts.items()}
         if datamodule.tokenizer_path is None:
             datamodule.tokenizer_path = next(iter(self.expert_dirs.values()))
         datamodule.check(self.expert_names)
@@ -131,16 +134,16 @@ class SequenceMoEModule(pl.LightningModule):
             for s in [datamodule.task_samples(task, split)]
         ]
         settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
+        self.expert_hashes = {name: model_content_hash(path) for name, path in self.expert_dirs.items()}
         self.targets, stats = collect_targets(
-            jobs,
-            {name: model_content_hash(path) for name, path in self.expert_dirs.items()},
-            lambda name: AutoModelForCausalLM.from_pretrained(
-                self.expert_dirs[name], dtype=torch.float32, trust_remote_code=hp.trust_remote_code
-            ).eval(),
-            settings,
-            self.expert_names,
+            jobs, self.expert_hashes, self._load_expert, settings, self.expert_names
         )
         Console(stderr=True).print(f"teacher targets: {stats.computed} / {stats.reused} (computed / reused)")
+
+    def _load_expert(self, name: str) -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            self.expert_dirs[name], dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
+        ).eval()
 
     def _trainable(self, name: str) -> bool:
         if name.startswith("router."):
@@ -177,7 +180,8 @@ class SequenceMoEModule(pl.LightningModule):
         if self.model.config.embeddings == "shared":
             logits, _ = self.model.expert_forward(expert, ids, mask)
             rows = self.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1], self.device)
-            losses["kl"] = logit_kl_loss(self._kl(logits, rows), mask, self.hparams.temperature)
+            kl_tokens = kl_to_teacher(logits, rows, self.hparams.temperature)
+            losses["kl"] = logit_kl_loss(kl_tokens, mask, self.hparams.temperature)
         if self.hparams.train_router:
             prefix = _random_prefix_mask(mask, self.hparams.min_prefix)
             target = torch.full((ids.shape[0],), expert, device=self.device)
@@ -189,14 +193,6 @@ class SequenceMoEModule(pl.LightningModule):
         for key, value in losses.items():
             self.log(f"{key}/{task}", value, batch_size=len(ids), prog_bar=key == "kl")
         return sum(losses.values()) if losses else None
-
-    def _kl(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        temperature = self.hparams.temperature
-        if "logits" in rows:
-            return full_kl_per_token(logits, rows["logits"], temperature)
-        return topk_kl_per_token(
-            logits, rows["topk_values"], rows["topk_indices"], rows["logsumexp"], temperature
-        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only what training changes: the experts are re-read from their folders.
@@ -218,10 +214,12 @@ class SequenceMoEModule(pl.LightningModule):
         routers = ["perplexity"] + (["learned"] if self.hparams.train_router else [])
         exported_router = model.config.router
 
-        def score(model: Any = model) -> dict[str, TaskScores]:
+        def score(model: Any = model, **forced: Any) -> dict[str, TaskScores]:
             return {
                 task: score_task(
-                    lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                    lambda ids, mask: (
+                        model(input_ids=ids, attention_mask=mask, use_cache=False, **forced).logits
+                    ),
                     s.input_ids,
                     s.attention_mask,
                     self.targets[(task, "eval")],
@@ -233,12 +231,11 @@ class SequenceMoEModule(pl.LightningModule):
             }
 
         rows: dict[str, dict[str, TaskScores]] = {}
-        for name in self.expert_names:  # the original experts, as they were given
-            expert = AutoModelForCausalLM.from_pretrained(
-                self.expert_dirs[name], dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
-            )
-            rows[f"expert {name} alone"] = score(model=expert.eval().to(self.device))
-            del expert
+        for index, name in enumerate(self.expert_names):  # the original experts, as they were given
+            if model.config.embeddings == "own":  # held inside the MoE, exactly (forcing it is the expert)
+                rows[f"expert {name} alone"] = score(expert_index=index)
+            else:  # the MoE holds it behind projectors: read the original again
+                rows[f"expert {name} alone"] = score(model=self._load_expert(name).to(self.device))
         accuracy: dict[str, dict[str, dict[str, float]]] = {}
         try:
             for router in routers:
@@ -299,7 +296,7 @@ class SequenceMoEModule(pl.LightningModule):
             output_dir,
             force,
             tokenizer=self.datamodule.tokenizer,
-            experts={n: (hp.experts[n], model_content_hash(p)) for n, p in self.expert_dirs.items()},
+            experts={n: (hp.experts[n], self.expert_hashes[n]) for n in self.expert_names},
             parameters={
                 "tasks": {
                     t: self.expert_names[e] for t, e in zip(self.task_names, self.task_experts, strict=True)

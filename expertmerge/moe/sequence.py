@@ -108,17 +108,11 @@ class SequenceMoECache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def chosen_experts(self) -> torch.Tensor:
-        """[B, top_k] indices of each request's experts, by decreasing weight."""
-        k = int((self.weights > 0).sum(1).max())
-        return self.weights.topk(k, dim=1).indices
-
 
 class SequenceMoEForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SequenceMoEConfig
     base_model_prefix = "sequence_moe"
     main_input_name = "input_ids"
-    _supports_cache_class = True
     supports_gradient_checkpointing = False
 
     def __init__(self, config: SequenceMoEConfig):
@@ -206,24 +200,21 @@ class SequenceMoEForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Logits [b, L, V] of expert `index` on these rows, and its updated cache."""
-        expert = self.experts[index]
-        if self.config.embeddings == "own":
-            out = expert(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-            )
-            return out.logits, out.cache
-        hidden_in = self.input_projectors[index](self.embed_tokens(input_ids))
-        out = expert(
-            inputs_embeds=hidden_in,
+        own = self.config.embeddings == "own"
+        inputs = (
+            {"input_ids": input_ids}
+            if own
+            else {"inputs_embeds": self.input_projectors[index](self.embed_tokens(input_ids))}
+        )
+        out = self.experts[index](
+            **inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
         )
+        if own:
+            return out.logits, out.cache
         return self.lm_head(self.output_projectors[index](out.last_hidden_state)), out.cache
 
     # ------------------------------------------------------------------------------------------ forward

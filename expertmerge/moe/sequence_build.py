@@ -55,13 +55,12 @@ def check_joinable(experts: Mapping[str, str], trust_remote_code: bool = False) 
         raise ExpertMergeError("A sequence MoE needs at least two experts under `model.experts`.")
     configs = {name: _load_config(name, path, trust_remote_code) for name, path in experts.items()}
     sizes = {name: config.get_text_config().vocab_size for name, config in configs.items()}
-    first = next(iter(experts))
     if len(set(sizes.values())) > 1:
         raise ExpertMergeError(
             f"The experts' vocabularies differ in size ({sizes}); a sequence MoE joins experts that share a "
             "tokenizer (vocabulary alignment is not supported)."
         )
-    reference = None
+    reference, first = None, None
     for name, path in experts.items():
         if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
             continue  # an expert without tokenizer files is assumed to use the others'
