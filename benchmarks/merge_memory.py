@@ -179,7 +179,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from expertmerge.merge import human_bytes
+    from expertmerge.cli.merge import human_bytes
     from expertmerge.paths import resolve_path
 
     console = Console()

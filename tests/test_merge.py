@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from expertmerge import methods
 from expertmerge.cli import main as cli_main
+from expertmerge.cli.merge import merge_main
 from expertmerge.errors import ExpertMergeError
-from expertmerge.merge import load_merge_config, merge_main, parse_size, plan_shards, run_merge
+from expertmerge.merge import load_merge_config, parse_size, plan_shards, run_merge
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_PARAMETERS = {

@@ -1,0 +1,91 @@
+"""`python -m expertmerge evaluate`: score model folders against the experts on a fit config's held-out samples."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from expertmerge.cli.fit import _configured
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
+    from expertmerge.paths import resolve_path
+    from expertmerge.pool import ExpertPool
+    from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
+
+    parser = argparse.ArgumentParser(
+        prog="python -m expertmerge evaluate",
+        description="Score model folders on a fit config's held-out samples.",
+    )
+    parser.add_argument("--config", required=True, help="a fit config: its tasks, data and experts are used")
+    parser.add_argument(
+        "--model", action="append", default=[], help="model folder to score (repeatable); NAME=PATH names it"
+    )
+    parser.add_argument("--json", help="also write the scores to this JSON file")
+    options, overrides = parser.parse_known_args(argv)
+    module, datamodule = _configured(options.config, overrides)
+    hp = module.hparams
+    named = {}
+    for item in ["base=" + hp.base, *options.model]:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        named[name or path] = resolve_path(path)
+    pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
+    pool.validate()
+    datamodule.check(module.expert_names)
+    datamodule.setup("validate")
+    experts_of = {spec.name: spec.expert for spec in datamodule.tasks}
+    jobs = [
+        TeacherJob(
+            task,
+            "eval",
+            experts_of[task],
+            s.input_ids,
+            s.attention_mask,
+            datamodule.fingerprint(task, "eval"),
+        )
+        for task in datamodule.task_names
+        for s in [datamodule.task_samples(task, "eval")]
+    ]
+    settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
+    targets, _ = collect_targets(
+        jobs,
+        pool.content_hashes(),
+        lambda name: AutoModelForCausalLM.from_pretrained(
+            str(pool.expert_dirs[name]), dtype=torch.float32
+        ).eval(),
+        settings,
+        module.expert_names,
+    )
+    rows = {}
+    for name, path in named.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=hp.trust_remote_code
+        ).eval()
+        rows[name] = {
+            task: score_task(
+                lambda ids, mask, m=model: m(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                datamodule.task_samples(task, "eval").input_ids,
+                datamodule.task_samples(task, "eval").attention_mask,
+                targets[(task, "eval")],
+                hp.temperature,
+            )
+            for task in datamodule.task_names
+        }
+        del model
+    rows["experts"] = {
+        task: expert_scores(datamodule.task_samples(task, "eval").attention_mask, targets[(task, "eval")])
+        for task in datamodule.task_names
+    }
+    Console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(scores_to_json(rows), handle, indent=1)
+    return 0
