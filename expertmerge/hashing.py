@@ -21,8 +21,11 @@ def file_hash(path: str | os.PathLike) -> str:
     memo = cache_dir() / "hashes" / f"{memo_key}.txt"
     if memo.exists():
         return memo.read_text().strip()
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+    hasher = hashlib.blake2b()
+    with open(path, "rb") as handle:  # chunked: `hashlib.file_digest` needs Python 3.11, we support 3.10
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    digest = hasher.hexdigest()[:32]
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(digest)
