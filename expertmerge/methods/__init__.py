@@ -37,56 +37,22 @@ __all__ = [
     "tensor_generator",
 ]
 
+# mergekit's task arithmetic family, by its parts:
+# name, needs a base, sparsification, sign consensus, default normalize, default rescale, description.
+_TASK_ARITHMETIC_FAMILY = (
+    ("average", False, None, None, True, False, "Weighted average of the experts' weights (mergekit 'linear'); "
+     "the base is not used."),
+    ("task_arithmetic", True, None, None, False, False, "base + lambda * sum_k w_k tau_k (Ilharco et al., 2023)."),
+    ("ties", True, "magnitude", "sum", True, False, "Trim each task vector to its largest entries, elect signs, "
+     "average the agreeing entries (Yadav et al., 2023)."),
+    ("dare_linear", True, "random", None, False, True, "Randomly drop task-vector entries and rescale, then add "
+     "(Yu et al., 2024)."),
+    ("dare_ties", True, "random", "sum", False, True, "DARE's random drop and rescale with TIES sign election."),
+)  # fmt: skip
+
 METHODS: dict[str, MergeMethod] = {
-    method.name: method
-    for method in (
-        TaskArithmeticMethod(
-            name="average",
-            needs_base=False,
-            sparsification=None,
-            consensus=None,
-            default_normalize=True,
-            default_rescale=False,
-            description="Weighted average of the experts' weights (mergekit 'linear'); the base is not used.",
-        ),
-        TaskArithmeticMethod(
-            name="task_arithmetic",
-            needs_base=True,
-            sparsification=None,
-            consensus=None,
-            default_normalize=False,
-            default_rescale=False,
-            description="base + lambda * sum_k w_k tau_k (Ilharco et al., 2023).",
-        ),
-        TaskArithmeticMethod(
-            name="ties",
-            needs_base=True,
-            sparsification="magnitude",
-            consensus="sum",
-            default_normalize=True,
-            default_rescale=False,
-            description="Trim each task vector to its largest entries, elect signs, average the agreeing "
-            "entries (Yadav et al., 2023).",
-        ),
-        TaskArithmeticMethod(
-            name="dare_linear",
-            needs_base=True,
-            sparsification="random",
-            consensus=None,
-            default_normalize=False,
-            default_rescale=True,
-            description="Randomly drop task-vector entries and rescale, then add (Yu et al., 2024).",
-        ),
-        TaskArithmeticMethod(
-            name="dare_ties",
-            needs_base=True,
-            sparsification="random",
-            consensus="sum",
-            default_normalize=False,
-            default_rescale=True,
-            description="DARE's random drop and rescale with TIES sign election.",
-        ),
-    )
+    name: TaskArithmeticMethod(name, needs_base, description, sparsification, consensus, normalize, rescale)
+    for name, needs_base, sparsification, consensus, normalize, rescale, description in _TASK_ARITHMETIC_FAMILY
 }
 
 METHOD_ALIASES: dict[str, str] = {"linear": "average"}
