@@ -187,7 +187,7 @@ class MergeYAML(_Schema):
             return None
         name = DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
         if not isinstance(value, str) or name not in DTYPE_NAMES:
-            raise ValueError(f"'{value}' is not one of {', '.join(DTYPE_NAMES)}.")
+            raise ValueError(f"{value!r} is not one of {', '.join(DTYPE_NAMES)}.")
         return name
 
     @field_validator("tokenizer_source")
