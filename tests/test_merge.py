@@ -141,7 +141,7 @@ def test_output_folder_has_config_tokenizer_card_and_resolved_config(tiny_models
 
     assert "ties" in card and model_content_hash(tiny_models.experts["gamma"]) in card
     resolved = load_merge_config(out / "merge_config.yaml")
-    assert resolved.merge_method == "ties" and resolved.normalize is True and resolved.seed == 7
+    assert resolved.merge_method == "ties" and resolved.parameters["normalize"] is True and resolved.seed == 7
     assert [m.density for m in resolved.models] == [0.5] * 3
 
 

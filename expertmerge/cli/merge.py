@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from expertmerge.merge import DEFAULT_MAX_SHARD_SIZE, MergeSummary, run_merge
+from expertmerge.methods import METHODS
 
 
 def human_bytes(size: float) -> str:
@@ -50,7 +51,7 @@ def merge_main(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge merge",
-        description="Training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) of experts "
+        description=f"Training-free merge ({', '.join(METHODS)}) of experts "
         "fine-tuned from one base, from a mergekit-style YAML; streams tensor by tensor.",
     )
     parser.add_argument(

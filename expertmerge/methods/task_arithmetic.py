@@ -1,4 +1,4 @@
-"""Training-free merges (average, task arithmetic, TIES, DARE) as pure functions on one tensor at a time.
+"""mergekit's task arithmetic family (average, task arithmetic, TIES, DARE) as pure functions on one tensor.
 
 Parameters mean exactly what they mean in mergekit (checked against mergekit 0.1.5, see
 `tests/data/make_mergekit_reference.py`):
@@ -23,16 +23,18 @@ the first expert's when there is no base.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.methods.base import MergeMethod
+from expertmerge.methods.parameters import Parameter
+from expertmerge.methods.sparsify import sign_consensus, sparsify
 
-# Below these values mergekit leaves a sparsified tensor unscaled / a divisor at 1.
-_RESCALE_EPS = 1e-7
+# Below this value mergekit leaves a divisor at 1.
 _DIVISOR_EPS = 1e-8
 
 
@@ -54,180 +56,89 @@ class MethodParams:
     int8_mask: bool = False
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """A named training-free merge. Task-arithmetic family methods are described by their parts."""
+WEIGHT = Parameter(
+    "weight", "model", float, 1.0, "multiplies the model's task vector (or the model, for `average`)"
+)
+DENSITY = Parameter(
+    "density",
+    "model",
+    float,
+    1.0,
+    "fraction of the task vector kept by sparsification",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+    neutral=1.0,
+)
+LAMBDA = Parameter(
+    "lambda", "global", float, 1.0, "scales the mixed task vector: base + lambda * mixed", neutral=1.0
+)
+INT8_MASK = Parameter(
+    "int8_mask",
+    "global",
+    bool,
+    False,
+    "mergekit's memory saving for the sign mask; no numeric effect",
+    neutral=False,
+)
 
-    name: str
-    needs_base: bool
+
+@dataclass(frozen=True)
+class TaskArithmeticMethod(MergeMethod):
+    """mergekit's generalized task arithmetic family, described by its parts (and `average`, its base-free case)."""
+
     sparsification: str | None  # None | "magnitude" | "random"
     consensus: str | None  # None | "sum"
     default_normalize: bool
     default_rescale: bool
-    uses_density: bool
-    description: str
 
+    @property
+    def uses_density(self) -> bool:
+        return self.sparsification is not None
 
-METHODS: dict[str, MergeMethod] = {
-    method.name: method
-    for method in (
-        MergeMethod(
-            name="average",
-            needs_base=False,
-            sparsification=None,
-            consensus=None,
-            default_normalize=True,
-            default_rescale=False,
-            uses_density=False,
-            description="Weighted average of the experts' weights (mergekit 'linear'); the base is not used.",
-        ),
-        MergeMethod(
-            name="task_arithmetic",
-            needs_base=True,
-            sparsification=None,
-            consensus=None,
-            default_normalize=False,
-            default_rescale=False,
-            uses_density=False,
-            description="base + lambda * sum_k w_k tau_k (Ilharco et al., 2023).",
-        ),
-        MergeMethod(
-            name="ties",
-            needs_base=True,
-            sparsification="magnitude",
-            consensus="sum",
-            default_normalize=True,
-            default_rescale=False,
-            uses_density=True,
-            description="Trim each task vector to its largest entries, elect signs, average the agreeing "
-            "entries (Yadav et al., 2023).",
-        ),
-        MergeMethod(
-            name="dare_linear",
-            needs_base=True,
-            sparsification="random",
-            consensus=None,
-            default_normalize=False,
-            default_rescale=True,
-            uses_density=True,
-            description="Randomly drop task-vector entries and rescale, then add (Yu et al., 2024).",
-        ),
-        MergeMethod(
-            name="dare_ties",
-            needs_base=True,
-            sparsification="random",
-            consensus="sum",
-            default_normalize=False,
-            default_rescale=True,
-            uses_density=True,
-            description="DARE's random drop and rescale with TIES sign election.",
-        ),
-    )
-}
-
-METHOD_ALIASES: dict[str, str] = {"linear": "average"}
-
-
-def get_method(name: str) -> MergeMethod:
-    """The merge method called `name` (or one of its aliases, such as mergekit's 'linear')."""
-    key = METHOD_ALIASES.get(name, name)
-    if key not in METHODS:
-        known = ", ".join([*METHODS, *(f"{alias} (= {target})" for alias, target in METHOD_ALIASES.items())])
-        raise ExpertMergeError(f"Unknown merge method {name!r}. Known methods: {known}.")
-    return METHODS[key]
-
-
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU random generator seeded from (seed, tensor name) alone.
-
-    Random sparsification of one tensor therefore does not depend on which tensors were merged before it,
-    so merges can stream, skip or parallelise tensors and still reproduce.
-    """
-    digest = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return generator
-
-
-def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the `max(1, int(density * numel))` entries of largest |value|.
-
-    `int(density * numel)` is Python float arithmetic, as in mergekit (0.29 * 100 keeps 28, not 29).
-    Equal magnitudes at the cut are kept lowest flat index first. mergekit leaves that choice to an
-    unstable argsort, whose order depends on torch version and device, so only this part is ours.
-    A selection instead of a full sort: no int64 index per entry, which matters for embedding matrices.
-    """
-    numel = tensor.numel()
-    if density >= 1 or numel == 0:
-        return torch.ones_like(tensor, dtype=torch.bool)
-    keep = max(1, int(density * numel))
-    magnitude = tensor.detach().abs().reshape(-1).float()
-    cut = torch.kthvalue(magnitude, numel - keep + 1).values
-    mask = magnitude > cut
-    missing = keep - int(mask.sum())
-    if missing > 0:
-        at_cut = torch.nonzero(magnitude == cut).squeeze(1)
-        mask[at_cut[:missing]] = True
-    return mask.reshape(tensor.shape)
-
-
-def random_mask(
-    tensor: torch.Tensor, density: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Boolean mask keeping each entry independently with probability `density`.
-
-    The draw happens on the generator's device (CPU for `tensor_generator`) so the mask does not depend on
-    where the merge runs; with a generator seeded like torch's global RNG it equals mergekit's mask.
-    """
-    if density >= 1:
-        return torch.ones_like(tensor, dtype=torch.bool)
-    device = generator.device if generator is not None else tensor.device
-    probabilities = torch.full(tensor.shape, float(density), dtype=torch.float32, device=device)
-    return torch.bernoulli(probabilities, generator=generator).to(device=tensor.device, dtype=torch.bool)
-
-
-def sparsify(
-    delta: torch.Tensor,
-    density: float,
-    sparsification: str,
-    rescale: bool,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Zero all but a `density` fraction of a task vector; with `rescale`, restore its L1 norm."""
-    if density >= 1:
-        return delta
-    if sparsification == "magnitude":
-        mask = magnitude_mask(delta, density)
-    elif sparsification == "random":
-        mask = random_mask(delta, density, generator)
-    else:
-        raise ExpertMergeError(
-            f"Unknown sparsification {sparsification!r}; expected 'magnitude' or 'random'."
+    @property
+    def parameters(self) -> tuple[Parameter, ...]:
+        normalize = Parameter(
+            "normalize",
+            "global",
+            bool,
+            self.default_normalize,
+            "divide by the summed weights (of the experts that agree in sign, with consensus)",
         )
-    kept = delta * mask.to(delta.dtype)
-    if not rescale:
-        return kept
-    norm_before = delta.abs().sum()
-    norm_after = kept.abs().sum()
-    if norm_before < _RESCALE_EPS or norm_after < _RESCALE_EPS:
-        return kept
-    return kept * (norm_before / norm_after)
+        if not self.needs_base:
+            return (WEIGHT, normalize)
+        rescale = Parameter(
+            "rescale",
+            "global",
+            bool,
+            self.default_rescale,
+            "restore each sparsified task vector's L1 norm",
+            neutral=False,
+        )
+        return (WEIGHT, *((DENSITY,) if self.uses_density else ()), normalize, LAMBDA, rescale, INT8_MASK)
 
-
-def sign_consensus(weighted_deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """TIES 'sum' election: per expert, where the sign of w_k tau_k equals the sign of sum_k w_k tau_k.
-
-    A zero sum elects +; an entry that is exactly 0 (e.g. trimmed) has sign 0 and never agrees.
-    """
-    total = torch.zeros_like(weighted_deltas[0])
-    for delta in weighted_deltas:
-        total += delta
-    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    return [delta.sign() == elected for delta in weighted_deltas]
+    def merge(
+        self,
+        base: torch.Tensor | None,
+        experts: Sequence[torch.Tensor],
+        model_values: Sequence[Mapping[str, Any]],
+        global_values: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        expert_params = [
+            ExpertParams(weight=v.get("weight", 1.0), density=v.get("density", 1.0)) for v in model_values
+        ]
+        params = MethodParams(
+            normalize=global_values.get("normalize"),
+            lambda_=global_values.get("lambda", 1.0),
+            rescale=global_values.get("rescale"),
+            int8_mask=global_values.get("int8_mask", False),
+        )
+        return merge_tensor(self, base, experts, expert_params, params, generator)
 
 
 def merge_tensor(
-    method: MergeMethod,
+    method: TaskArithmeticMethod,
     base: torch.Tensor | None,
     experts: Sequence[torch.Tensor],
     expert_params: Sequence[ExpertParams],
@@ -292,7 +203,7 @@ def merge_tensor(
 
 
 def _check_inputs(
-    method: MergeMethod,
+    method: TaskArithmeticMethod,
     base: torch.Tensor | None,
     experts: Sequence[torch.Tensor],
     expert_params: Sequence[ExpertParams],
