@@ -41,15 +41,11 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from expertmerge.smollm2_zoo import (  # noqa: E402
-    check_disjoint,
-    encode,
-    final_number,
-    heldout_loss_table,
-    read_jsonl,
-    token_key,
-)
-from expertmerge.zoo import ensure_zoo, read_manifest  # noqa: E402
+from expertmerge.zoo_registry import ensure_zoo, read_manifest  # noqa: E402
+from expertmerge_zoos.corpora import final_number, read_jsonl  # noqa: E402
+from expertmerge_zoos.evaluation import heldout_loss_table  # noqa: E402
+from expertmerge_zoos.smollm2 import encode  # noqa: E402
+from expertmerge_zoos.splits import check_disjoint, token_key  # noqa: E402
 
 FIT_CONFIGS = {"smollm2": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "fit_tiny.yaml"}
 MERGE_ROWS = (

