@@ -161,20 +161,23 @@ def test_truncation_to_max_length_and_right_padding_masked(tmp_path, tokenizer_d
     lengths = [5, 9, 14, 30, 60, 61, 200]
     rows = [{"text": chr(ord("a") + i) * n} for i, n in enumerate(lengths)]
     task = TaskSpec("t", "e", str(write_jsonl(tmp_path / "t.jsonl", rows)))
-    dm = module([task], tokenizer_dir, samples_per_task=7, eval_samples_per_task=0, max_length=20)
+    dm = module([task], tokenizer_dir, samples_per_task=6, eval_samples_per_task=1, max_length=20)
     dm.setup()
     assert dm.tokenizer.pad_token_id == dm.tokenizer.eos_token_id  # the tokenizer had no pad token
-    samples = dm.task_samples("t", "train")
-    assert samples.input_ids.shape == (7, 20)
-    real = samples.attention_mask.sum(dim=1)
+    train, held_out = dm.task_samples("t", "train"), dm.task_samples("t", "val")
+    assert train.input_ids.shape == (6, 20) and held_out.input_ids.shape[0] == 1
+    real = [length for split in (train, held_out) for length in split.attention_mask.sum(dim=1).tolist()]
     # <s> + one token per byte, cut at max_length.
-    assert sorted(real.tolist()) == sorted(min(n + 1, 20) for n in lengths)
-    for ids, mask, length in zip(samples.input_ids, samples.attention_mask, real.tolist(), strict=True):
-        assert mask[:length].tolist() == [1] * length  # right padding: real tokens first
-        assert mask[length:].tolist() == [0] * (20 - length)
-        assert set(ids[length:].tolist()) <= {dm.tokenizer.pad_token_id}
-        assert int(ids[0]) == dm.tokenizer.bos_token_id
-    assert dm.task_samples("t", "val").input_ids.shape == (0, 0)
+    assert sorted(real) == sorted(min(n + 1, 20) for n in lengths)
+    for split in (train, held_out):
+        width = split.input_ids.shape[1]  # each split is padded to its own longest sample
+        assert width == int(split.attention_mask.sum(dim=1).max())
+        for ids, mask in zip(split.input_ids, split.attention_mask, strict=True):
+            length = int(mask.sum())
+            assert mask[:length].tolist() == [1] * length  # right padding: real tokens first
+            assert mask[length:].tolist() == [0] * (width - length)
+            assert set(ids[length:].tolist()) <= {dm.tokenizer.pad_token_id}
+            assert int(ids[0]) == dm.tokenizer.bos_token_id
 
 
 def test_short_empty_and_duplicate_texts_are_skipped(tmp_path, tokenizer_dir):
@@ -242,7 +245,7 @@ def test_batch_order_is_deterministic_by_seed_and_changes_with_seed_and_epoch(th
         dm = module(three_tasks, tokenizer_dir, samples_per_task=8, seed=seed)
         dm.setup()
         loader = dm.train_dataloader()
-        dm.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)  # what Lightning calls at every epoch
         return batch_keys(loader), {t: row_tuples(dm, t, "train") for t in dm.task_names}
 
     first, first_rows = order(seed=0)
@@ -271,14 +274,14 @@ def test_distributed_ranks_get_disjoint_batches_of_equal_count():
 
 
 def test_train_dataloader_shards_across_torch_distributed_ranks(monkeypatch, three_tasks, tokenizer_dir):
-    import calib_data.datamodule as datamodule
+    import calib_data.sampler as sampler
 
     dm = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=2)
     dm.setup()
     everything = batch_keys(dm.train_dataloader())
     per_rank = []
     for rank in (0, 1):
-        monkeypatch.setattr(datamodule, "_distributed_rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(sampler, "_distributed_rank_and_world", lambda rank=rank: (rank, 2))
         per_rank.append(batch_keys(dm.train_dataloader()))
     assert len(everything) == 12 and len(per_rank[0]) == len(per_rank[1]) == 6
     assert per_rank[0] == everything[0::2] and per_rank[1] == everything[1::2]
@@ -612,6 +615,7 @@ def test_settings_errors(three_tasks, tokenizer_dir, tmp_path):
         module([TaskSpec("math", "e")], tokenizer_dir).check()
     with pytest.raises(ExpertMergeError, match=r"No tokenizer.*data\.tokenizer"):
         CalibrationDataModule(three_tasks).setup()
+    (tmp_path / "no_tokenizer_here").mkdir()
     with pytest.raises(ExpertMergeError, match=r"Cannot load the tokenizer"):
         module(three_tasks, tmp_path / "no_tokenizer_here").setup()
 
