@@ -35,10 +35,10 @@ def check_tokenizer_path(reference: str) -> str:
     """
     path = resolve_path(reference)
     if not os.path.exists(path) and not looks_like_hub_id(path):
+        looked = "" if os.path.abspath(path) == reference else f" (looked for {os.path.abspath(path)})"
         raise ExpertMergeError(
-            f"The model folder '{reference}' does not exist (looked for {os.path.abspath(path)}). It is "
-            "`model.base` (a sequence MoE's first expert), which `fit` also reads the tokenizer from "
-            "(`data.tokenizer`); fix that path."
+            f"The model folder '{reference}' does not exist{looked}. It is `model.base` (a sequence MoE's "
+            "first expert), which `fit` also reads the tokenizer from (`data.tokenizer`); fix that path."
         )
     return path
 

@@ -251,11 +251,12 @@ def peek_columns(task: TaskSpec, index: int, path: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------ loading
 def _root_message(error: BaseException) -> str:
-    """The innermost cause's message: `datasets` wraps the parser's useful one in a generic error."""
+    """The message at the end of the `raise ... from` chain: `datasets` wraps the parser's useful one in a
+    generic error (implicit contexts are not followed: they hold the fallback parsers' own failures)."""
     seen = {id(error)}
-    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        error = inner
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
     return f"{type(error).__name__}: {error}"
 
 
