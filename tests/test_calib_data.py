@@ -161,20 +161,23 @@ def test_truncation_to_max_length_and_right_padding_masked(tmp_path, tokenizer_d
     lengths = [5, 9, 14, 30, 60, 61, 200]
     rows = [{"text": chr(ord("a") + i) * n} for i, n in enumerate(lengths)]
     task = TaskSpec("t", "e", str(write_jsonl(tmp_path / "t.jsonl", rows)))
-    dm = module([task], tokenizer_dir, samples_per_task=7, eval_samples_per_task=0, max_length=20)
+    dm = module([task], tokenizer_dir, samples_per_task=6, eval_samples_per_task=1, max_length=20)
     dm.setup()
     assert dm.tokenizer.pad_token_id == dm.tokenizer.eos_token_id  # the tokenizer had no pad token
-    samples = dm.task_samples("t", "train")
-    assert samples.input_ids.shape == (7, 20)
-    real = samples.attention_mask.sum(dim=1)
+    train, held_out = dm.task_samples("t", "train"), dm.task_samples("t", "val")
+    assert train.input_ids.shape == (6, 20) and held_out.input_ids.shape[0] == 1
+    real = [length for split in (train, held_out) for length in split.attention_mask.sum(dim=1).tolist()]
     # <s> + one token per byte, cut at max_length.
-    assert sorted(real.tolist()) == sorted(min(n + 1, 20) for n in lengths)
-    for ids, mask, length in zip(samples.input_ids, samples.attention_mask, real.tolist(), strict=True):
-        assert mask[:length].tolist() == [1] * length  # right padding: real tokens first
-        assert mask[length:].tolist() == [0] * (20 - length)
-        assert set(ids[length:].tolist()) <= {dm.tokenizer.pad_token_id}
-        assert int(ids[0]) == dm.tokenizer.bos_token_id
-    assert dm.task_samples("t", "val").input_ids.shape == (0, 0)
+    assert sorted(real) == sorted(min(n + 1, 20) for n in lengths)
+    for split in (train, held_out):
+        width = split.input_ids.shape[1]  # each split is padded to its own longest sample
+        assert width == int(split.attention_mask.sum(dim=1).max())
+        for ids, mask in zip(split.input_ids, split.attention_mask, strict=True):
+            length = int(mask.sum())
+            assert mask[:length].tolist() == [1] * length  # right padding: real tokens first
+            assert mask[length:].tolist() == [0] * (width - length)
+            assert set(ids[length:].tolist()) <= {dm.tokenizer.pad_token_id}
+            assert int(ids[0]) == dm.tokenizer.bos_token_id
 
 
 def test_short_empty_and_duplicate_texts_are_skipped(tmp_path, tokenizer_dir):
@@ -242,7 +245,7 @@ def test_batch_order_is_deterministic_by_seed_and_changes_with_seed_and_epoch(th
         dm = module(three_tasks, tokenizer_dir, samples_per_task=8, seed=seed)
         dm.setup()
         loader = dm.train_dataloader()
-        dm.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)  # what Lightning calls at every epoch
         return batch_keys(loader), {t: row_tuples(dm, t, "train") for t in dm.task_names}
 
     first, first_rows = order(seed=0)
@@ -271,14 +274,14 @@ def test_distributed_ranks_get_disjoint_batches_of_equal_count():
 
 
 def test_train_dataloader_shards_across_torch_distributed_ranks(monkeypatch, three_tasks, tokenizer_dir):
-    import calib_data.datamodule as datamodule
+    import calib_data.sampler as sampler
 
     dm = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=2)
     dm.setup()
     everything = batch_keys(dm.train_dataloader())
     per_rank = []
     for rank in (0, 1):
-        monkeypatch.setattr(datamodule, "_distributed_rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(sampler, "_distributed_rank_and_world", lambda rank=rank: (rank, 2))
         per_rank.append(batch_keys(dm.train_dataloader()))
     assert len(everything) == 12 and len(per_rank[0]) == len(per_rank[1]) == 6
     assert per_rank[0] == everything[0::2] and per_rank[1] == everything[1::2]
@@ -548,7 +551,7 @@ def test_missing_field_names_task_file_column_and_key(tmp_path, tokenizer_dir):
     message = str(error.value)
     for part in ("Task 'prose'", str(path), "no column 'text'", "data.tasks[0].text_field", "body"):
         assert part in message
-    # The same mistake in a saved dataset folder, and found at setup when check() was skipped.
+    # The same mistake in a saved dataset folder, and found by setup() too (it runs the same checks first).
     saved = _write_format(tmp_path, "saved", texts("s", 5))
     with pytest.raises(ExpertMergeError, match=r"Task 'prose'.*no column 'content'.*text_field"):
         module([TaskSpec("prose", "e", saved, text_field="content")], tokenizer_dir).check()
@@ -612,6 +615,7 @@ def test_settings_errors(three_tasks, tokenizer_dir, tmp_path):
         module([TaskSpec("math", "e")], tokenizer_dir).check()
     with pytest.raises(ExpertMergeError, match=r"No tokenizer.*data\.tokenizer"):
         CalibrationDataModule(three_tasks).setup()
+    (tmp_path / "no_tokenizer_here").mkdir()
     with pytest.raises(ExpertMergeError, match=r"Cannot load the tokenizer"):
         module(three_tasks, tmp_path / "no_tokenizer_here").setup()
 
@@ -663,3 +667,213 @@ def test_round_batches_hold_one_batch_of_every_task_and_shard_by_round() -> None
         for r in (0, 1)
     ]
     assert ranks[0] == [rounds[0], rounds[2]] and ranks[1] == [rounds[1], rounds[0]]  # padded by wrapping
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _empty_source(folder: Path, kind: str) -> Path:
+    import datasets
+
+    path = folder / {"jsonl_blank": "data.jsonl", "json_array": "data.json", "csv_header": "data.csv"}.get(
+        kind, f"data.{kind}"
+    )
+    if kind == "parquet":
+        datasets.Dataset.from_dict({"text": []}).to_parquet(path)
+    else:
+        contents = {"jsonl_blank": "\n  \n", "json_array": "[]", "csv_header": "id,text\n", "txt": " \n\n"}
+        path.write_text(contents.get(kind, ""), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["jsonl", "jsonl_blank", "json", "json_array", "csv", "csv_header", "parquet", "txt"]
+)
+def test_empty_source_files_are_refused_before_loading(tmp_path, tokenizer_dir, kind):
+    path = _empty_source(tmp_path, kind)
+    dm = module([TaskSpec("math", "e", str(path))], tokenizer_dir)
+    with pytest.raises(ExpertMergeError) as error:
+        dm.check(["e"])
+    message = str(error.value)
+    assert "Task 'math'" in message and f"file '{path}'" in message and "`data.tasks[0].sources`" in message
+    expected = "but no rows" if kind in ("csv_header", "parquet") else "is empty"
+    assert expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "contents", "expected"),
+    [
+        (
+            "late.jsonl",
+            '{"text": "one"}\n{"text": "two"}\n{"text": three}\n',
+            "not valid JSON Lines: line 3: Expecting value",
+        ),
+        ("prose.jsonl", "just some prose\n", "not valid JSON or JSON Lines: line 1 column 1"),
+        (
+            "doc.json",
+            '[\n  {"text": "a"},\n  {"text": b}\n]\n',
+            "not valid JSON or JSON Lines: line 3 column 12",
+        ),
+        ("lists.jsonl", '{"text": "a"}\n["text", "b"]\n', "line 2 holds a JSON list, not an object"),
+        ("numbers.json", "[1, 2, 3]", "holds a JSON int as record 1, not an object"),
+        ("scalar.json", '"text"', "holds a single JSON str, not rows"),
+    ],
+)
+def test_a_file_that_is_not_json_records_names_the_line(tmp_path, tokenizer_dir, name, contents, expected):
+    path = tmp_path / name
+    path.write_text(contents, encoding="utf-8")
+    with pytest.raises(ExpertMergeError) as error:
+        module([TaskSpec("math", "e", str(path))], tokenizer_dir).check()
+    message = str(error.value)
+    assert expected in message and f"file '{path}'" in message and "`data.tasks[0].sources`" in message
+
+
+def test_unreadable_parquet_and_non_utf8_files_are_named(tmp_path, tokenizer_dir):
+    fake = tmp_path / "data.parquet"
+    fake.write_text("this is not parquet", encoding="utf-8")
+    with pytest.raises(ExpertMergeError, match=r"file '.*data\.parquet'.*is not a valid Parquet file"):
+        module([TaskSpec("t", "e", str(fake))], tokenizer_dir).check()
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ExpertMergeError, match=r"file '.*latin\.txt'.*is not UTF-8 text \(byte 3\)"):
+        module([TaskSpec("t", "e", str(latin))], tokenizer_dir).check()
+
+
+def test_columns_are_the_union_of_the_first_rows_and_a_missing_one_lists_them(tmp_path, tokenizer_dir):
+    # A first row without the text column is one row with no text, not a file without the column.
+    rows = [{"id": 0}] + [{"id": i, "text": t} for i, t in enumerate(texts("u", 6), 1)]
+    sparse = write_jsonl(tmp_path / "sparse.jsonl", rows)
+    dm = module([TaskSpec("t", "e", str(sparse))], tokenizer_dir, samples_per_task=4, eval_samples_per_task=2)
+    dm.check(["e"])
+    dm.setup()
+    assert sorted(decode_rows(dm, "t", "train") + decode_rows(dm, "t", "val")) == texts("u", 6)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "q"}, {"answer": "a", "question": "r"}])
+    template = TaskSpec("t", "e", str(mixed), template="{question} {solution}")
+    with pytest.raises(
+        ExpertMergeError,
+        match=r"no column 'solution' \(named by `data\.tasks\[0\]\.template`\); its columns are: question, answer\.",
+    ):
+        module([template], tokenizer_dir).check()
+
+
+def test_a_parse_error_past_the_checked_rows_names_its_cause_at_setup(tmp_path, tokenizer_dir):
+    from calib_data import sources
+
+    path = tmp_path / "long.jsonl"
+    rows = [json.dumps({"text": t}) for t in texts("l", sources._PEEK_ROWS)]
+    path.write_text("\n".join([*rows, '{"text": broken}']) + "\n", encoding="utf-8")
+    dm = module([TaskSpec("t", "e", str(path))], tokenizer_dir)
+    dm.check()  # only the first rows are parsed up front
+    with pytest.raises(ExpertMergeError) as error:
+        dm.setup()
+    message = str(error.value)
+    # The parser's own words, not the generic "An error occurred while generating the dataset".
+    assert f"cannot read {path}" in message and "JSON" in message and "generating the dataset" not in message
+
+
+def test_a_missing_base_folder_is_named_as_the_model_not_the_tokenizer(three_tasks, tmp_path):
+    missing = tmp_path / "models" / "base"
+    with pytest.raises(ExpertMergeError) as error:
+        module(three_tasks, missing).check()  # before any file is read
+    message = str(error.value)
+    assert f"The model folder '{missing}' does not exist" in message and "`model.base`" in message
+    # A relative path that could be a hub id is tried as one, then named as a missing local folder.
+    with pytest.raises(ExpertMergeError, match=r"'nowhere/base' \(`model\.base`.*is not a local folder"):
+        module(three_tasks, "nowhere/base").setup()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("samples_per_task", 0, "`data.samples_per_task` is 0; it must be at least 1"),
+        ("eval_samples_per_task", 0, "`data.eval_samples_per_task` is 0; it must be at least 1"),
+        ("max_length", 1, "`data.max_length` is 1; it must be at least 2"),
+        ("batch_size", 0, "`data.batch_size` is 0; it must be at least 1"),
+        ("batch_size", True, "`data.batch_size` is True (bool); it must be a whole number"),
+        ("batch_size", 2.5, "`data.batch_size` is 2.5 (float); it must be a whole number"),
+        ("num_workers", -1, "`data.num_workers` is -1; it must be at least 0"),
+        ("seed", 0.5, "`data.seed` is 0.5; it must be a whole number"),
+    ],
+)
+def test_numeric_options_are_checked_with_their_key(three_tasks, tokenizer_dir, setting, value, expected):
+    with pytest.raises(ExpertMergeError) as error:
+        module(three_tasks, tokenizer_dir, **{setting: value}).setup()
+    assert expected in str(error.value)
+
+
+def test_task_options_are_checked_with_their_key(three_tasks, tokenizer_dir):
+    sources = three_tasks[0].sources
+    cases = [
+        (TaskSpec("math", "e", sources, min_tokens=True), "`data.tasks[0].min_tokens` is True (bool)"),
+        (
+            TaskSpec("math", "e", sources, min_tokens=0),
+            "`data.tasks[0].min_tokens` is 0; it must be at least 1",
+        ),
+        (
+            TaskSpec("math", "e", sources, txt_sample_by="word"),
+            "`data.tasks[0].txt_sample_by` of task 'math' is 'word'",
+        ),
+        (TaskSpec(" ", "e", sources), "`data.tasks[0].name` is ' '"),
+        (TaskSpec("math", "e", sources, text_field=""), "`data.tasks[0].text_field` of task 'math' is ''"),
+    ]
+    for task, expected in cases:
+        with pytest.raises(ExpertMergeError) as error:
+            module([task], tokenizer_dir).check()
+        assert expected in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+FIT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fit_tiny.yaml")
+
+
+def _bad_fit_inputs(folder: Path, models, case: str) -> list[str]:
+    """CLI overrides of the tiny-zoo fit config: conftest's tiny models (no zoo to build) and one bad input."""
+    good = write_jsonl(
+        folder / "good.jsonl", [{"text": f"w{4 + i} w{5 + i} w{6 + i} w{7 + i}"} for i in range(20)]
+    )
+    base = str(folder / "no_base") if case == "missing base" else str(models.base)
+    contents = {"empty": "", "not json": "Question: 2 + 2?\n", "field-less": '{"question": "2 + 2"}\n'}
+    source = good
+    if case in contents:
+        source = folder / "calib.jsonl"
+        source.write_text(contents[case], encoding="utf-8")
+    overrides = ["--model.base", base, "--model.experts", json.dumps({"arith": str(models.experts["alpha"])})]
+    overrides += ["--data.tasks", f"[{{name: arith, expert: arith, sources: [{source}]}}]"]
+    if case == "no held-out samples":
+        overrides += ["--data.eval_samples_per_task", "0"]
+    return overrides
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("empty", "calib.jsonl' (`data.tasks[0].sources`) is empty"),
+        ("not json", "calib.jsonl' (`data.tasks[0].sources`) is not valid JSON or JSON Lines: line 1"),
+        (
+            "field-less",
+            "has no column 'text' (named by `data.tasks[0].text_field`); its columns are: question",
+        ),
+        ("missing base", "no_base' does not exist. It is `model.base`"),
+        ("no held-out samples", "`data.eval_samples_per_task` is 0; it must be at least 1"),
+    ],
+)
+def test_fit_reports_bad_calibration_input_in_one_line(tiny_models, tmp_path, capsys, case, expected):
+    from expertmerge.cli import main
+
+    out = tmp_path / "never"
+    code = main(
+        [
+            "fit",
+            "--config",
+            FIT_CONFIG,
+            "--export.output_dir",
+            str(out),
+            "--trainer.default_root_dir",
+            str(tmp_path / "logs"),
+            *_bad_fit_inputs(tmp_path, tiny_models, case),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1
+    message = " ".join(err[err.index("error:") :].split())  # the console wraps long lines
+    assert expected in message
+    assert not out.exists()  # nothing exported

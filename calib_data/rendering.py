@@ -1,0 +1,202 @@
+"""From rows to token ids: the tokenizer, one row's text (a column, a template or a chat conversation), a
+task's distinct token sequences in its shuffled order, and right padding with a mask.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from calib_data.sources import load_source, looks_like_hub_id, resolve_task_sources
+from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, needed_columns
+from expertmerge.errors import ExpertMergeError
+from expertmerge.paths import resolve_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_TOKENIZE_CHUNK = 256
+
+
+class TokenizedSamples(NamedTuple):
+    input_ids: torch.Tensor  # [n, L] long, right-padded with the pad id
+    attention_mask: torch.Tensor  # [n, L] long, 1 on real tokens
+
+
+def check_tokenizer_path(reference: str) -> str:
+    """The local path of a tokenizer reference; a missing local folder is refused before any work.
+
+    `fit` links `data.tokenizer` from the model's folder, so a missing folder is reported as a missing model
+    (what the user wrote), not as a tokenizer that cannot be loaded.
+    """
+    path = resolve_path(reference)
+    if not os.path.exists(path) and not looks_like_hub_id(path):
+        looked = "" if os.path.abspath(path) == reference else f" (looked for {os.path.abspath(path)})"
+        raise ExpertMergeError(
+            f"The model folder '{reference}' does not exist{looked}. It is `model.base` (a sequence MoE's "
+            "first expert), which `fit` also reads the tokenizer from (`data.tokenizer`); fix that path."
+        )
+    return path
+
+
+def load_tokenizer(reference: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder, hub id or `zoo://` reference, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    if reference is None:
+        raise ExpertMergeError(
+            "No tokenizer: set `data.tokenizer` to the base model's folder (the fit command links it "
+            "from `model.base`)."
+        )
+    path = check_tokenizer_path(reference)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if not os.path.exists(path):
+            raise ExpertMergeError(
+                f"'{reference}' (`model.base`, used as `data.tokenizer`) is not a local folder (looked for "
+                f"{os.path.abspath(path)}) and could not be loaded as a hub model: {error}"
+            ) from error
+        raise ExpertMergeError(
+            f"Cannot load the tokenizer '{reference}' (`data.tokenizer`): {error}"
+        ) from error
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ExpertMergeError(
+                f"The tokenizer '{reference}' (`data.tokenizer`) has neither a pad nor an eos "
+                "token, so samples cannot be padded; add a pad token to it."
+            )
+        # Padded positions are masked out everywhere, so which id fills them does not matter.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def row_text(
+    task: TaskSpec,
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict[str, Any],
+    where: str,
+    from_txt: bool = False,
+) -> str | None:
+    """The sample text of one row, or None when the row holds no usable text."""
+    if from_txt and isinstance(row.get("text"), str):
+        # A paragraph or document of a .txt file ends with the line break(s) that closed it.
+        row = {**row, "text": row["text"].strip("\r\n")}
+    if task.chat_template and row.get(MESSAGES_COLUMN) is not None:
+        messages = row[MESSAGES_COLUMN]
+        return tokenizer.apply_chat_template(messages, tokenize=False) if messages else None
+    if task.template:
+        values = {k: ("" if v is None else v) for k, v in row.items()}
+        try:
+            text = task.template.format_map(values)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ExpertMergeError(
+                f"Task '{task.name}': `data.tasks[{index}].template` fails on a row of {where}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    else:
+        value = row.get(task.text_field)
+        if isinstance(value, (list, dict)):
+            raise ExpertMergeError(
+                f"Task '{task.name}': column '{task.text_field}' (`data.tasks[{index}].text_field`) of "
+                f"{where} holds {type(value).__name__}s, not text. Name a text column, or set "
+                "`chat_template: true` for a chat-format `messages` column."
+            )
+        text = "" if value is None else str(value)
+    if not text.strip():
+        return None
+    if not task.chat_template:
+        return text
+    messages = [{"role": "user", "content": text}]
+    reply = row.get(task.response_field) if task.response_field is not None else None
+    if reply is not None and str(reply).strip():
+        messages.append({"role": "assistant", "content": str(reply)})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=len(messages) == 1)
+
+
+def task_tokens(
+    task: TaskSpec,
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    wanted: int,
+    max_length: int,
+    tokenizer_name: str | None = None,
+) -> tuple[list[list[int]], list[str]]:
+    """Up to `wanted` usable, distinct token sequences of a task in shuffled order, and the files read."""
+    if task.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ExpertMergeError(
+            f"Task '{task.name}' sets `data.tasks[{index}].chat_template: true`, but the tokenizer "
+            f"'{tokenizer_name}' has no chat template; set it to false or use a chat tokenizer."
+        )
+    needed, _ = needed_columns(task, index)
+    parts = []
+    wheres = []
+    from_txt = []
+    described: list[str] = []
+    for source in resolve_task_sources(task, index):
+        described.extend(source.files if source.kind == "files" else [source.path])
+        for dataset, is_txt in load_source(task, index, source):
+            where = f"'{source.given}'"
+            check_columns(task, index, where, dataset.column_names)
+            # Reading only the used columns keeps row access cheap next to wide or binary columns.
+            used = [c for c in dataset.column_names if c in needed or c == MESSAGES_COLUMN]
+            parts.append(dataset.select_columns(used))
+            wheres.append(where)
+            from_txt.append(is_txt)
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + len(part))
+    # The shuffle is seeded per task by a stable hash of its name, so adding a task leaves the others be.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(task.name.encode())) % 2**63)
+    order = torch.randperm(bounds[-1], generator=generator).tolist()
+    # Chat-rendered text already holds the template's special tokens (BOS included).
+    add_special_tokens = not task.chat_template
+    special_ids = set(tokenizer.all_special_ids)
+    seen_texts: set[str] = set()
+    seen_tokens: set[tuple[int, ...]] = set()
+    kept: list[list[int]] = []
+    position = 0
+    while position < len(order) and len(kept) < wanted:
+        texts = []
+        while position < len(order) and len(texts) < _TOKENIZE_CHUNK:
+            flat = order[position]
+            position += 1
+            part = next(p for p in range(len(parts)) if flat < bounds[p + 1])
+            text = row_text(
+                task, index, tokenizer, parts[part][flat - bounds[part]], wheres[part], from_txt[part]
+            )
+            if text is not None and text not in seen_texts:
+                seen_texts.add(text)
+                texts.append(text)
+        if not texts:
+            continue
+        encoded = tokenizer(
+            texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
+        )
+        for ids in encoded["input_ids"]:
+            key = tuple(ids)
+            # Counted after truncation; the settings check keeps min_tokens <= max_length.
+            content = sum(1 for token in ids if token not in special_ids)
+            # Texts that share their first max_length tokens are the same sample once truncated.
+            if content >= task.min_tokens and key not in seen_tokens and len(kept) < wanted:
+                seen_tokens.add(key)
+                kept.append(list(ids))
+    return kept, described
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenizedSamples:
+    """Right-pad token sequences to the longest one; the mask is 1 on real tokens."""
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return TokenizedSamples(input_ids, attention_mask)

@@ -1,0 +1,93 @@
+"""Train / held-out splits of a task's samples, their fingerprints (the teacher cache's keys), and the
+flat dataset over one split of every task that the data loaders index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from calib_data.rendering import TokenizedSamples, pad
+from calib_data.tasks import TaskSpec
+from expertmerge.errors import ExpertMergeError
+
+# "val" and "eval" name the same held-out split (the teacher cache and the CLI say "eval").
+Split = Literal["train", "val", "eval"]
+SPLIT_KEYS = {"train": "train", "val": "eval", "eval": "eval"}
+
+
+def split_task(
+    task: TaskSpec,
+    index: int,
+    kept: Sequence[Sequence[int]],
+    described: Sequence[str],
+    *,
+    samples_per_task: int,
+    eval_samples_per_task: int,
+    pad_id: int,
+) -> dict[str, TokenizedSamples]:
+    """A task's shuffled, distinct samples cut into {"eval": ..., "train": ...}, each padded.
+
+    With fewer samples than asked for, the held-out part shrinks to a fifth (at least one) and a warning
+    says so; fewer than two samples (one to train on, one to hold out) is an error.
+    """
+    count = len(kept)
+    files = ", ".join(described)
+    if count < 2:
+        raise ExpertMergeError(
+            f"Task '{task.name}' has {count} usable samples in {files}; it needs at least 2. "
+            f"A sample is a non-empty, distinct text of at least {task.min_tokens} tokens "
+            f"(`data.tasks[{index}].min_tokens`). Add data, or check `data.tasks[{index}].text_field` "
+            "/ `template`."
+        )
+    n_eval, n_train = eval_samples_per_task, samples_per_task
+    if count < n_train + n_eval:
+        n_eval = min(n_eval, max(1, count // 5))
+        n_train = count - n_eval
+        warnings.warn(
+            f"Task '{task.name}' has {count} usable samples in {files}, fewer than "
+            f"samples_per_task + eval_samples_per_task = {samples_per_task + eval_samples_per_task}; "
+            f"using {n_train} for training and {n_eval} held out.",
+            UserWarning,
+            stacklevel=3,
+        )
+    # The eval part comes first so that changing samples_per_task keeps the held-out set unchanged.
+    return {"eval": pad(kept[:n_eval], pad_id), "train": pad(kept[n_eval : n_eval + n_train], pad_id)}
+
+
+def fingerprint(samples: TokenizedSamples) -> str:
+    """Stable hash of a split's token ids and mask: keys the teacher cache (keep it byte-stable)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in samples:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class SplitDataset(Dataset):
+    """One split's samples of every task, addressed by a flat index (task offset + row)."""
+
+    def __init__(self, samples: Sequence[TokenizedSamples]) -> None:
+        self.samples = list(samples)
+        self.offsets = [0]
+        for task_samples in self.samples:
+            self.offsets.append(self.offsets[-1] + task_samples.input_ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def task_sizes(self) -> list[int]:
+        return [task_samples.input_ids.shape[0] for task_samples in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        task_index = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[task_index]
+        task_samples = self.samples[task_index]
+        return task_index, row, task_samples.input_ids[row], task_samples.attention_mask[row]

@@ -1,0 +1,171 @@
+"""The calibration config: one `TaskSpec` per task, the columns a task reads, and the checks of the options.
+
+Everything here is cheap and runs before any file is loaded or tokenized, so a wrong option fails at once
+with the config key named.
+"""
+
+from __future__ import annotations
+
+import numbers
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from expertmerge.errors import ExpertMergeError
+
+MESSAGES_COLUMN = "messages"  # a chat-format column, used as-is with `chat_template: true`
+TxtSampleBy = Literal["line", "paragraph", "document"]
+
+
+@dataclass
+class TaskSpec:
+    """One calibration task: where its text comes from and which expert it belongs to.
+
+    Args:
+        name: task name, e.g. "math"; unique within the config.
+        expert: name of the expert (in the model's pool) whose behaviour this task's data calibrates.
+        sources: one or more files or globs (.jsonl/.json/.txt/.parquet/.csv), `datasets.save_to_disk`
+            folders, or hub dataset ids (passed to `datasets.load_dataset`; needs the hub or its local cache).
+            Relative paths are taken from the current directory; `corpora://math_word_problems.jsonl` names a
+            corpus shipped with expertmerge (works from any directory); `zoo://` references resolve to the
+            demo zoo.
+        text_field: column holding the text (.txt files have one column, "text").
+        template: instead of `text_field`, a Python format string over several columns, e.g.
+            "Question: {question}\\nAnswer: {answer}"; empty: use `text_field`.
+        chat_template: render each sample with the tokenizer's chat template: a `messages` column in chat
+            format is used as-is; otherwise the text is the user turn and `response_field` (if set) the
+            assistant turn.
+        response_field: with `chat_template`, the column holding the assistant's reply. Without it the
+            conversation is the user turn plus the generation prompt.
+        split: split to read from hub datasets and saved DatasetDicts.
+        txt_sample_by: how .txt files are cut into samples: one per line, per blank-line-separated
+            paragraph, or one per file.
+        min_tokens: texts with fewer tokens than this (special tokens not counted) are skipped.
+    """
+
+    name: str
+    expert: str
+    sources: list[str] | str = field(default_factory=list)
+    text_field: str = "text"
+    # Typed `str`, not `str | None`: jsonargparse would turn a template starting with "#" into None.
+    template: str = ""
+    chat_template: bool = False
+    response_field: str | None = None
+    split: str = "train"
+    txt_sample_by: TxtSampleBy = "paragraph"
+    min_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        self.template = self.template or ""  # None (from Python callers) means no template, like ""
+        # A single source may be written without a list (`sources: data/math.jsonl`).
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
+        else:
+            self.sources = list(self.sources)
+
+
+def check_count(key: str, value: Any, minimum: int) -> None:
+    """An integer option of at least `minimum`; booleans and fractional numbers are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ExpertMergeError(
+            f"`{key}` is {value!r} ({type(value).__name__}); it must be a whole number of at least {minimum}."
+        )
+    if value < minimum:
+        raise ExpertMergeError(f"`{key}` is {value}; it must be at least {minimum}.")
+
+
+def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int | None]]) -> None:
+    """The datamodule's options and every task's own, before any work.
+
+    `settings` maps an option name to (value, minimum); a minimum of None only asks for a whole number.
+    """
+    if not tasks:
+        raise ExpertMergeError("No calibration tasks: give at least one entry under `data.tasks`.")
+    for name, (value, minimum) in settings.items():
+        if minimum is None:  # any whole number (the seed)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ExpertMergeError(f"`data.{name}` is {value!r}; it must be a whole number.")
+        else:
+            check_count(f"data.{name}", value, minimum)
+    max_length = settings["max_length"][0]
+    seen: dict[str, int] = {}
+    for index, task in enumerate(tasks):
+        prefix = f"data.tasks[{index}]"
+        if not isinstance(task.name, str) or not task.name.strip():
+            raise ExpertMergeError(f"`{prefix}.name` is {task.name!r}; give the task a non-empty name.")
+        if task.name in seen:
+            raise ExpertMergeError(
+                f"Duplicate task name '{task.name}' in `data.tasks[{seen[task.name]}]` and "
+                f"`{prefix}`: task names must be unique; rename one."
+            )
+        seen[task.name] = index
+        check_count(f"{prefix}.min_tokens", task.min_tokens, 1)
+        if task.min_tokens > max_length:
+            raise ExpertMergeError(
+                f"`{prefix}.min_tokens` of task '{task.name}' is {task.min_tokens}; it must be "
+                f"between 1 and `data.max_length` ({max_length})."
+            )
+        if task.txt_sample_by not in get_args(TxtSampleBy):
+            raise ExpertMergeError(
+                f"`{prefix}.txt_sample_by` of task '{task.name}' is {task.txt_sample_by!r}; use one of "
+                f"{', '.join(get_args(TxtSampleBy))}."
+            )
+        if not task.template and not (isinstance(task.text_field, str) and task.text_field):
+            raise ExpertMergeError(
+                f"`{prefix}.text_field` of task '{task.name}' is {task.text_field!r}; name the text column."
+            )
+
+
+def template_columns(template: str) -> list[str]:
+    """Top-level column names a format string reads ("{a.b[0]}" reads column "a")."""
+    columns = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name is None:
+            continue
+        root = field_name.split(".", 1)[0].split("[", 1)[0]
+        if root == "" or root.isdigit():
+            raise ValueError(
+                "positional fields like '{}' or '{0}' are not allowed; name a column: '{question}'"
+            )
+        if root not in columns:
+            columns.append(root)
+    return columns
+
+
+def needed_columns(task: TaskSpec, index: int) -> tuple[list[str], str]:
+    """The columns a task reads, and the config key that names them."""
+    prefix = f"data.tasks[{index}]"
+    if task.template:
+        try:
+            columns = template_columns(task.template)
+        except ValueError as error:
+            raise ExpertMergeError(
+                f"Task '{task.name}': `{prefix}.template` is not a valid format string: {error}."
+            ) from error
+        if not columns:
+            raise ExpertMergeError(
+                f"Task '{task.name}': `{prefix}.template` names no column; write e.g. '{{question}}'."
+            )
+        key = f"{prefix}.template"
+    else:
+        columns, key = [task.text_field], f"{prefix}.text_field"
+    if task.chat_template and task.response_field is not None:
+        columns = [*columns, task.response_field]
+    return columns, key
+
+
+def check_columns(task: TaskSpec, index: int, where: str, available: Sequence[str]) -> None:
+    """Every column the task reads is among `available` (the columns of the file or dataset `where`)."""
+    if task.chat_template and MESSAGES_COLUMN in available:
+        return  # a chat-format `messages` column is used as-is
+    needed, key = needed_columns(task, index)
+    for column in needed:
+        if column in available:
+            continue
+        if task.chat_template and column == task.response_field:
+            key = f"data.tasks[{index}].response_field"
+        raise ExpertMergeError(
+            f"Task '{task.name}': {where} has no column '{column}' (named by `{key}`); its columns "
+            f"are: {', '.join(available) or '(none)'}. Set `{key}` to one of them."
+        )
