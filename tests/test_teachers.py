@@ -195,3 +195,29 @@ def test_teacher_cache_key_names_attention_implementation_and_library_versions(m
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert key != cache_key("expert", "data", settings)
+
+
+def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
+    tiny_models, private_cache: Path, tmp_path: Path
+) -> None:
+    # The sequence MoE and `evaluate` read no task vectors: the teacher pass itself must catch a NaN expert.
+    from expertmerge.cli.fit import _configured
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.teachers import teacher_targets
+
+    broken = copy_model(tiny_models.experts["gamma"], tmp_path / "gamma-broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    experts = {**tiny_models.experts, "gamma": broken}
+    _, datamodule = _configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    datamodule.setup("validate")
+
+    settings = TeacherSettings(hidden_layers=())
+    with pytest.raises(ExpertMergeError, match=r"expert 'gamma' gives non-finite teacher targets .* 'task2'"):
+        teacher_targets(datamodule, experts, settings, ("eval",))
+    assert len(list((private_cache / "teachers").glob("*.safetensors"))) == 2  # alpha's and beta's only
+    targets, stats = teacher_targets(
+        datamodule, {n: p for n, p in experts.items() if n != "gamma"}, settings, ("eval",)
+    )
+    assert (stats.computed, stats.reused) == (0, 2) and set(targets) == {("task0", "eval"), ("task1", "eval")}
