@@ -382,10 +382,46 @@ class ExpertPool:
             raise ExpertMergeError(f"Unknown expert '{expert}'; experts are {self.expert_names}.")
         return self.checkpoint(expert).tensor(name, dtype)
 
-    def task_vectors(self, name: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-        """`theta_k - theta_base` for every expert, subtracted in fp32 and then cast to `dtype`."""
+    def iter_task_vectors(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Iterator[torch.Tensor]:
+        """`theta_k - theta_base` expert by expert, subtracted in fp32 and then cast to `dtype`: only the base
+        and one expert tensor are in memory at a time. Non-finite base or expert values raise, naming both."""
         base = self.base_tensor(name, torch.float32)
-        return [(self.expert_tensor(e, name, torch.float32) - base).to(dtype) for e in self.expert_sources]
+        for expert in self.expert_sources:
+            yield (self.expert_tensor(expert, name, torch.float32) - base).to(dtype)
+
+    def task_vectors(self, name: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        """`theta_k - theta_base` for every expert, in expert order (see `iter_task_vectors`)."""
+        return list(self.iter_task_vectors(name, dtype))
+
+    def parameter_keys(self, model: torch.nn.Module) -> dict[str, str]:
+        """The checkpoint tensor behind each of `model`'s parameters, as `named_parameters()` names them.
+
+        The names can differ: a tied parameter is listed once under one of its names while the checkpoint may
+        store it under another (e.g. `lm_head.weight` only), and a checkpoint may lack or add the
+        `base_model_prefix` (`model.`). Buffers are not merged, so they are not looked up.
+        """
+        stored = set(self.tensor_names)
+        aliases: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(parameter), []).append(name)
+        prefix = str(getattr(model, "base_model_prefix", "") or "")
+        keys = {}
+        for name, parameter in model.named_parameters():
+            candidates = []
+            for alias in aliases[id(parameter)]:
+                candidates.append(alias)
+                if prefix and alias.startswith(prefix + "."):
+                    candidates.append(alias[len(prefix) + 1 :])
+                elif prefix:
+                    candidates.append(f"{prefix}.{alias}")
+            key = next((c for c in candidates if c in stored), None)
+            if key is None:
+                raise ExpertMergeError(
+                    f"{self.label(BASE)}: the model's parameter '{name}' has no tensor in its checkpoint "
+                    f"(tensor names look like '{self.tensor_names[0]}'); re-save it with save_pretrained."
+                )
+            keys[name] = key
+        return keys
 
     def iter_tensors(
         self, names: Iterable[str] | None = None, dtype: torch.dtype | None = None

@@ -3,7 +3,11 @@
 The official Expert Merging code runs every expert live at every step, keeping all of them in memory. Here
 each expert is loaded once, its targets (chosen hidden layers, top-k logits + log-sum-exp or full logits,
 and its own next-token NLL for perplexity) are written to the cache, and the expert is freed before the next.
-A cache entry is keyed by the expert's content hash, the tokenized data and the target settings.
+An expert whose targets are all cached is never loaded. `teacher_targets` is the one entry point: the
+learned merge (and so the fused MoE), the sequence MoE and `evaluate` all get their targets from it.
+
+A cache entry is keyed by the expert's content hash, the tokenized data, the target settings, the attention
+implementation and the torch / transformers versions (both change the numbers an expert produces).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import hashlib
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import Progress
@@ -23,11 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from expertmerge.hashing import json_hash
+from expertmerge.errors import ExpertMergeError
+from expertmerge.hashing import json_hash, model_content_hash
 from expertmerge.losses import next_token_nll
 from expertmerge.paths import cache_dir
 
-CACHE_FORMAT = 2  # 2: entries carry a checksum of their tensors
+CACHE_FORMAT = 3  # 2: entries carry a checksum of their tensors; 3: the key names attention and versions
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class TeacherSettings:
     logit_topk: int | None = 64  # None: store the full logits
     temperature: float = 1.0
     batch_size: int = 8
+    # None: transformers' default for the model, which the library versions in the key pin down.
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -44,14 +52,6 @@ class TeacherTargets:
 
     tensors: dict[str, torch.Tensor]
 
-    @property
-    def hidden_layers(self) -> list[int]:
-        return sorted(int(k.split(".")[1]) for k in self.tensors if k.startswith("hidden."))
-
-    @property
-    def full_logits(self) -> bool:
-        return "logits" in self.tensors
-
     def rows(
         self, sample_index: torch.Tensor, length: int, device: torch.device | str | None = None
     ) -> dict[str, torch.Tensor]:
@@ -59,15 +59,21 @@ class TeacherTargets:
         index = sample_index.cpu()
         return {k: v[index, :length].to(device) for k, v in self.tensors.items()}
 
-    def top1(self) -> torch.Tensor:
-        return self.tensors["logits"].argmax(-1) if self.full_logits else self.tensors["topk_indices"][..., 0]
-
 
 def cache_key(expert_hash: str, data_fingerprint: str, settings: TeacherSettings) -> str:
+    import transformers
+
     fields = asdict(settings)
     fields.pop("batch_size")  # does not change the targets
+    fields["attn_implementation"] = settings.attn_implementation or "default"
     return json_hash(
-        {"format": CACHE_FORMAT, "expert": expert_hash, "data": data_fingerprint, "settings": fields}
+        {
+            "format": CACHE_FORMAT,
+            "expert": expert_hash,
+            "data": data_fingerprint,
+            "settings": fields,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
     )
 
 
@@ -161,59 +167,79 @@ def compute_targets(
 
 
 @dataclass
-class TeacherJob:
-    task: str
-    split: str
-    expert: str
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    fingerprint: str
-
-
-@dataclass
 class TeacherStats:
     computed: int = 0
     reused: int = 0
 
 
-def collect_targets(
-    jobs: Sequence[TeacherJob],
-    expert_hashes: dict[str, str],
-    load_expert: Callable[[str], nn.Module],
-    settings: TeacherSettings,
-    expert_order: Iterable[str],
-    on_expert_loaded: Callable[[str, nn.Module], None] | None = None,
-) -> tuple[dict[tuple[str, str], TeacherTargets], TeacherStats]:
-    """Targets for every job, one expert in memory at a time.
+def load_teacher(
+    folder: str | os.PathLike, settings: TeacherSettings, trust_remote_code: bool = False
+) -> nn.Module:
+    """An expert as a teacher: fp32, eval mode, the attention implementation the cache key names."""
+    from transformers import AutoModelForCausalLM
 
-    An expert is loaded only if one of its jobs misses the cache, or if `on_expert_loaded` needs it (the fit
-    reads the expert's weights then, to form its task vector in the same load).
+    options: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if settings.attn_implementation is not None:
+        options["attn_implementation"] = settings.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(folder), **options).eval()
+
+
+def _check_finite(targets: TeacherTargets, attention_mask: torch.Tensor, expert: str, task: str) -> None:
+    """A broken expert gives NaN/Inf targets: refuse them (at real tokens) instead of caching them."""
+    real = attention_mask.bool()
+    for name, tensor in targets.tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor[real]).all():
+            raise ExpertMergeError(
+                f"expert '{expert}' gives non-finite teacher targets ('{name}') on task '{task}'; "
+                "its weights are broken (NaN/Inf) or it overflows: re-export it or leave it out."
+            )
+
+
+def teacher_targets(
+    datamodule: Any,
+    expert_dirs: Mapping[str, str | os.PathLike],
+    settings: TeacherSettings,
+    splits: Sequence[str] = ("train", "eval"),
+    expert_hashes: Mapping[str, str] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[dict[tuple[str, str], TeacherTargets], TeacherStats]:
+    """Targets of every (task, split) from the task's own expert, one expert in memory at a time.
+
+    `datamodule` is set up (its tasks name their experts; `task_samples` and `fingerprint` give each split's
+    padded samples and their hash). Experts are visited in `expert_dirs` order; an expert is loaded only if
+    one of its entries misses the cache, and then computes exactly those entries. Cached entries are read
+    back verified (key and checksum); a damaged one is recomputed. `expert_hashes` (content hashes of the
+    expert folders) are computed when not given.
     """
+    experts_of = {spec.name: spec.expert for spec in datamodule.tasks}
+    hashes = dict(expert_hashes or {})
     results: dict[tuple[str, str], TeacherTargets] = {}
     stats = TeacherStats()
-    expert_order = list(expert_order)
     with Progress(transient=True) as progress:
-        bar = progress.add_task("teacher targets", total=len(expert_order))
-        for expert in expert_order:
+        bar = progress.add_task("teacher targets", total=len(expert_dirs))
+        for expert, folder in expert_dirs.items():
             progress.update(bar, description=f"teacher targets: {expert}")
+            entries = [(t, s) for t in datamodule.task_names if experts_of[t] == expert for s in splits]
+            if entries and expert not in hashes:
+                hashes[expert] = model_content_hash(folder)
             missing = []
-            for job in (j for j in jobs if j.expert == expert):
-                key = cache_key(expert_hashes[expert], job.fingerprint, settings)
+            for task, split in entries:
+                key = cache_key(hashes[expert], datamodule.fingerprint(task, split), settings)
                 cached = load_cached(key)
                 if cached is None:
-                    missing.append((job, key))
+                    missing.append((task, split, key))
                 else:
-                    results[(job.task, job.split)] = cached
+                    results[(task, split)] = cached
                     stats.reused += 1
-            if missing or on_expert_loaded is not None:
-                model = load_expert(expert)
-                for job, key in missing:
-                    targets = compute_targets(model, job.input_ids, job.attention_mask, settings)
+            if missing:
+                model = load_teacher(folder, settings, trust_remote_code)
+                for task, split, key in missing:
+                    samples = datamodule.task_samples(task, split)
+                    targets = compute_targets(model, samples.input_ids, samples.attention_mask, settings)
+                    _check_finite(targets, samples.attention_mask, expert, task)
                     save_cached(key, targets)
-                    results[(job.task, job.split)] = targets
+                    results[(task, split)] = targets
                     stats.computed += 1
-                if on_expert_loaded is not None:
-                    on_expert_loaded(expert, model)
                 del model
                 gc.collect()
             progress.advance(bar)

@@ -27,7 +27,7 @@ from expertmerge.coefficients import MergeCoefficients
 from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
-from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
+from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
 
 # The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -158,7 +158,8 @@ class ExpertMergingModule(pl.LightningModule):
             self.prepare(self.trainer.datamodule)
 
     def prepare(self, datamodule: Any) -> None:
-        """Check inputs, cache teacher targets, load the base and the task vectors (one expert at a time)."""
+        """Check inputs, load the base, read the task vectors from the pool, then get the teacher targets
+        (from the cache; an expert model is built only for targets that are not cached)."""
         from expertmerge.pool import ExpertPool
 
         hp = self.hparams
@@ -212,58 +213,20 @@ class ExpertMergingModule(pl.LightningModule):
                 f"Tensor names look like '{next(iter(params))}'."
             )
         num_experts = len(self.expert_names)
+        dtype = _DTYPES[hp.task_vector_dtype]
         self.task_vectors = _TaskVectors(
-            [params[n].shape for n in self.coefficient_names], num_experts, _DTYPES[hp.task_vector_dtype]
+            [params[n].shape for n in self.coefficient_names], num_experts, dtype
         )
-        self.ffn_vectors = _TaskVectors(
-            [params[n].shape for n in self.ffn_names], num_experts, _DTYPES[hp.task_vector_dtype]
+        self.ffn_vectors = _TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
+        # Task vectors first: a broken (NaN/Inf) expert fails here, before its teacher targets are computed.
+        self._read_task_vectors(pool, model)
+        self.targets, self.teacher_stats = teacher_targets(
+            datamodule,
+            pool.expert_dirs,
+            self.teacher_settings,
+            expert_hashes=pool.content_hashes(),
+            trust_remote_code=hp.trust_remote_code,
         )
-        alpha = torch.as_tensor(hp.alpha0, dtype=torch.float32).flatten().expand(num_experts)
-        static_delta: dict[str, torch.Tensor] = {}
-        coefficient_index = {name: i for i, name in enumerate(self.coefficient_names)}
-        ffn_index = {name: i for i, name in enumerate(self.ffn_names)}
-
-        def take_task_vector(expert: str, expert_model: nn.Module) -> None:
-            k = self.expert_names.index(expert)
-            for name, theta in expert_model.named_parameters():
-                if name not in params:
-                    raise ExpertMergeError(f"Expert '{expert}' has parameter '{name}' that the base lacks.")
-                delta = theta.detach().float() - params[name]
-                if name in coefficient_index:
-                    self.task_vectors[coefficient_index[name]][k].copy_(delta)
-                elif name in ffn_index:
-                    self.ffn_vectors[ffn_index[name]][k].copy_(delta)
-                else:
-                    acc = static_delta.setdefault(name, torch.zeros_like(params[name]))
-                    acc.add_(delta, alpha=float(alpha[k]))
-
-        jobs = []
-        for task, expert_index in zip(self.task_names, self.task_experts, strict=True):
-            for split in ("train", "eval"):
-                samples = datamodule.task_samples(task, split)
-                jobs.append(
-                    TeacherJob(
-                        task=task,
-                        split=split,
-                        expert=self.expert_names[expert_index],
-                        input_ids=samples.input_ids,
-                        attention_mask=samples.attention_mask,
-                        fingerprint=datamodule.fingerprint(task, split),
-                    )
-                )
-        hashes = pool.content_hashes()
-        self.targets, self.teacher_stats = collect_targets(
-            jobs,
-            expert_hashes=hashes,
-            load_expert=lambda name: self._load(pool.expert_dirs[name]),
-            settings=self.teacher_settings,
-            expert_order=self.expert_names,
-            on_expert_loaded=take_task_vector,
-        )
-        with torch.no_grad():
-            for name, delta in static_delta.items():
-                params[name].add_(delta)
-        static_delta.clear()
         gc.collect()
         self.model = model
         self.coefficients = MergeCoefficients(
@@ -275,6 +238,29 @@ class ExpertMergingModule(pl.LightningModule):
         if hp.stage1_result:
             self._start_stage2(self._read_stage1_result(hp.stage1_result))
         self._build_metrics()
+
+    @torch.no_grad()
+    def _read_task_vectors(self, pool: Any, model: nn.Module) -> None:
+        """tau_k = theta_k - theta_0 from the checkpoints, tensor by tensor (no expert model is built).
+
+        Learned and FFN tensors keep theirs in the buffers; every other parameter is merged into the base
+        now, by task arithmetic at alpha0, so its task vectors are never held.
+        """
+        alpha = (
+            torch.as_tensor(self.hparams.alpha0, dtype=torch.float32).flatten().expand(len(self.expert_names))
+        )
+        buffers = {name: self.task_vectors[i] for i, name in enumerate(self.coefficient_names)}
+        buffers.update({name: self.ffn_vectors[i] for i, name in enumerate(self.ffn_names)})
+        keys = pool.parameter_keys(model)
+        for name, parameter in model.named_parameters():
+            if name in buffers:
+                for k, tau in enumerate(pool.iter_task_vectors(keys[name], buffers[name].dtype)):
+                    buffers[name][k].copy_(tau)
+            else:
+                delta = torch.zeros_like(parameter)
+                for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
+                    delta.add_(tau, alpha=float(alpha[k]))
+                parameter.add_(delta)
 
     @property
     def teacher_settings(self) -> TeacherSettings:

@@ -33,7 +33,7 @@ from expertmerge.losses import kl_to_teacher, logit_kl_loss
 from expertmerge.moe.sequence import ROUTERS
 from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
 from expertmerge.pool import model_dir
-from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
+from expertmerge.teachers import TeacherSettings, teacher_targets
 
 # The frozen experts run in eval mode on purpose (no dropout while projectors and router learn).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -120,23 +120,10 @@ class SequenceMoEModule(pl.LightningModule):
         experts_of = {spec.name: spec.expert for spec in datamodule.tasks}
         self.task_experts = [self.expert_names.index(experts_of[t]) for t in datamodule.task_names]
         splits = ("train", "eval") if self.model.config.embeddings == "shared" else ("eval",)
-        jobs = [
-            TeacherJob(
-                task,
-                split,
-                experts_of[task],
-                s.input_ids,
-                s.attention_mask,
-                datamodule.fingerprint(task, split),
-            )
-            for task in datamodule.task_names
-            for split in splits
-            for s in [datamodule.task_samples(task, split)]
-        ]
         settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
         self.expert_hashes = {name: model_content_hash(path) for name, path in self.expert_dirs.items()}
-        self.targets, stats = collect_targets(
-            jobs, self.expert_hashes, self._load_expert, settings, self.expert_names
+        self.targets, stats = teacher_targets(
+            datamodule, self.expert_dirs, settings, splits, self.expert_hashes, hp.trust_remote_code
         )
         Console(stderr=True).print(f"teacher targets: {stats.computed} / {stats.reused} (computed / reused)")
 

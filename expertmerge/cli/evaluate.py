@@ -19,7 +19,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.paths import resolve_path
     from expertmerge.pool import ExpertPool
-    from expertmerge.teachers import TeacherJob, TeacherSettings, collect_targets
+    from expertmerge.teachers import TeacherSettings, teacher_targets
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge evaluate",
@@ -41,28 +41,14 @@ def evaluate_main(argv: Sequence[str]) -> int:
     pool.validate()
     datamodule.check(module.expert_names)
     datamodule.setup("validate")
-    experts_of = {spec.name: spec.expert for spec in datamodule.tasks}
-    jobs = [
-        TeacherJob(
-            task,
-            "eval",
-            experts_of[task],
-            s.input_ids,
-            s.attention_mask,
-            datamodule.fingerprint(task, "eval"),
-        )
-        for task in datamodule.task_names
-        for s in [datamodule.task_samples(task, "eval")]
-    ]
     settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
-    targets, _ = collect_targets(
-        jobs,
-        pool.content_hashes(),
-        lambda name: AutoModelForCausalLM.from_pretrained(
-            str(pool.expert_dirs[name]), dtype=torch.float32
-        ).eval(),
+    targets, _ = teacher_targets(
+        datamodule,
+        pool.expert_dirs,
         settings,
-        module.expert_names,
+        ("eval",),
+        pool.content_hashes(),
+        hp.trust_remote_code,
     )
     rows = {}
     for name, path in named.items():
