@@ -263,128 +263,26 @@ class ExportMergedModel(pl.Callback):
 
 
 # --------------------------------------------------------------------------------------- fused MoE export
-def _batches(samples: Any, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [
-        (samples.input_ids[i : i + batch_size], samples.attention_mask[i : i + batch_size])
-        for i in range(0, samples.input_ids.shape[0], batch_size)
-    ]
+def moe_router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
+    """[layers, experts, hidden] initial routers of the fused MoE, from the fit's calibration data (train split).
 
+    The `hidden` router sees each expert's tasks through the learned backbone with that expert's FFN (oracle
+    routing), exactly as the exported MoE's routers will see them.
+    """
+    from expertmerge.moe.router_inputs import initial_router_rows, split_batches
 
-@torch.no_grad()
-def _calibrated(rows: torch.Tensor, means: torch.Tensor, gap: float = 4.0) -> torch.Tensor:
-    """Scale each layer's unit router rows so a task's mean input prefers its own expert by about `gap` logits."""
-    scaled = []
-    for layer in range(rows.shape[0]):
-        logits = means[:, layer] @ rows[layer].T  # [tasks(=experts), experts]
-        experts = logits.shape[0]
-        own = logits.diagonal()
-        others = (logits.sum(1) - own) / max(1, experts - 1)
-        margin = float((own - others).mean())
-        scaled.append(rows[layer] * (gap / margin if margin > 1e-6 else 1.0))
-    return torch.stack(scaled)
-
-
-@torch.no_grad()
-def router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
-    """[layers, experts, hidden] router weights for the fused MoE, from the fit's calibration data."""
-    from expertmerge.moe import (
-        mean_token_embeddings,
-        router_from_embeddings,
-        router_from_hidden,
-        router_random,
+    tasks_per_expert: list[dict[str, list]] = [{} for _ in module.expert_names]
+    for task, k in zip(module.task_names, module.task_experts, strict=True):
+        samples = module.datamodule.task_samples(task, "train")
+        tasks_per_expert[k][task] = split_batches(samples.input_ids, samples.attention_mask)
+    return initial_router_rows(
+        method,
+        module.model,
+        tasks_per_expert,
+        forward=lambda k, ids, mask: module(ids, mask, output_hidden_states=False, oracle_expert=k),
+        names=module.expert_names,
+        seed=seed,
     )
-
-    datamodule, names = module.datamodule, module.expert_names
-    config = module.model.config
-    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
-    tasks_of = {
-        k: [t for t, e in zip(module.task_names, module.task_experts, strict=True) if e == k]
-        for k in range(len(names))
-    }
-    if method == "random":
-        return router_random(len(names), layers, hidden, seed=seed)
-    if method == "cheap_embed":
-        embedding = module.model.get_input_embeddings().weight
-        per_expert = []
-        for k in range(len(names)):
-            batches = {t: _batches(datamodule.task_samples(t, "train")) for t in tasks_of[k]}
-            per_expert.append(mean_token_embeddings(embedding, batches).mean(0))
-        return router_from_embeddings(torch.stack(per_expert), layers, center=True, names=names)
-    means, within = _router_input_statistics(module, tasks_of)
-    centred = means - means.mean(0, keepdim=True)  # [experts, layers, hidden]
-    router_from_hidden(means, center=True, names=names)  # warns when two tasks look alike to the router
-    rows = []
-    for layer in range(layers):
-        # Whitened class means (linear discriminant): directions that separate the experts' tokens, not
-        # merely point at their means, which matters when tasks share most of their hidden-state mass.
-        scatter = within[layer]
-        target = centred[:, layer].double()
-        if scatter.dim() == 1:  # wide models keep only the variances (see FULL_COVARIANCE_MAX_HIDDEN)
-            solve = target / (scatter + 0.1 * scatter.mean())
-        else:
-            shrink = 0.1 * scatter.diagonal().mean()
-            solve = torch.linalg.solve(scatter + shrink * torch.eye(hidden, dtype=scatter.dtype), target.T).T
-        rows.append(solve / solve.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    return _calibrated(torch.stack(rows).float(), centred.float(), ROUTER_GAP)
-
-
-FULL_COVARIANCE_MAX_HIDDEN = 2048  # above this, a [layers, hidden, hidden] fp64 scatter costs gigabytes
-ROUTER_GAP = 3.0  # logits by which a task's mean router input prefers its own expert after initialisation
-
-
-@torch.no_grad()
-def _router_input_statistics(
-    module: Any, tasks_of: dict[int, list[str]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per expert the mean router input [experts, layers, hidden] (through the learned backbone with that
-    expert's FFN), and per layer the pooled within-expert covariance [layers, hidden, hidden] (fp64)."""
-    from expertmerge.moe import router_input_modules
-
-    datamodule = module.datamodule
-    norms = router_input_modules(module.model)
-    captured: list[torch.Tensor | None] = [None] * len(norms)
-
-    def hook_for(layer: int):
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return hook
-
-    handles = [norm.register_forward_hook(hook_for(i)) for i, norm in enumerate(norms)]
-    sums, squares, counts = [], [], []
-    try:
-        for k, tasks in tasks_of.items():
-            total, outer, count = None, None, 0
-            for task in tasks:
-                for ids, mask in _batches(datamodule.task_samples(task, "train")):
-                    ids, mask = ids.to(module.device), mask.to(module.device)
-                    module(ids, mask, output_hidden_states=False, oracle_expert=k)
-                    keep = mask.bool()
-                    states = torch.stack([c[keep] for c in captured]).double()  # [layers, tokens, hidden]
-                    total = states.sum(1) if total is None else total + states.sum(1)
-                    if states.shape[-1] > FULL_COVARIANCE_MAX_HIDDEN:
-                        products = (states * states).sum(1)  # [layers, hidden]: variances only
-                    else:
-                        products = states.transpose(1, 2) @ states
-                    outer = products if outer is None else outer + products
-                    count += int(keep.sum())
-            sums.append(total)
-            squares.append(outer)
-            counts.append(count)
-    finally:
-        for handle in handles:
-            handle.remove()
-    means = torch.stack([total / count for total, count in zip(sums, counts, strict=True)])
-
-    def centred_scatter(outer: torch.Tensor, count: int, mean: torch.Tensor) -> torch.Tensor:
-        if outer.dim() == 2:
-            return outer - count * mean * mean
-        return outer - count * torch.einsum("lh,lg->lhg", mean, mean)
-
-    within = sum(
-        centred_scatter(outer, count, mean) for outer, count, mean in zip(squares, counts, means, strict=True)
-    ) / max(1, sum(counts) - len(counts))
-    return means.float(), within
 
 
 def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
@@ -403,31 +301,6 @@ def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
     return result
 
 
-def tune_router(module: Any, moe: torch.nn.Module) -> None:
-    """Train only the gates of `moe` on the mixed calibration set (a short Lightning fit of its own)."""
-    from lightning_modules.router import RouterTuningModule
-
-    hp = module.hparams
-    tuner = RouterTuningModule(
-        moe, module.targets, module.task_names, hp.temperature, hp.router_lr, hp.router_balance
-    )
-    trainer = pl.Trainer(
-        max_steps=int(hp.router_tuning_steps),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        accelerator="cpu" if module.device.type == "cpu" else "auto",
-        devices=1,
-        enable_progress_bar=False,  # runs inside the fit's own live progress display
-    )
-    Console().print(f"router tuning: {hp.router_tuning_steps} steps on the mixed calibration set")
-    trainer.fit(tuner, train_dataloaders=module.datamodule.train_dataloader())
-    moe.eval()
-
-
 def export_moe(
     module: Any, output_dir: str | Path, force: bool, scores: dict[str, dict[str, TaskScores]] | None = None
 ) -> tuple[Path, dict[str, dict[str, TaskScores]]]:
@@ -437,7 +310,7 @@ def export_moe(
     hp = module.hparams
     pool = module.pool
     method = hp.moe_router
-    rows = router_rows(module, method)
+    rows = moe_router_rows(module, method)
     merged = {name: t.detach() for name, t in module.merged_parameters().items()}
     state = dict(module.model.state_dict())
     out = Path(output_dir)
@@ -462,11 +335,26 @@ def export_moe(
     moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(module.device)
     scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
     if hp.router_tuning_steps > 0:
-        tune_router(module, moe)
+        from expertmerge.moe.router_tuning import tune_router
+
+        losses = tune_router(
+            moe,
+            module.datamodule.train_dataloader(),
+            module.targets,
+            module.task_names,
+            steps=int(hp.router_tuning_steps),
+            temperature=hp.temperature,
+            lr=hp.router_lr,
+            balance=hp.router_balance,
+        )
+        Console().print(
+            f"router tuning: {len(losses)} steps on the mixed calibration set, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        )
         scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
         with atomic_output_dir(out, force=True) as tmp:
             for item in out.iterdir():
-                if item.is_file() and not item.name.startswith("model") or item.suffix == ".md":
+                # everything but the weights (model*.safetensors and their index); a model card (.md) too
+                if item.is_file() and (not item.name.startswith("model") or item.suffix == ".md"):
                     (tmp / item.name).write_bytes(item.read_bytes())
             dtype = _stored_dtype(out)
             moe.save_pretrained(

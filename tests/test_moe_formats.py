@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import EXPERT_NAMES, perturbed, save_model, tiny_llama_config, tiny_tokenizer
+from moe_routing import forced_routing
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.moe import (
     DegenerateRouterWarning,
     build_moe_config,
-    collect_router_inputs,
     expert_shared_tensors,
-    forced_routing,
     mean_token_embeddings,
     router_degeneracy,
     router_from_embeddings,
     router_from_hidden,
+    router_input_statistics,
     router_random,
     shared_tensor_names,
     write_moe_checkpoint,
@@ -117,7 +117,7 @@ def test_moe_export_loads_with_no_missing_or_unexpected_keys_and_generates(famil
 
     dense_base = AutoModelForCausalLM.from_pretrained(fam.base).eval()
     batches = {name: [(_token_batches(k), None)] for k, name in enumerate(fam.experts)}
-    means = collect_router_inputs(dense_base, batches)
+    means = router_input_statistics(dense_base, batches).means.float()
     routers = router_from_hidden(means, scale=4.0, names=list(fam.experts))
 
     summary = write_moe_checkpoint(
@@ -281,18 +281,22 @@ def test_cheap_embed_router_uses_mean_embedding_of_non_padding_tokens():
     assert rows.shape == (3, 2, HIDDEN) and torch.equal(rows[0], rows[2])
 
 
-def test_collect_router_inputs_ignores_padding(tiny_models):
+def test_router_input_statistics_ignore_padding(tiny_models):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models.base).eval()
     first, second = _token_batches(1, rows=1, length=6), _token_batches(2, rows=1, length=4)
-    plain = collect_router_inputs(model, {"t": [(first, None), (second, None)], "u": [(second, None)]})
+    plain = router_input_statistics(
+        model, {"t": [(first, None), (second, None)], "u": [(second, None)]}
+    ).means
     # The same tokens in one right-padded batch, plus a row that is all padding.
     padded = torch.zeros(3, 6, dtype=torch.long)
     padded[0], padded[1, :4] = first[0], second[0]
     mask = torch.zeros(3, 6, dtype=torch.long)
     mask[0], mask[1, :4] = 1, 1
-    batched = collect_router_inputs(model, {"t": [(padded, mask)], "u": [(second, torch.ones_like(second))]})
+    batched = router_input_statistics(
+        model, {"t": [(padded, mask)], "u": [(second, torch.ones_like(second))]}
+    ).means
     assert plain.shape == (2, LAYERS, HIDDEN)
     torch.testing.assert_close(batched, plain, atol=1e-5, rtol=1e-5)
     assert (plain[0] - plain[1]).abs().max() > 1e-3  # different tasks, different means

@@ -2,7 +2,9 @@
 
 - `formats`: dense family -> MoE format (Mixtral, Qwen2-MoE, Qwen3-MoE), config, tensor names, forced routing.
 - `checkpoint`: `write_moe_checkpoint`, the streaming, atomic writer of a folder `transformers` loads as is.
-- `router`: router initialisation (`hidden`, `cheap_embed`, `random`) and the statistics they need.
+- `router`: router initialisation maths (`hidden`, `cheap_embed`, `random`, the fit's linear discriminant).
+- `router_inputs`: what the routers see on calibration data (one hook-based collection) and `initial_router_rows`.
+- `router_tuning`: `tune_router`, training only the gates against the oracle-routed targets.
 """
 
 from expertmerge.moe.checkpoint import (
@@ -18,8 +20,6 @@ from expertmerge.moe.formats import (
     MoeLayerNames,
     build_moe_config,
     expected_tensors,
-    forced_routing,
-    moe_blocks,
     moe_format_for,
     moe_layer_names,
     split_dense_names,
@@ -27,23 +27,34 @@ from expertmerge.moe.formats import (
 )
 from expertmerge.moe.router import (
     DEGENERATE_COSINE,
+    ROUTER_GAP,
     ROUTER_METHODS,
     DegenerateRouterWarning,
     RouterDegeneracy,
     add_generalist_row,
-    collect_router_inputs,
-    mean_token_embeddings,
+    calibrate_margin,
+    pooled_within_scatter,
     router_degeneracy,
+    router_from_discriminant,
     router_from_embeddings,
     router_from_hidden,
-    router_input_modules,
     router_random,
     warn_if_degenerate,
 )
+from expertmerge.moe.router_inputs import (
+    RouterInputs,
+    initial_router_rows,
+    mean_token_embeddings,
+    router_input_modules,
+    router_input_statistics,
+    split_batches,
+)
+from expertmerge.moe.router_tuning import gate_parameters, router_tuning_loss, tune_router
 
 __all__ = [
     "DEGENERATE_COSINE",
     "MOE_FORMATS",
+    "ROUTER_GAP",
     "ROUTER_METHODS",
     "DegenerateRouterWarning",
     "DenseLayout",
@@ -51,24 +62,31 @@ __all__ = [
     "MoeFormat",
     "MoeLayerNames",
     "RouterDegeneracy",
+    "RouterInputs",
     "add_generalist_row",
     "build_moe_config",
-    "collect_router_inputs",
+    "calibrate_margin",
     "expected_tensors",
     "expert_shared_tensors",
-    "forced_routing",
+    "gate_parameters",
+    "initial_router_rows",
     "mean_token_embeddings",
-    "moe_blocks",
     "moe_format_for",
     "moe_layer_names",
+    "pooled_within_scatter",
     "router_degeneracy",
+    "router_from_discriminant",
     "router_from_embeddings",
     "router_from_hidden",
     "router_input_modules",
+    "router_input_statistics",
     "router_random",
+    "router_tuning_loss",
     "shared_tensor_names",
+    "split_batches",
     "split_dense_names",
     "supported_families",
+    "tune_router",
     "warn_if_degenerate",
     "write_moe_checkpoint",
 ]

@@ -29,9 +29,9 @@ Routing semantics and the settings that make an MoE reproduce one dense expert e
   softmax probabilities underflow to exactly 0, expert k's is exactly 1, and after renormalisation its weight is
   exactly 1 and every other selected expert's exactly 0, for any `top_k`. With `top_k == 1` the renormalised
   weight is exactly 1 for any logits (p / p). No router of these formats has a bias, so a weight matrix alone cannot
-  give one expert the top logit for every possible input; `forced_routing` therefore feeds each router a fixed
-  probe vector and sets its rows so expert k's logit is `logit` (default 1e4) and every other is 0, leaving the
-  softmax / top-k / renormalisation code of the format untouched.
+  give one expert the top logit for every possible input; the tests' `forced_routing` (tests/moe_routing.py)
+  therefore feeds each router a fixed probe vector and sets its rows so expert k's logit is `logit` (default 1e4)
+  and every other is 0, leaving the softmax / top-k / renormalisation code of the format untouched.
 - Qwen2-MoE's shared expert is always on. Without a base expert it is written as zeros (an FFN of width
   `min(intermediate_size, 256)`, its gate row zero), so it adds exactly 0 and the exactness above holds. With the
   base FFN as the shared expert, see `write_moe_checkpoint`'s `shared_expert_weight`.
@@ -39,9 +39,8 @@ Routing semantics and the settings that make an MoE reproduce one dense expert e
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,61 +313,3 @@ def expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     return shapes
-
-
-# ------------------------------------------------------------------------------------------------- routing
-def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The sparse MoE blocks of a loaded model, in layer order: modules with a router `gate` and `experts`."""
-    blocks = [
-        module
-        for module in model.modules()
-        if hasattr(module, "experts")
-        and isinstance(getattr(module, "gate", None), torch.nn.Module)
-        and isinstance(getattr(module.gate, "weight", None), torch.Tensor)
-        and module.gate.weight.dim() == 2
-    ]
-    if not blocks:
-        raise ExpertMergeError(
-            f"{type(model).__name__} has no sparse MoE blocks (a 'gate' router next to 'experts')."
-        )
-    return blocks
-
-
-@contextlib.contextmanager
-def forced_routing(model: torch.nn.Module, expert: int, logit: float = 1e4) -> Iterator[torch.nn.Module]:
-    """Route every token of every MoE layer to routed expert `expert` (oracle routing), inside the `with` block.
-
-    Each router is given a fixed probe input (first coordinate 1, the rest 0) and rows that give `expert` the logit
-    `logit` and every other expert 0, so the format's own softmax / top-k / renormalisation yields weight exactly 1
-    for `expert` and exactly 0 for any other selected expert (fp32 `exp(-1e4)` is 0). The experts still see the
-    real hidden states. Router weights are restored on exit, also on error.
-    """
-    blocks = moe_blocks(model)
-    saved: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    handles = []
-
-    def probe(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        hidden = args[0]
-        replaced = torch.zeros_like(hidden)
-        replaced[..., 0] = 1
-        return (replaced, *args[1:]), kwargs
-
-    try:
-        for block in blocks:
-            gate = block.gate
-            num_experts = gate.weight.shape[0]
-            if not 0 <= expert < num_experts:
-                raise ExpertMergeError(
-                    f"Expert index {expert} is out of range; the MoE has {num_experts} routed experts."
-                )
-            forced = torch.zeros_like(gate.weight)
-            forced[expert, 0] = logit
-            saved.append((gate, gate.weight.data))
-            gate.weight.data = forced
-            handles.append(gate.register_forward_pre_hook(probe, with_kwargs=True))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-        for gate, weight in saved:
-            gate.weight.data = weight

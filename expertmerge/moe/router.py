@@ -1,11 +1,16 @@
 """Router initialisation for the fused MoE: pure functions from calibration statistics to gate matrices.
 
 A router of layer l computes logits `x @ W_l.T` on the state `x` after layer l's post-attention norm. All
-initialisers return `[layers, experts, hidden]` (row e of layer l: expert e's gate row), rows of norm `scale`:
+initialisers return `[layers, experts, hidden]` (row e of layer l: expert e's gate row), rows of norm `scale`
+(the discriminant's are scaled by their margin instead). No I/O and no model here: the statistics come from
+`expertmerge.moe.router_inputs`.
 
-- `hidden` (`router_from_hidden`): each task's mean of exactly that state (`collect_router_inputs`, run on the
-  merged dense model with the shared tensors the MoE will have), normalised. A token is sent to the experts whose
-  task mean it points at most.
+- `hidden` (`router_from_hidden`): each task's mean of exactly that state (`router_input_statistics` in
+  `router_inputs`, run on the merged dense model with the shared tensors the MoE will have), normalised. A token is
+  sent to the experts whose task mean it points at most. The fit's `hidden` router goes one step further
+  (`router_from_discriminant`): it whitens the centred means by the pooled within-expert scatter (a linear
+  discriminant), so the rows separate the experts' tokens rather than merely point at their means, and
+  `calibrate_margin` scales each layer so a task's mean input prefers its own expert by `ROUTER_GAP` logits.
 - `cheap_embed` (`router_from_embeddings`): each task's mean token embedding (`mean_token_embeddings`), the same
   for every layer; no forward pass at all.
 - `random` (`router_random`): seeded Gaussian rows, normalised.
@@ -20,9 +25,8 @@ Rows of two experts that point the same way cannot be told apart by the router: 
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +35,8 @@ from expertmerge.errors import ExpertMergeError
 
 ROUTER_METHODS = ("hidden", "cheap_embed", "random")
 DEGENERATE_COSINE = 0.98
-
-Batch = tuple[torch.Tensor, torch.Tensor | None]  # (input_ids [B, S], attention_mask [B, S] or None)
-
-_POST_ATTENTION_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
+ROUTER_GAP = 3.0  # logits by which a task's mean router input prefers its own expert after initialisation
+SCATTER_SHRINKAGE = 0.1  # ridge added to the within-expert scatter, relative to its mean variance
 
 
 class DegenerateRouterWarning(UserWarning):
@@ -161,111 +163,89 @@ def _normalised_rows(
     return torch.nn.functional.normalize(rows, dim=-1) * scale
 
 
-# --------------------------------------------------------------------------------------------- statistics
-def _masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    if input_ids.dim() != 2:
-        raise ExpertMergeError(f"input_ids must be [batch, sequence], got {list(input_ids.shape)}.")
-    if attention_mask is None:
-        return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    if attention_mask.shape != input_ids.shape:
-        raise ExpertMergeError(
-            f"attention_mask {list(attention_mask.shape)} does not match input_ids {list(input_ids.shape)}."
-        )
-    return attention_mask.to(input_ids.device) != 0
+# ------------------------------------------------------------------------------------- linear discriminant
+def pooled_within_scatter(products: torch.Tensor, counts: Sequence[int], means: torch.Tensor) -> torch.Tensor:
+    """The pooled within-group covariance per layer, from per-group sums of outer products (fp64).
 
-
-def mean_token_embeddings(
-    embedding: torch.Tensor, batches_per_task: Mapping[str, Sequence[Batch]]
-) -> torch.Tensor:
-    """Per task (in mapping order), the mean of `embedding[token]` over its non-padding tokens: `[tasks, hidden]`."""
-    weight = embedding.detach()
-    means = []
-    for task, batches in batches_per_task.items():
-        total = torch.zeros(weight.shape[1], dtype=torch.float64)
-        count = 0
-        for input_ids, attention_mask in batches:
-            mask = _masks(input_ids, attention_mask).cpu()
-            tokens = input_ids.cpu()[mask]
-            total += weight[tokens.to(weight.device)].double().sum(0).cpu()
-            count += int(tokens.numel())
-        if count == 0:
-            raise ExpertMergeError(f"Task '{task}' has no non-padding tokens.")
-        means.append((total / count).float())
-    if not means:
-        raise ExpertMergeError("batches_per_task is empty.")
-    return torch.stack(means)
-
-
-def router_input_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Each decoder layer's post-attention norm (whose output is what the layer's router sees), in layer order."""
-    found: dict[int, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        match = _POST_ATTENTION_NORM.search(name)
-        if match:
-            found[int(match.group(1))] = module
-    if not found:
-        raise ExpertMergeError(
-            f"{type(model).__name__} has no 'layers.N.post_attention_layernorm' modules; cannot collect router inputs."
-        )
-    if sorted(found) != list(range(len(found))):
-        raise ExpertMergeError(f"post_attention_layernorm layers are not numbered 0..N-1: {sorted(found)}.")
-    return [found[layer] for layer in range(len(found))]
-
-
-def collect_router_inputs(
-    model: torch.nn.Module, batches_per_task: Mapping[str, Sequence[Batch]]
-) -> torch.Tensor:
-    """Per task and layer, the mean router input over non-padding tokens: `[tasks, layers, hidden]` (fp32).
-
-    Runs `model` (a `transformers` causal LM, dense or MoE) over each task's batches with forward hooks on every
-    layer's `post_attention_layernorm`; tokens where `attention_mask == 0` count nowhere (their states may even be
-    NaN, e.g. rows that are all padding). Tasks come in mapping order. Means are over tokens, not batches.
+    `products`: `[groups, layers, hidden, hidden]` sums of `x x^T` (or `[groups, layers, hidden]` sums of `x * x`,
+    the variances only); `counts`: tokens per group; `means`: `[groups, layers, hidden]`. Returns
+    `[layers, hidden, hidden]` (or `[layers, hidden]`), normalised by `sum(counts) - groups` (unbiased).
     """
-    norms = router_input_modules(model)
-    if not batches_per_task:
-        raise ExpertMergeError("batches_per_task is empty.")
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor | None] = [None] * len(norms)
+    if products.dim() not in (3, 4) or means.dim() != 3 or len(counts) != means.shape[0]:
+        raise ExpertMergeError(
+            f"products {list(products.shape)}, means {list(means.shape)} and {len(counts)} counts do not match."
+        )
+    means = means.double()
+    scatter = torch.zeros(products.shape[1:], dtype=torch.float64)
+    for group, count in enumerate(counts):
+        mean = means[group]
+        if products.dim() == 3:
+            scatter = scatter + (products[group] - count * mean * mean)
+        else:
+            scatter = scatter + (products[group] - count * torch.einsum("lh,lg->lhg", mean, mean))
+    return scatter / max(1, sum(counts) - len(counts))
 
-    def hook_for(layer: int):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            captured[layer] = output[0] if isinstance(output, tuple) else output
 
-        return hook
+@torch.no_grad()
+def calibrate_margin(rows: torch.Tensor, means: torch.Tensor, gap: float = ROUTER_GAP) -> torch.Tensor:
+    """Scale each layer's router rows so a task's mean input prefers its own expert by about `gap` logits.
 
-    handles = [norm.register_forward_hook(hook_for(layer)) for layer, norm in enumerate(norms)]
-    was_training = model.training
-    model.eval()
-    means = []
-    try:
-        with torch.no_grad():
-            for task, batches in batches_per_task.items():
-                total: torch.Tensor | None = None
-                count = 0
-                for input_ids, attention_mask in batches:
-                    mask = _masks(input_ids, attention_mask).to(device)
-                    if not mask.any():
-                        continue
-                    model(
-                        input_ids=input_ids.to(device),
-                        attention_mask=mask.long(),
-                        use_cache=False,
-                    )
-                    per_layer = []
-                    for layer, state in enumerate(captured):
-                        if state is None:
-                            raise ExpertMergeError(f"Layer {layer}'s post_attention_layernorm did not run.")
-                        state = state.to(torch.float64)
-                        per_layer.append(torch.where(mask[..., None], state, 0.0).sum((0, 1)))
-                    batch_sum = torch.stack(per_layer)
-                    total = batch_sum if total is None else total + batch_sum
-                    count += int(mask.sum())
-                    captured[:] = [None] * len(norms)
-                if total is None:
-                    raise ExpertMergeError(f"Task '{task}' has no non-padding tokens.")
-                means.append((total / count).float().cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return torch.stack(means)
+    `rows`: `[layers, experts, hidden]`; `means`: `[experts, layers, hidden]` (row e: expert e's mean router
+    input). The margin is own logit minus the mean of the other experts' logits, averaged over experts; a layer
+    whose margin is not positive keeps its rows (scaling cannot make it prefer the right expert).
+    """
+    _check_rows(rows)
+    scaled = []
+    for layer in range(rows.shape[0]):
+        logits = means[:, layer] @ rows[layer].T  # [tasks(=experts), experts]
+        experts = logits.shape[0]
+        own = logits.diagonal()
+        others = (logits.sum(1) - own) / max(1, experts - 1)
+        margin = float((own - others).mean())
+        scaled.append(rows[layer] * (gap / margin if margin > 1e-6 else 1.0))
+    return torch.stack(scaled)
+
+
+@torch.no_grad()
+def router_from_discriminant(
+    means: torch.Tensor,
+    within: torch.Tensor,
+    *,
+    gap: float = ROUTER_GAP,
+    shrinkage: float = SCATTER_SHRINKAGE,
+    threshold: float = DEGENERATE_COSINE,
+    names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """`hidden` init of the fit: whitened class means (a linear discriminant), margin-calibrated.
+
+    `means`: per-expert mean router inputs `[experts, layers, hidden]`; `within`: the pooled within-expert scatter
+    `[layers, hidden, hidden]`, or `[layers, hidden]` (variances only, for wide models). Row e of layer l is
+    `(S_l + shrinkage * mean variance * I)^-1 (mu_e - mean_f mu_f)`, normalised, then each layer is scaled by
+    `calibrate_margin(gap)`. Whitening matters when tasks share most of their hidden-state mass: the rows then
+    point along the directions that tell the experts' tokens apart, not at their (nearly parallel) means.
+    Warns when two experts' uncentered means are nearly parallel (see module docs).
+    """
+    if means.dim() != 3:
+        raise ExpertMergeError(f"means must be [experts, layers, hidden], got {list(means.shape)}.")
+    experts, layers, hidden = means.shape
+    if within.shape not in ((layers, hidden, hidden), (layers, hidden)):
+        raise ExpertMergeError(
+            f"within must be [layers={layers}, hidden={hidden}(, hidden)], got {list(within.shape)}."
+        )
+    means = means.to(torch.float32)
+    if not (torch.isfinite(means).all() and torch.isfinite(within).all()):
+        raise ExpertMergeError("Router statistics hold NaN or Inf.")
+    warn_if_degenerate(means.transpose(0, 1), threshold, names)
+    centred = means - means.mean(0, keepdim=True)
+    rows = []
+    for layer in range(layers):
+        scatter = within[layer].double()
+        target = centred[:, layer].double()
+        if scatter.dim() == 1:
+            solve = target / (scatter + shrinkage * scatter.mean())
+        else:
+            ridge = shrinkage * scatter.diagonal().mean()
+            eye = torch.eye(hidden, dtype=scatter.dtype)
+            solve = torch.linalg.solve(scatter + ridge * eye, target.T).T
+        rows.append(solve / solve.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return calibrate_margin(torch.stack(rows).float(), centred, gap)
