@@ -12,7 +12,7 @@ Variants, all on the same single-task batches (one batch = one step: forward, ba
 - ours (layer-wise) / ours (chunk-wise): the library's `ExpertMergingModule`, built with its own `prepare`
   (cached teacher targets, bf16 task vectors, `functional_call` on merged tensors); one step is its
   `training_step` + backward + Adam on the coefficients. Chunk-wise uses the module's own Expert Merging++
-  allocation (`_start_stage2`, budget = number of learned tensors, so about as many coefficients).
+  allocation (`start_stage2`, budget = number of learned tensors, so about as many coefficients).
 - straightforward: the official code's way, written here: base and every expert in memory in fp32, the
   task's expert run live at every step, fp32 task vectors, merged tensors built by a Python loop over
   experts, full-logit KL and MSE averaged over every token.
@@ -268,7 +268,7 @@ class Ours:
         self.layer_wise = self.module.coefficients
         self.chunk_wise = None
         if chunk_wise is not False:
-            self.module._start_stage2(self.module.stage1_snapshot())
+            self.module.start_stage2(self.module.stage1_snapshot())
             self.chunk_wise = self.module.coefficients
             self.module.coefficients = self.layer_wise
         if chunk_wise is True:

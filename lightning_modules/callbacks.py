@@ -1,10 +1,9 @@
-"""Callbacks of the fit: at its end, compare the merges per task and export the learned one."""
+"""The fit's results: compare the merges per task and export the learned one (steps of the `fit` command)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from expertmerge.evaluate import (
@@ -20,7 +18,6 @@ from expertmerge.evaluate import (
     expert_scores,
     mean_scores,
     score_task,
-    scores_table,
     scores_to_json,
 )
 from expertmerge.export import atomic_output_dir, write_merge_card
@@ -214,52 +211,6 @@ def export_dense(
             sections=sections,
         )
     return Path(output_dir)
-
-
-class ExportMergedModel(pl.Callback):
-    """At the end of `fit`: the per-task comparison table, then the merged model written atomically."""
-
-    def __init__(self, settings: ExportSettings, config_yaml: str | None = None) -> None:
-        self.settings = settings
-        self.config_yaml = config_yaml
-        self._started = 0.0
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._started = time.perf_counter()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        console = Console()
-        scores = None
-        if self.settings.evaluate:
-            scores = evaluate_fit(pl_module)
-        moe_path = None
-        if pl_module.hparams.moe:
-            moe_path, moe_scores = export_moe(pl_module, self.settings.moe_dir(), self.settings.force, scores)
-            scores = moe_scores if scores is not None else None
-        if scores is not None:
-            console.print(
-                scores_table("Held-out calibration samples, per task", scores, pl_module.task_names)
-            )
-        fit_seconds = time.perf_counter() - self._started
-        path = export_dense(
-            pl_module, self.settings.output_dir, self.settings.force, self.config_yaml, scores
-        )
-        summary = Table(title="expertmerge fit", show_header=False)
-        summary.add_row("output", str(path))
-        if moe_path is not None:
-            summary.add_row("fused MoE", f"{moe_path} (router {pl_module.hparams.moe_router})")
-        summary.add_row("experts", ", ".join(pl_module.expert_names))
-        summary.add_row("tensors with learned coefficients", str(len(pl_module.coefficient_names)))
-        summary.add_row("coefficients", str(pl_module.coefficients.num_trainable()))
-        summary.add_row("steps", str(trainer.global_step))
-        summary.add_row(
-            "teacher targets computed / reused",
-            f"{pl_module.teacher_stats.computed} / {pl_module.teacher_stats.reused}",
-        )
-        summary.add_row("fit wall time", f"{fit_seconds:.1f} s")
-        console.print(summary)
 
 
 # --------------------------------------------------------------------------------------- fused MoE export

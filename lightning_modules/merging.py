@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +27,6 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
-
-# The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -147,7 +143,6 @@ class ExpertMergingModule(pl.LightningModule):
         self.pool = None
         self.datamodule = None
         self.stage = 1
-        self.stage1_steps: int | None = None
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
         self._folded = False
@@ -236,7 +231,7 @@ class ExpertMergingModule(pl.LightningModule):
             alpha0=hp.alpha0,
         )
         if hp.stage1_result:
-            self._start_stage2(self._read_stage1_result(hp.stage1_result))
+            self.start_stage2(self._read_stage1_result(hp.stage1_result))
         self._build_metrics()
 
     @torch.no_grad()
@@ -431,8 +426,12 @@ class ExpertMergingModule(pl.LightningModule):
             },
         }
 
-    def _start_stage2(self, stage1_values: dict[str, torch.Tensor]) -> None:
-        """Swap the layer-wise coefficients for chunk-wise ones that start from (and stay near) stage 1."""
+    def start_stage2(self, stage1_values: dict[str, torch.Tensor]) -> None:
+        """Enter the chunk-wise stage: chunk-wise coefficients that start from (and stay near) stage 1.
+
+        Called between fits (never inside a running one): the stage-2 Trainer then builds its optimiser, and
+        under DDP its reducer, over these new parameters.
+        """
         allocation = self.compute_chunk_allocation(stage1_values)
         device = self.task_vectors[0].device
         self.stage1_values = {name: value.detach().float().cpu() for name, value in stage1_values.items()}
@@ -452,26 +451,13 @@ class ExpertMergingModule(pl.LightningModule):
         return {name: values[:, i].detach().cpu() for i, name in enumerate(self.coefficient_names)}
 
     def on_train_start(self) -> None:
-        if not self.chunking_enabled:
-            return
-        loop = self.trainer.fit_loop
-        if self.hparams.stage1_result:  # stage 1 was an earlier run: this run is the chunk-wise stage only
-            self.stage1_steps = 0
-            loop.epoch_loop.max_steps = int(self.hparams.stage2_steps)
-        else:
-            self.stage1_steps = int(self.trainer.max_steps)
-            if self.stage1_steps < 0:
-                raise ExpertMergeError(
-                    "model.chunking needs trainer.max_steps (the layer-wise stage's steps) to be set."
-                )
-            loop.epoch_loop.max_steps = self.stage1_steps + int(self.hparams.stage2_steps)
+        if self.stage == 2 and self.trainer.is_global_zero:
+            Console().print(allocation_table(self.chunk_allocation))
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.chunking_enabled and self.stage == 1 and self.global_step >= (self.stage1_steps or 0):
-            self._start_stage2(self.stage1_snapshot())
-            self.trainer.strategy.setup_optimizers(self.trainer)  # fresh optimiser over the new coefficients
-            if self.trainer.is_global_zero:
-                Console().print(allocation_table(self.chunk_allocation))
+    @property
+    def progress_label(self) -> str:
+        """What the progress bar counts: the stage's steps when the fit has two stages."""
+        return f"stage {self.stage} step" if self.chunking_enabled else "step"
 
     # ------------------------------------------------------------------------------------ the loss
     def task_losses(self, batch: dict[str, Any], split: str = "train") -> dict[str, torch.Tensor]:
@@ -595,7 +581,7 @@ class ExpertMergingModule(pl.LightningModule):
             )
         if self.coefficients is not None and saved.get("stage") == 2 and self.stage == 1:
             # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
-            self._start_stage2(saved["stage1_values"])
+            self.start_stage2(saved["stage1_values"])
 
     # ---------------------------------------------------------------------------------- results
     @torch.no_grad()
@@ -608,6 +594,18 @@ class ExpertMergingModule(pl.LightningModule):
             self.model.get_parameter(name).copy_(value)
         self._folded = True
         return self.model
+
+
+def checkpoint_stage(path: str | Path) -> int | None:
+    """The stage (1 layer-wise, 2 chunk-wise) a fit checkpoint was saved in; None when `path` is no file
+    (Lightning's "last" / "best" names, resolved by the Trainer itself)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as error:
+        raise ExpertMergeError(f"--ckpt_path: cannot read checkpoint '{path}' ({error}).") from error
+    return int(checkpoint.get("expertmerge", {}).get("stage", 1))
 
 
 def allocation_table(allocation: dict[str, Any], top: int = 12) -> Table:

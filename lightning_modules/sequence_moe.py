@@ -15,7 +15,6 @@ per task on the held-out samples, whole sample and first half), whichever one th
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,13 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.evaluate import TaskScores, expert_scores, score_task, scores_table, scores_to_json
+from expertmerge.evaluate import TaskScores, expert_scores, score_task, scores_to_json
 from expertmerge.hashing import model_content_hash
 from expertmerge.losses import kl_to_teacher, logit_kl_loss
 from expertmerge.moe.sequence import ROUTERS
 from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
 from expertmerge.pool import model_dir
 from expertmerge.teachers import TeacherSettings, teacher_targets
-
-# The frozen experts run in eval mode on purpose (no dropout while projectors and router learn).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# Nothing to validate during the fit (it is evaluated at its end), though the datamodule offers a val loader.
-warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
 
 
 class SequenceMoEModule(pl.LightningModule):
@@ -326,22 +320,3 @@ def routing_table(accuracy: dict[str, dict[str, dict[str, float]]], tasks: list[
             values = [per_task[t] for t in tasks]
             table.add_row(router, part, *(f"{v:.0%}" for v in values), f"{sum(values) / len(values):.0%}")
     return table
-
-
-class ExportSequenceMoE(pl.Callback):
-    """At the end of the fit: the per-task table, routing accuracy, then the atomic export."""
-
-    def __init__(self, settings: Any, config_yaml: str | None = None) -> None:
-        self.settings = settings
-        self.config_yaml = config_yaml
-
-    def on_fit_end(self, trainer: pl.Trainer, module: SequenceMoEModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        console = Console()
-        rows, accuracy = module.evaluate() if self.settings.evaluate else (None, None)
-        if rows is not None:
-            console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))
-            console.print(routing_table(accuracy, module.task_names))
-        path = module.export(self.settings.output_dir, self.settings.force, rows, accuracy, self.config_yaml)
-        console.print(f"[green]exported[/green] {path}")

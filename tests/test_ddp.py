@@ -124,3 +124,37 @@ def test_ddp_on_two_cpu_processes_learns_the_single_process_coefficients(tiny_zo
     # The coefficients moved far more than the tolerance: an unsynchronised rank (which sees only half the
     # batches) or a different global batch would not pass the comparison above.
     assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE
+
+
+def test_ddp_with_chunking_learns_the_single_process_coefficients_in_both_stages(
+    tiny_zoo, tmp_path: Path
+) -> None:
+    # Stage 2 is a second Trainer: its DDP reducer must hold the chunk-wise coefficients, not stage 1's.
+    chunking = ("--model.chunking", "true", "--model.stage2_steps", "4", "--trainer.accelerator", "cpu")
+    ddp = fit_in_subprocess(
+        tmp_path,
+        "ddp",
+        *chunking,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        "3",
+    )
+    single = fit_in_subprocess(
+        tmp_path, "single", *chunking, "--trainer.devices", "1", "--trainer.accumulate_grad_batches", "6"
+    )
+    # stage 1: the allocation is computed from the layer-wise result, so equal importances mean equal stage 1
+    allocations = [
+        json.loads((tmp_path / n / "chunk_allocation.json").read_text()) for n in ("ddp", "single")
+    ]
+    importances = [[t["importance"] for _, t in sorted(a["tensors"].items())] for a in allocations]
+    assert importances[0] == pytest.approx(importances[1], abs=TOLERANCE)
+    assert allocations[0]["total_chunks"] == allocations[1]["total_chunks"] > 0
+    # stage 2: the chunk-wise coefficients
+    ddp_values, single_values = flat(ddp), flat(single)
+    assert ddp["chunk_counts"] == single["chunk_counts"]
+    assert len(ddp_values) == len(single_values) > 42  # more than one coefficient for some tensors
+    assert ddp_values == pytest.approx(single_values, abs=TOLERANCE)
+    assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE

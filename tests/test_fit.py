@@ -90,22 +90,22 @@ def test_second_fit_reuses_teacher_targets_and_is_deterministic(
     assert all_coefficients(again) == all_coefficients(layerwise_fit)
 
 
-def test_progress_bar_is_a_default_that_can_be_turned_off(
-    layerwise_fit: Path, tmp_path: Path, monkeypatch
-) -> None:
-    from lightning_modules.callbacks import ExportMergedModel
+def test_progress_bar_is_a_default_that_can_be_turned_off(tiny_zoo) -> None:
+    from expertmerge.cli.fit import _fit_cli
+    from lightning_modules.progress import StepProgressBar
 
-    bars = []
-    original = ExportMergedModel.on_fit_end
+    quiet = _fit_cli(["--config", CONFIG, "--trainer.enable_progress_bar", "false"], run=False).trainer
+    default = _fit_cli(["--config", CONFIG], run=False).trainer
+    assert quiet.progress_bar_callback is None
+    assert isinstance(default.progress_bar_callback, StepProgressBar)
 
-    def record(self, trainer, module):
-        bars.append(trainer.progress_bar_callback)
-        return original(self, trainer, module)
 
-    monkeypatch.setattr(ExportMergedModel, "on_fit_end", record)
-    fit(tmp_path, "quiet", "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false")
-    fit(tmp_path, "default", "--trainer.max_steps", "3", "--export.evaluate", "false")
-    assert bars[0] is None and type(bars[1]).__name__ == "RichProgressBar"
+def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path: Path, capfd) -> None:
+    fit(tmp_path, "short", "--trainer.max_steps", "2", "--export.evaluate", "false")
+    printed = "".join(capfd.readouterr())
+    assert "step" in printed and "2/2" in printed
+    for noise in ("Tip:", "litlogger", "litmodels", "GPU available", "Generating train split", "Epoch"):
+        assert noise not in printed, noise
 
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
@@ -135,6 +135,27 @@ def test_bad_config_fails_before_any_work(tiny_zoo, tmp_path: Path, capsys) -> N
     assert code == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_stage2_checkpoint_resumes_the_chunkwise_stage(tiny_zoo, tmp_path: Path) -> None:
+    # Stage 1 is 4 steps (one epoch of 12 batches), stage 2 stops after 4 of its 8 steps and is resumed.
+    from lightning_modules.merging import checkpoint_stage
+
+    common = (
+        "--model.chunking", "true", "--model.scheduler", "constant", "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "12", "--export.evaluate", "false",
+    )  # fmt: skip
+    straight = fit(tmp_path, "straight", "--model.stage2_steps", "8", *common)
+    half = fit(tmp_path, "first-half", "--model.stage2_steps", "4", *common)
+    stages = {checkpoint_stage(c): c for c in (tmp_path / "first-half-logs").rglob("*.ckpt")}
+    assert set(stages) == {1, 2}  # each stage's Trainer checkpoints, and the checkpoint says which stage
+    resumed = fit(tmp_path, "resumed", "--model.stage2_steps", "8", "--ckpt_path", str(stages[2]), *common)
+    assert all_coefficients(resumed) == pytest.approx(all_coefficients(straight), abs=1e-5)
+    # the resumed run did learn: stage 2's last 4 steps moved the coefficients past the half-way result
+    assert (
+        max(abs(a - b) for a, b in zip(all_coefficients(half), all_coefficients(straight), strict=True))
+        > 1e-4
+    )
 
 
 def test_expert_merging_plus_plus_improves_on_layerwise(tiny_zoo, tmp_path: Path) -> None:

@@ -1,84 +1,140 @@
-"""`python -m expertmerge fit`: a LightningCLI over the learned-merge (or sequence-MoE) module and the calibration data."""
+"""`python -m expertmerge fit`: a LightningCLI over the learned-merge (or sequence-MoE) module and the data.
+
+The command runs its steps in order: the layer-wise fit (stage 1), for Expert Merging++ the chunk-wise fit
+(stage 2, a fresh Trainer and optimiser over the chunk-wise coefficients, same module: nothing is loaded
+twice), then on rank 0 the evaluation table, the exports and the summary.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+EXPERT_MERGING_CLASS = "lightning_modules.merging.ExpertMergingModule"
 SEQUENCE_MOE_CLASS = "lightning_modules.sequence_moe.SequenceMoEModule"
+PROG = "python -m expertmerge"
+
+# Lightning messages that are noise for this command: warnings nobody running `fit` can act on ...
+_QUIET_WARNINGS = (
+    r".*tensorboardX.*",  # Lightning suggests TensorBoard when it falls back to its CSV logger; we want CSV
+    r".*LightningCLI's args parameter is intended.*",  # argv is ours; sys.argv stays intact for DDP ranks
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # raised inside Lightning by newer torch
+    r".*val_dataloader.* but have no `validation_step`.*",  # the sequence MoE is evaluated after the fit
+    r".*module\(s\) in eval mode at the start of training.*",  # the frozen base runs in eval mode on purpose
+)
+# ... and info lines: the litlogger/litmodels tips and the device inventory (which repeats for stage 2).
+_QUIET_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
 
 
-def _names_sequence_moe(args: Sequence[str]) -> bool:
-    """Whether the fit is the sequence-level MoE: its config's `model.class_path` (or a `--model` argument)
-    names `SequenceMoEModule`. Any other fit is Expert Merging, whose configs have no class_path."""
-    import yaml
-
-    for index, arg in enumerate(args):
-        value = args[index + 1] if index + 1 < len(args) else ""
-        if arg.startswith("--model=") or arg.startswith("--model.class_path="):
-            value, arg = arg.split("=", 1)[1], "--model"
-        if arg in ("--model", "--model.class_path") and value.endswith("SequenceMoEModule"):
-            return True
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else value
-            try:
-                with open(path) as handle:
-                    config = yaml.safe_load(handle) or {}
-            except (OSError, yaml.YAMLError):
-                continue  # LightningCLI reports unreadable configs itself
-            model = config.get("model") if isinstance(config, dict) else None
-            if isinstance(model, dict) and str(model.get("class_path", "")).endswith("SequenceMoEModule"):
-                return True
-    return False
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_QUIET_INFO)
 
 
-def _first_value(mapping: dict) -> str | None:
-    return next(iter(mapping.values()), None) if mapping else None
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence the lines above for the duration of the command only (no process-wide filters)."""
+    import datasets
+
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    drop = _DropLines()
+    bars_were_on = datasets.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for message in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        rank_zero.addFilter(drop)
+        datasets.disable_progress_bars()  # "Generating train split" bars of the jsonl loader
+        try:
+            yield
+        finally:
+            rank_zero.removeFilter(drop)
+            if bars_were_on:
+                datasets.enable_progress_bars()
+
+
+def _tokenizer_of(model: Any) -> str | None:
+    """data.tokenizer: the base's (Expert Merging), or the first expert's (the sequence MoE's experts share
+    one tokenizer, checked when it is built)."""
+    init = getattr(model, "init_args", model)
+    base = getattr(init, "base", None)
+    if base:
+        return base
+    experts = getattr(init, "experts", None) or {}
+    return next(iter(experts.values()), None)
 
 
 def _fit_cli(args: Sequence[str], run: bool = True):
-    from pytorch_lightning.callbacks import RichProgressBar
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ProgressBar
     from pytorch_lightning.cli import LightningCLI
 
     from calib_data import CalibrationDataModule
     from expertmerge.export import check_output_dir
-    from lightning_modules.callbacks import ExportMergedModel, ExportSettings
+    from lightning_modules.callbacks import ExportSettings
     from lightning_modules.merging import ExpertMergingModule
-
-    sequence_moe = _names_sequence_moe(args)
+    from lightning_modules.progress import StepProgressBar
 
     class ExpertMergeCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"fit": LightningCLI.subcommands()["fit"]}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(ExportSettings, "export")
-            if sequence_moe:  # the experts share a tokenizer (checked): the first expert's
-                parser.link_arguments("model.init_args.experts", "data.tokenizer", compute_fn=_first_value)
-            else:  # the experts share the base's tokenizer
-                parser.link_arguments("model.base", "data.tokenizer")
+            # Expert Merging configs name no class (`model: {base: ..., experts: ...}`); the sequence MoE's does.
+            parser.set_defaults({"model": {"class_path": EXPERT_MERGING_CLASS}})
+            parser.link_arguments("model", "data.tokenizer", compute_fn=_tokenizer_of)
+
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            """A Trainer of this config; `kwargs` override its settings (stage 2 gets its own max_steps).
+
+            Each Trainer gets fresh copies of the configured callbacks (a callback keeps state from the fit it
+            ran in), and our progress bar unless one is configured or `trainer.enable_progress_bar` is false
+            (a bar in trainer_defaults would make Lightning refuse that flag).
+            """
+            config = (
+                self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+            )
+            if not hasattr(self, "_configured_callbacks"):
+                self._configured_callbacks = copy.deepcopy(list(config.get("callbacks") or []))
+            callbacks = copy.deepcopy(self._configured_callbacks)
+            if {**config, **kwargs}.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                callbacks.append(StepProgressBar())
+            return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
         def before_fit(self) -> None:
-            settings = ExportSettings(**self.config_dump_section("export"))
-            check_output_dir(settings.output_dir, settings.force)  # fail now, not after the fit
-            config_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
-            if sequence_moe:
-                from lightning_modules.sequence_moe import ExportSequenceMoE
+            self.export_settings = ExportSettings(**vars(self.config.fit.export))
+            check_output_dir(self.export_settings.output_dir, self.export_settings.force)  # fail before work
+            if getattr(self.model.hparams, "moe", False):
+                check_output_dir(self.export_settings.moe_dir(), self.export_settings.force)
+            self.config_yaml = self._parser(self.subcommand).dump(self.config.fit, skip_none=False)
 
-                self.trainer.callbacks.append(ExportSequenceMoE(settings, config_yaml))
+        def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
+            """The command's steps (LightningCLI runs this method in place of `Trainer.fit`)."""
+            started = time.perf_counter()
+            if isinstance(model, ExpertMergingModule):
+                trainers = run_stages(self, model, **kwargs)
+            else:
+                trainers = [self.trainer]
+                self.trainer.fit(model, **kwargs)
+            trainer = trainers[-1]
+            if trainer.interrupted or not trainer.is_global_zero:
                 return
-            if self.config[self.subcommand].model.moe:
-                check_output_dir(settings.moe_dir(), settings.force)
-            self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
-
-        def _instantiate_trainer(self, config: dict, callbacks: list):
-            # The rich bar is our default, not a requirement: `--trainer.enable_progress_bar false` turns it off
-            # (a bar in trainer_defaults would make Lightning refuse that flag).
-            if config.get("enable_progress_bar") is not False and not any(
-                isinstance(c, RichProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])]
-            ):
-                callbacks = [*callbacks, RichProgressBar()]
-            return super()._instantiate_trainer(config, callbacks)
-
-        def config_dump_section(self, key: str) -> dict:
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            return dict(vars(config[key])) if hasattr(config[key], "__dict__") else dict(config[key])
+            # Lightning hands the module back on the CPU; the evaluation and exports run where the fit ran.
+            model.to(trainer.strategy.root_device)
+            if isinstance(model, ExpertMergingModule):
+                steps = " + ".join(str(t.global_step) for t in trainers)
+                seconds = time.perf_counter() - started
+                export_expert_merging(model, self.export_settings, self.config_yaml, steps, seconds)
+            else:
+                export_sequence_moe(model, self.export_settings, self.config_yaml)
 
     trainer_defaults = {
         "max_steps": 60,
@@ -88,38 +144,126 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         "log_every_n_steps": 5,
         "default_root_dir": "outputs/fit-logs",
     }
-    import pytorch_lightning as pl
-
-    # The sequence MoE config names its module: `model: {class_path: ..., init_args: {...}}`.
     return ExpertMergeCLI(
-        pl.LightningModule if sequence_moe else ExpertMergingModule,
+        pl.LightningModule,
         CalibrationDataModule,
-        subclass_mode_model=sequence_moe,
+        subclass_mode_model=True,
         args=list(args),
         run=run,
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "python -m expertmerge fit"} if run else None,
+        # The fit subcommand's usage then reads "python -m expertmerge fit [options]".
+        parser_kwargs={
+            "prog": PROG,
+            "fit": {"prog": f"{PROG} fit", "usage": f"{PROG} fit [options]", "description": _DESCRIPTION},
+        }
+        if run
+        else None,
     )
 
 
-def fit_main(argv: Sequence[str]) -> int:
-    import warnings
+_DESCRIPTION = (
+    "Learn merge coefficients on calibration data (Expert Merging) and export the merged model. "
+    "`--model.help ExpertMergingModule` lists the model options; a sequence-MoE config names "
+    f"`model.class_path: {SEQUENCE_MOE_CLASS}`."
+)
 
-    # Lightning suggests TensorBoard when it falls back to its CSV logger; the CSV logs are what we want.
-    warnings.filterwarnings("ignore", message=r".*tensorboardX.*")
-    # `argv` is the process's own command line; sys.argv must stay intact (DDP re-launches ranks from it).
-    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
-    # Raised inside Lightning by newer torch versions; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    # The sequence MoE has nothing to validate during the fit (it is evaluated at the end).
-    warnings.filterwarnings("ignore", message=r".*val_dataloader.* but have no `validation_step`.*")
-    _fit_cli(["fit", *argv])
+
+def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: Any) -> list[Any]:
+    """Stage 1 (layer-wise, `trainer.max_steps`), then for Expert Merging++ stage 2 (chunk-wise,
+    `model.stage2_steps`) as a second Trainer over the same module. Returns the Trainers that ran.
+
+    A checkpoint says its stage: a stage-2 checkpoint resumes stage 2 (stage 1 is not run again).
+    """
+    from expertmerge.errors import ExpertMergeError
+    from lightning_modules.merging import checkpoint_stage
+
+    hp = module.hparams
+    resume_stage = checkpoint_stage(ckpt_path) if ckpt_path else None
+    if resume_stage == 2 and not module.chunking_enabled:
+        raise ExpertMergeError(
+            f"--ckpt_path '{ckpt_path}' is a chunk-wise (stage 2) checkpoint: resume it with model.chunking true."
+        )
+    if resume_stage == 1 and hp.stage1_result:
+        raise ExpertMergeError(
+            f"--ckpt_path '{ckpt_path}' is a layer-wise (stage 1) checkpoint, but model.stage1_result runs "
+            "stage 2 only: drop one of the two."
+        )
+    trainers = []
+    if not hp.stage1_result and resume_stage != 2:
+        stage1 = cli.trainer
+        if module.chunking_enabled and stage1.max_steps < 0:
+            raise ExpertMergeError(
+                "model.chunking needs trainer.max_steps (the layer-wise stage's steps) to be set."
+            )
+        stage1.fit(module, ckpt_path=ckpt_path, **kwargs)
+        trainers.append(stage1)
+        if stage1.interrupted or not module.chunking_enabled:
+            return trainers
+        module.start_stage2(module.stage1_snapshot())
+        ckpt_path = None
+    # With stage1_result or a stage-2 checkpoint the module enters stage 2 while it is set up / restored.
+    stage2 = cli.instantiate_trainer(max_steps=int(hp.stage2_steps))
+    stage2.fit(module, ckpt_path=ckpt_path, **kwargs)
+    return [*trainers, stage2]
+
+
+def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: str, seconds: float) -> None:
+    """After the fits: the per-task comparison, the fused MoE (with router tuning), the dense merge, a summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from expertmerge.evaluate import scores_table
+    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe
+
+    console = Console()
+    scores = evaluate_fit(module) if settings.evaluate else None
+    moe_path = None
+    if module.hparams.moe:
+        moe_path, moe_scores = export_moe(module, settings.moe_dir(), settings.force, scores)
+        scores = moe_scores if scores is not None else None
+    if scores is not None:
+        console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
+    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores)
+    summary = Table(title="expertmerge fit", show_header=False)
+    summary.add_row("output", str(path))
+    if moe_path is not None:
+        summary.add_row("fused MoE", f"{moe_path} (router {module.hparams.moe_router})")
+    summary.add_row("experts", ", ".join(module.expert_names))
+    summary.add_row("tensors with learned coefficients", str(len(module.coefficient_names)))
+    summary.add_row("coefficients", str(module.coefficients.num_trainable()))
+    summary.add_row("steps", steps)
+    stats = module.teacher_stats
+    summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
+    summary.add_row("fit wall time", f"{seconds:.1f} s")
+    console.print(summary)
+
+
+def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
+    """After the fit: the per-task table and the routing accuracy, then the atomic export."""
+    from rich.console import Console
+
+    from expertmerge.evaluate import scores_table
+    from lightning_modules.sequence_moe import routing_table
+
+    console = Console()
+    rows, accuracy = module.evaluate() if settings.evaluate else (None, None)
+    if rows is not None:
+        console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))
+        console.print(routing_table(accuracy, module.task_names))
+    path = module.export(settings.output_dir, settings.force, rows, accuracy, config_yaml)
+    console.print(f"[green]exported[/green] {path}")
+
+
+def fit_main(argv: Sequence[str]) -> int:
+    with _quiet_lightning():
+        _fit_cli(["fit", *argv])
     return 0
 
 
 def _configured(config: str, overrides: Sequence[str]):
     """Model (not yet prepared) and datamodule of a fit config, without running anything."""
-    cli = _fit_cli(["--config", config, *overrides], run=False)
+    with _quiet_lightning():
+        cli = _fit_cli(["--config", config, *overrides], run=False)
     return cli.model, cli.datamodule
