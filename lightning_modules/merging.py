@@ -28,6 +28,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
+from expertmerge.validation import check_merging_options
 
 # The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -134,6 +135,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.save_hyperparameters()
         if not experts:
             raise ExpertMergeError("model.experts is empty: name at least one expert folder.")
+        check_merging_options(self.hparams)  # before any model or data is touched
         self.expert_names = list(experts)
         self.strict_loading = False  # checkpoints hold the coefficients only
         self.model: nn.Module | None = None

@@ -40,6 +40,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
     from pytorch_lightning.cli import LightningCLI
 
     from calib_data import CalibrationDataModule
+    from expertmerge.errors import ExpertMergeError
     from expertmerge.export import check_output_dir
     from lightning_modules.callbacks import ExportMergedModel, ExportSettings
     from lightning_modules.merging import ExpertMergingModule
@@ -47,6 +48,11 @@ def _fit_cli(args: Sequence[str], run: bool = True):
     sequence_moe = _names_sequence_moe(args)
 
     class ExpertMergeCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # `fit` is the one subcommand we run; building the parsers of validate/test/predict costs seconds.
+            return {"fit": LightningCLI.subcommands()["fit"]}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(ExportSettings, "export")
             if sequence_moe:  # the experts share a tokenizer (checked): the first expert's
@@ -63,7 +69,13 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
                 self.trainer.callbacks.append(ExportSequenceMoE(settings, config_yaml))
                 return
-            if self.config[self.subcommand].model.moe:
+            model = self.config[self.subcommand].model
+            if model.chunking and not model.stage1_result and self.trainer.max_steps < 1:
+                raise ExpertMergeError(  # stage 1 (the layer-wise fit) lasts trainer.max_steps steps
+                    f"trainer.max_steps is {self.trainer.max_steps}; model.chunking needs it >= 1 (the steps of "
+                    "the layer-wise stage before the chunk-wise one)."
+                )
+            if model.moe:
                 check_output_dir(settings.moe_dir(), settings.force)
             self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
 
@@ -100,7 +112,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "python -m expertmerge fit"} if run else None,
+        # A bad value raises (the CLI prints it as one line) instead of printing the whole usage and exiting.
+        parser_kwargs={"exit_on_error": False, **({"prog": "python -m expertmerge"} if run else {})},
     )
 
 
