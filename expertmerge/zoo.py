@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import transformers
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -501,5 +502,5 @@ def zoo_main(argv: list[str]) -> int:
     assert manifest is not None
     console = Console()
     console.print(loss_table(manifest))
-    console.print(f"zoo folder: {folder.resolve()}  (built in {manifest['build_seconds']} s)")
+    console.print(f"zoo folder: {escape(str(folder.resolve()))}  (built in {manifest['build_seconds']} s)")
     return 0

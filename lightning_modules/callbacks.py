@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -247,10 +248,10 @@ class ExportMergedModel(pl.Callback):
             pl_module, self.settings.output_dir, self.settings.force, self.config_yaml, scores
         )
         summary = Table(title="expertmerge fit", show_header=False)
-        summary.add_row("output", str(path))
+        summary.add_row("output", escape(str(path)))  # paths are not rich markup
         if moe_path is not None:
-            summary.add_row("fused MoE", f"{moe_path} (router {pl_module.hparams.moe_router})")
-        summary.add_row("experts", ", ".join(pl_module.expert_names))
+            summary.add_row("fused MoE", f"{escape(str(moe_path))} (router {pl_module.hparams.moe_router})")
+        summary.add_row("experts", escape(", ".join(pl_module.expert_names)))
         summary.add_row("tensors with learned coefficients", str(len(pl_module.coefficient_names)))
         summary.add_row("coefficients", str(pl_module.coefficients.num_trainable()))
         summary.add_row("steps", str(trainer.global_step))

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
@@ -355,4 +356,4 @@ class ExportSequenceMoE(pl.Callback):
             console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))
             console.print(routing_table(accuracy, module.task_names))
         path = module.export(self.settings.output_dir, self.settings.force, rows, accuracy, self.config_yaml)
-        console.print(f"[green]exported[/green] {path}")
+        console.print(f"[green]exported[/green] {escape(str(path))}")
