@@ -56,8 +56,16 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 
 
 def positive(key: str, value: Any) -> float:
-    """A finite float > 0 (learning rates, temperatures)."""
+    """A finite float > 0 (learning rates)."""
     return in_range(key, value, 0.0, low_open=True)
+
+
+MAX_TEMPERATURE = 1000.0  # T^2 * KL is computed in float32: T = 1e30 gave a NaN model, T = 1000 a finite one
+
+
+def temperature(key: str, value: Any) -> float:
+    """A distillation temperature: > 0, and small enough that T^2 stays finite in float32."""
+    return in_range(key, value, 0.0, MAX_TEMPERATURE, low_open=True)
 
 
 def non_negative(key: str, value: Any) -> float:
@@ -92,7 +100,7 @@ def per_name(key: str, value: Any, names: Sequence[str], check: Any, what: str =
             )
         return [
             check(f"{key}[{index}] ({name})", v)
-            for index, (name, v) in enumerate(zip(value, names, strict=True))
+            for index, (name, v) in enumerate(zip(names, value, strict=True))
         ]
     return [check(key, value)] * len(names)
 
@@ -132,7 +140,7 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
     per_name("model.alpha0", hp["alpha0"], experts, lambda k, v: in_range(k, v, 0, 1, True, True), "experts")
     non_negative("model.gamma", hp["gamma"])
     non_negative("model.mu", hp["mu"])
-    positive("model.temperature", hp["temperature"])
+    temperature("model.temperature", hp["temperature"])
     if hp["hidden_layers"] is not None:
         if not isinstance(hp["hidden_layers"], (list, tuple)):
             raise ExpertMergeError(
@@ -172,4 +180,4 @@ def check_sequence_moe_options(hp: Mapping[str, Any]) -> None:
     positive("model.projector_lr", hp["projector_lr"])
     in_range("model.min_prefix", hp["min_prefix"], 0, 1, low_open=True)
     optional(positive_int)("model.logit_topk", hp["logit_topk"])
-    positive("model.temperature", hp["temperature"])
+    temperature("model.temperature", hp["temperature"])
