@@ -302,7 +302,7 @@ def fuzz_value(key: str, value: str) -> str:
 def test_fuzzed_numeric_fit_options_give_a_clean_error_or_a_finite_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rng = random.Random(0)  # this seed draws 2 valid values: 2 fits run end to end
+    rng = random.Random(11)  # this seed draws one valid value (stage2_steps 3): one fit runs end to end
     options = numeric_options()
     assert {"model.alpha0", "model.lr", "model.temperature", "data.batch_size"} <= set(options)
     outcomes = {"error": 0, "fit": 0}
