@@ -28,7 +28,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherJob, TeacherSettings, TeacherStats, TeacherTargets, collect_targets
-from expertmerge.validation import check_merging_options
+from expertmerge.validation import check_merging_options, weights
 
 # The frozen base runs in eval mode on purpose (no dropout while coefficients learn).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -177,6 +177,7 @@ class ExpertMergingModule(pl.LightningModule):
             raise ExpertMergeError(
                 f"model.task_weights names unknown tasks {sorted(unknown)}; tasks are {self.task_names}."
             )
+        weights("model.task_weights", hp.task_weights or {}, self.task_names)  # not every task at 0
 
         model = self._load(pool.base_dir)
         num_layers = int(getattr(model.config, "num_hidden_layers", 2))

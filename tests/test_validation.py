@@ -79,11 +79,10 @@ def _tripwire(what: str):
 
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Teacher passes and the export's model preparation must not start in these tests."""
+    """Teacher passes must not start in these tests."""
     monkeypatch.setattr("lightning_modules.merging.collect_targets", _tripwire("the teacher pass"))
     monkeypatch.setattr("lightning_modules.sequence_moe.collect_targets", _tripwire("the teacher pass"))
     monkeypatch.setattr("expertmerge.teachers.collect_targets", _tripwire("the teacher pass"))
-    monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
 
 
 def assert_clean_error(code: int, stderr: str, *named: str) -> str:
@@ -222,8 +221,14 @@ def _other_config_checkpoint(path: Path) -> Path:
     ids=["missing", "empty", "text", "folder", "other-config"],
 )
 def test_bad_export_checkpoint_is_one_line_before_models_load(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None, make: Any, named: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_work: None,
+    make: Any,
+    named: str,
 ) -> None:
+    monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     ckpt = make(inputs)
