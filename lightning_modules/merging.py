@@ -27,6 +27,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
+from expertmerge.validation import check_merging_options, weights
 
 DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -130,6 +131,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.save_hyperparameters()
         if not experts:
             raise ExpertMergeError("model.experts is empty: name at least one expert folder.")
+        check_merging_options(self.hparams)  # before any model or data is touched
         self.expert_names = list(experts)
         self.strict_loading = False  # checkpoints hold the coefficients only
         self.model: nn.Module | None = None
@@ -171,6 +173,7 @@ class ExpertMergingModule(pl.LightningModule):
             raise ExpertMergeError(
                 f"model.task_weights names unknown tasks {sorted(unknown)}; tasks are {self.task_names}."
             )
+        weights("model.task_weights", hp.task_weights or {}, self.task_names)  # not every task at 0
 
         model = self._load(pool.base_dir)
         num_layers = int(getattr(model.config, "num_hidden_layers", 2))

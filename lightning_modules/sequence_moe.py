@@ -33,6 +33,7 @@ from expertmerge.moe.sequence import ROUTERS
 from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
 from expertmerge.pool import model_dir
 from expertmerge.teachers import TeacherSettings, teacher_targets
+from expertmerge.validation import check_sequence_moe_options
 
 
 class SequenceMoEModule(pl.LightningModule):
@@ -73,12 +74,9 @@ class SequenceMoEModule(pl.LightningModule):
         self.save_hyperparameters()
         if router not in ROUTERS:
             raise ExpertMergeError(f"model.router must be one of {list(ROUTERS)}, not '{router}'.")
-        if not 1 <= top_k <= len(experts):
-            raise ExpertMergeError(
-                f"model.top_k must be between 1 and {len(experts)} (the number of experts)."
-            )
-        if not 0 < min_prefix <= 1:
-            raise ExpertMergeError("model.min_prefix must be in (0, 1].")
+        if not experts:
+            raise ExpertMergeError("model.experts is empty: name at least one expert folder.")
+        check_sequence_moe_options(self.hparams)  # before any expert is resolved or loaded
         self.expert_names = list(experts)
         # Resolved now, so a wrong path is reported (by expert name) before data or models are loaded.
         self.expert_dirs = {

@@ -6,10 +6,12 @@ commands are small argparse programs over the same library.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from expertmerge.errors import ExpertMergeError
 
@@ -26,45 +28,81 @@ commands:
 """
 
 
+DEBUG_ENV = "EXPERTMERGE_DEBUG"
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The one-line message of a user error (ours, or a bad argument or trainer setting); None for a bug."""
+    import argparse
+
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    # Ours can arrive wrapped (jsonargparse re-raises what a module's __init__ raised as a ValueError).
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ExpertMergeError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, argparse.ArgumentError):  # jsonargparse: a key's value has the wrong type
+        return " ".join(str(error).split())
+    if isinstance(error, MisconfigurationException):  # Lightning: an impossible trainer setting
+        return "trainer: " + " ".join(str(error).split())
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user error is one line `error: ...` and exit code 2 (`--debug` as the first
+    argument, or EXPERTMERGE_DEBUG=1, shows its traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one line stays one line, whatever the terminal width
+    if command not in COMMANDS:
+        console.print(
+            f"[bold red]error:[/bold red] unknown command {escape(repr(command))}.\n{escape(USAGE)}"
+        )
+        return 2
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own rich progress bars cover the long steps
     try:
-        if command == "fit":
-            from expertmerge.cli.fit import fit_main
-
-            return fit_main(rest)
-        if command == "merge":
-            from expertmerge.cli.merge import merge_main
-
-            return merge_main(rest)
-        if command == "zoo":
-            from expertmerge.cli.zoo import zoo_main
-
-            return zoo_main(rest)
-        if command == "evaluate":
-            from expertmerge.cli.evaluate import evaluate_main
-
-            return evaluate_main(rest)
-        if command == "export":
-            from expertmerge.cli.export import export_main
-
-            return export_main(rest)
+        return _run(command, rest)
+    except SystemExit as exit_:  # argparse has printed usage and its one error line already
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except Exception as error:
-        # Our errors can arrive wrapped (jsonargparse re-raises what a module's __init__ raised as a ValueError).
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, ExpertMergeError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        message = None if debug else _user_error(error)
+        if message is None:
             raise
-        console.print(f"[bold red]error:[/bold red] {cause}")
+        # The user's text is printed literally: a path such as `runs/[bold]v2` is not rich markup.
+        console.print(f"[bold red]error:[/bold red] {escape(message)}")
         return 2
-    console.print(f"[bold red]error:[/bold red] unknown command '{command}'.\n{USAGE}")
-    return 2
+
+
+COMMANDS = ("fit", "merge", "zoo", "evaluate", "export")
+
+
+def _run(command: str, rest: list[str]) -> int:
+    if command == "fit":
+        from expertmerge.cli.fit import fit_main
+
+        return fit_main(rest)
+    if command == "merge":
+        from expertmerge.cli.merge import merge_main
+
+        return merge_main(rest)
+    if command == "zoo":
+        from expertmerge.cli.zoo import zoo_main
+
+        return zoo_main(rest)
+    if command == "evaluate":
+        from expertmerge.cli.evaluate import evaluate_main
+
+        return evaluate_main(rest)
+    from expertmerge.cli.export import export_main
+
+    return export_main(rest)

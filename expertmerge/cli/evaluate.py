@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
 from expertmerge.cli.fit import _configured
+from expertmerge.errors import ExpertMergeError
+
+
+def check_json_target(path: str) -> None:
+    """`--json` must name a file in an existing, writable folder (else the scores would be lost at the end)."""
+    target = Path(path).expanduser()
+    folder = target.parent
+    if target.is_dir():
+        raise ExpertMergeError(
+            f"evaluate --json '{path}' is a folder; give a file name, e.g. '{target / 'scores.json'}'."
+        )
+    if not folder.is_dir():
+        raise ExpertMergeError(
+            f"evaluate --json '{path}': folder '{folder}' does not exist; create it first."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExpertMergeError(f"evaluate --json '{path}': folder '{folder}' is not writable.")
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
@@ -18,7 +37,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.paths import resolve_path
-    from expertmerge.pool import ExpertPool
+    from expertmerge.pool import ExpertPool, model_dir
     from expertmerge.teachers import TeacherSettings, teacher_targets
 
     parser = argparse.ArgumentParser(
@@ -31,12 +50,16 @@ def evaluate_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--json", help="also write the scores to this JSON file")
     options, overrides = parser.parse_known_args(argv)
+    # The models to score and the JSON target are checked before the config's data and experts are touched.
+    given = {}
+    for item in options.model:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        given[name or path] = str(model_dir(path, f"evaluate --model {item}"))
+    if options.json:
+        check_json_target(options.json)
     module, datamodule = _configured(options.config, overrides)
     hp = module.hparams
-    named = {}
-    for item in ["base=" + hp.base, *options.model]:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        named[name or path] = resolve_path(path)
+    named = {"base": resolve_path(hp.base), **given}
     pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
     pool.validate()
     datamodule.check(module.expert_names)

@@ -4,16 +4,72 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from expertmerge.cli.fit import _configured
 from expertmerge.errors import ExpertMergeError
 
+# What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
+_STRUCTURE_KEYS = ("learn_include", "learn_exclude", "learn_matrices_only", "moe", "embeddings")
 
-def export_main(argv: Sequence[str]) -> int:
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at `path`, or one clear error when it is missing, empty or not a `fit` checkpoint."""
     import torch
 
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ExpertMergeError(
+            f"export --ckpt_path '{path}' does not exist; give a .ckpt file written by `fit`."
+        )
+    if file.is_dir():
+        raise ExpertMergeError(f"export --ckpt_path '{path}' is a folder; give the .ckpt file inside it.")
+    if file.stat().st_size == 0:
+        raise ExpertMergeError(
+            f"export --ckpt_path '{path}' is empty (a fit killed while saving?); use another one."
+        )
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not a checkpoint
+        reason = " ".join(str(error).split())[:200]
+        raise ExpertMergeError(
+            f"export --ckpt_path '{path}' is not a checkpoint written by `fit` ({type(error).__name__}: {reason})."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ExpertMergeError(
+            f"export --ckpt_path '{path}' is not a Lightning checkpoint (it has no state_dict)."
+        )
+    return checkpoint
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str, config: str) -> None:
+    """Refuse a checkpoint made with another config (other experts, other learned tensors, other module)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    current = dict(module.hparams)
+    fix = f"pass the --config the checkpoint '{path}' was made with"
+    # Expert Merging checkpoints carry their own section (coefficient names, stage); sequence-MoE ones do not.
+    if ("expertmerge" in checkpoint) != ("base" in current) or "experts" not in saved:
+        raise ExpertMergeError(
+            f"export: the checkpoint '{path}' was made by another kind of fit than '{config}'; {fix}."
+        )
+    if list(saved["experts"]) != list(current["experts"]):
+        raise ExpertMergeError(
+            f"export: the checkpoint '{path}' has experts {list(saved['experts'])}, '{config}' has "
+            f"{list(current['experts'])}; {fix}."
+        )
+    for key in _STRUCTURE_KEYS:
+        if key in current and key in saved and saved[key] != current[key]:
+            raise ExpertMergeError(
+                f"export: the checkpoint '{path}' has model.{key} = {saved[key]!r}, '{config}' has "
+                f"{current[key]!r}; {fix}."
+            )
+
+
+def export_main(argv: Sequence[str]) -> int:
     from expertmerge.export import check_output_dir
     from lightning_modules.callbacks import export_dense
 
@@ -32,11 +88,9 @@ def export_main(argv: Sequence[str]) -> int:
     )
     options, overrides = parser.parse_known_args(argv)
     check_output_dir(options.out, options.force)
-    try:
-        checkpoint = torch.load(options.ckpt_path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as error:
-        raise ExpertMergeError(f"Cannot read checkpoint '{options.ckpt_path}': {error}") from error
+    checkpoint = read_checkpoint(options.ckpt_path)
     module, datamodule = _configured(options.config, overrides)
+    check_checkpoint_matches(checkpoint, module, options.ckpt_path, options.config)  # before any model loads
     module.prepare(datamodule)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -54,5 +108,5 @@ def export_main(argv: Sequence[str]) -> int:
         Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
     else:
         path = export_dense(module, options.out, options.force)
-    Console().print(f"[green]exported[/green] {path}")
+    Console().print(f"[green]exported[/green] {escape(str(path))}")
     return 0

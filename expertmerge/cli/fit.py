@@ -74,6 +74,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
     from pytorch_lightning.cli import LightningCLI
 
     from calib_data import CalibrationDataModule
+    from expertmerge.errors import ExpertMergeError
     from expertmerge.export import check_output_dir
     from lightning_modules.callbacks import ExportSettings
     from lightning_modules.merging import ExpertMergingModule
@@ -82,6 +83,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
     class ExpertMergeCLI(LightningCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
+            # `fit` is the one subcommand we run; building the parsers of validate/test/predict costs seconds.
             return {"fit": LightningCLI.subcommands()["fit"]}
 
         def add_arguments_to_parser(self, parser) -> None:
@@ -114,6 +116,12 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             check_output_dir(self.export_settings.output_dir, self.export_settings.force)  # fail before work
             if getattr(self.model.hparams, "moe", False):
                 check_output_dir(self.export_settings.moe_dir(), self.export_settings.force)
+            hparams = self.model.hparams
+            if hparams.get("chunking") and not hparams.get("stage1_result") and self.trainer.max_steps < 1:
+                raise ExpertMergeError(  # stage 1 (the layer-wise fit) lasts trainer.max_steps steps
+                    f"trainer.max_steps is {self.trainer.max_steps}; model.chunking needs it >= 1 (the steps of "
+                    "the layer-wise stage before the chunk-wise one)."
+                )
             self.config_yaml = self._parser(self.subcommand).dump(self.config.fit, skip_none=False)
 
         def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
@@ -153,13 +161,24 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
-        # The fit subcommand's usage then reads "python -m expertmerge fit [options]".
+        # The fit subcommand's usage then reads "python -m expertmerge fit [options]"; a bad value raises (the CLI
+        # prints it as one line) instead of printing the whole usage and exiting.
         parser_kwargs={
-            "prog": PROG,
-            "fit": {"prog": f"{PROG} fit", "usage": f"{PROG} fit [options]", "description": _DESCRIPTION},
-        }
-        if run
-        else None,
+            "exit_on_error": False,
+            **(
+                {
+                    "prog": PROG,
+                    "fit": {
+                        "prog": f"{PROG} fit",
+                        "usage": f"{PROG} fit [options]",
+                        "description": _DESCRIPTION,
+                        "exit_on_error": False,
+                    },
+                }
+                if run
+                else {}
+            ),
+        },
     )
 
 
@@ -212,6 +231,7 @@ def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: An
 def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: str, seconds: float) -> None:
     """After the fits: the per-task comparison, the fused MoE (with router tuning), the dense merge, a summary."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from expertmerge.evaluate import scores_table
@@ -227,10 +247,10 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
         console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
     path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores)
     summary = Table(title="expertmerge fit", show_header=False)
-    summary.add_row("output", str(path))
+    summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
-        summary.add_row("fused MoE", f"{moe_path} (router {module.hparams.moe_router})")
-    summary.add_row("experts", ", ".join(module.expert_names))
+        summary.add_row("fused MoE", f"{escape(str(moe_path))} (router {module.hparams.moe_router})")
+    summary.add_row("experts", escape(", ".join(module.expert_names)))
     summary.add_row("tensors with learned coefficients", str(len(module.coefficient_names)))
     summary.add_row("coefficients", str(module.coefficients.num_trainable()))
     summary.add_row("steps", steps)
@@ -243,6 +263,7 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
     """After the fit: the per-task table and the routing accuracy, then the atomic export."""
     from rich.console import Console
+    from rich.markup import escape
 
     from expertmerge.evaluate import scores_table
     from lightning_modules.sequence_moe import routing_table
@@ -253,7 +274,7 @@ def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
         console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))
         console.print(routing_table(accuracy, module.task_names))
     path = module.export(settings.output_dir, settings.force, rows, accuracy, config_yaml)
-    console.print(f"[green]exported[/green] {path}")
+    console.print(f"[green]exported[/green] {escape(str(path))}")
 
 
 def fit_main(argv: Sequence[str]) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from expertmerge.errors import ExpertMergeError
@@ -65,5 +66,5 @@ def zoo_main(argv: list[str]) -> int:
     assert manifest is not None
     console = Console()
     console.print(loss_table(manifest))
-    console.print(f"zoo folder: {folder.resolve()}  (built in {manifest['build_seconds']} s)")
+    console.print(f"zoo folder: {escape(str(folder.resolve()))}  (built in {manifest['build_seconds']} s)")
     return 0

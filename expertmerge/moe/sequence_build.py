@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from expertmerge.errors import ExpertMergeError
@@ -181,7 +182,7 @@ def build_sequence_moe(
         raise RuntimeError(f"sequence MoE build left tensors unset: {leftover[:5]}")
     if console is not None:
         console.print(
-            f"sequence MoE: {len(names)} experts ({', '.join(names)}), embeddings '{mode}', router '{router}', "
+            f"sequence MoE: {len(names)} experts ({escape(', '.join(names))}), embeddings '{mode}', router '{router}', "
             f"top-{top_k}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
         )
     return model.eval()
