@@ -14,7 +14,7 @@ from expertmerge.errors import ExpertMergeError
 def export_main(argv: Sequence[str]) -> int:
     import torch
 
-    from expertmerge.export import check_output_dir
+    from expertmerge.io.folder import check_output_dir
     from lightning_modules.callbacks import export_dense
 
     parser = argparse.ArgumentParser(
@@ -31,7 +31,7 @@ def export_main(argv: Sequence[str]) -> int:
         "calibration data; model.moe_* and model.router_* keys of the config apply)",
     )
     options, overrides = parser.parse_known_args(argv)
-    check_output_dir(options.out, options.force)
+    check_output_dir(options.out, options.force, inputs=[options.config, options.ckpt_path])
     try:
         checkpoint = torch.load(options.ckpt_path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as error:

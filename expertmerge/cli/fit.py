@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 SEQUENCE_MOE_CLASS = "lightning_modules.sequence_moe.SequenceMoEModule"
 
@@ -35,12 +36,30 @@ def _first_value(mapping: dict) -> str | None:
     return next(iter(mapping.values()), None) if mapping else None
 
 
+def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
+    """The fit's input paths (base, experts, calibration sources), which its outputs may not replace, and the
+    base's weight bytes (the dense output's size) when the base is a local folder."""
+    from pathlib import Path
+
+    from expertmerge.io.reader import weights_bytes
+
+    args = getattr(model, "init_args", None) or model
+    experts = getattr(args, "experts", None) or {}
+    base = getattr(args, "base", None)
+    inputs = [base, *(experts.values() if isinstance(experts, dict) else experts)]
+    for task in getattr(datamodule, "tasks", None) or []:
+        inputs += list(getattr(task, "sources", None) or [])
+    inputs = [str(item) for item in inputs if isinstance(item, str | Path)]
+    estimate = weights_bytes(Path(base)) if isinstance(base, str) and Path(base).is_dir() else 0
+    return inputs, estimate
+
+
 def _fit_cli(args: Sequence[str], run: bool = True):
     from pytorch_lightning.callbacks import RichProgressBar
     from pytorch_lightning.cli import LightningCLI
 
     from calib_data import CalibrationDataModule
-    from expertmerge.export import check_output_dir
+    from expertmerge.io.folder import check_output_dir
     from lightning_modules.callbacks import ExportMergedModel, ExportSettings
     from lightning_modules.merging import ExpertMergingModule
 
@@ -56,7 +75,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
         def before_fit(self) -> None:
             settings = ExportSettings(**self.config_dump_section("export"))
-            check_output_dir(settings.output_dir, settings.force)  # fail now, not after the fit
+            inputs, estimate = _fit_inputs(self.config[self.subcommand].model, self.datamodule)
+            check_output_dir(settings.output_dir, settings.force, inputs, estimate)  # now, not after the fit
             config_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
             if sequence_moe:
                 from lightning_modules.sequence_moe import ExportSequenceMoE
@@ -64,7 +84,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 self.trainer.callbacks.append(ExportSequenceMoE(settings, config_yaml))
                 return
             if self.config[self.subcommand].model.moe:
-                check_output_dir(settings.moe_dir(), settings.force)
+                check_output_dir(settings.moe_dir(), settings.force, inputs, estimate)
             self.trainer.callbacks.append(ExportMergedModel(settings, config_yaml))
 
         def _instantiate_trainer(self, config: dict, callbacks: list):
