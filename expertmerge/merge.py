@@ -10,15 +10,11 @@ tensor of each model is in memory, never a model or a shard.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import resource
-import shutil
-import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,148 +22,16 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.export import atomic_output_dir, check_output_dir, write_merge_card
+from expertmerge.io.card import write_merge_card
+from expertmerge.io.folder import atomic_output_dir, check_output_dir
+from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
+from expertmerge.io.support import copy_support_files, write_config
+from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
 from expertmerge.methods import MergeMethod, tensor_generator
 from expertmerge.methods.config import MergeConfig, ModelEntry, load_merge_config, parse_merge_config
-from expertmerge.pool import BASE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, ExpertPool
+from expertmerge.pool import BASE, ExpertPool
 
 __all__ = ["MergeConfig", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge"]
-
-DEFAULT_MAX_SHARD_SIZE = "5GB"  # mergekit's default output shard size
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_SAFETENSORS_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-# Files copied from the base next to the merged weights: tokenizer, generation settings, processor.
-_COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-)
-
-# --------------------------------------------------------------------------------------------- streaming
-
-
-def parse_size(size: str | int) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, ints pass (the units of `transformers`)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not match:
-        raise ExpertMergeError(f"Shard size '{size}' is not a size like 2GB, 500MB or 1GiB.")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(number * scale[unit])
-
-
-@dataclass
-class _Planned:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    merged: bool
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def plan_shards(tensors: Sequence[_Planned], max_shard_bytes: int) -> list[list[_Planned]]:
-    """Greedy split in model order; a tensor larger than the limit gets a shard of its own (as transformers).
-
-    Within a shard, tensors are ordered by element size (largest first), as safetensors does, so every
-    tensor's offset is aligned to its element size.
-    """
-    shards: list[list[_Planned]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    itemsize = {t.name: torch.empty((), dtype=t.dtype).element_size() for t in tensors}
-    return [sorted(shard, key=lambda t: -itemsize[t.name]) for shard in shards if shard]
-
-
-class _ShardWriter:
-    """A safetensors file written as a stream: header first (all shapes are known), then tensor after tensor."""
-
-    def __init__(self, path: Path, tensors: Sequence[_Planned]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for tensor in tensors:
-            header[tensor.name] = {
-                "dtype": _SAFETENSORS_CODES[tensor.dtype],
-                "shape": list(tensor.shape),
-                "data_offsets": [offset, offset + tensor.nbytes],
-            }
-            offset += tensor.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self.expected = [t.name for t in tensors]
-        self.planned = {t.name: t for t in tensors}
-        self.path = path
-        self.handle = open(path, "wb")  # noqa: SIM115 - closed by __exit__; lives across many writes
-        self.handle.write(struct.pack("<Q", len(encoded)))
-        self.handle.write(encoded)
-        self.position = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        planned = self.planned[name]
-        if self.expected[self.position] != name:
-            raise RuntimeError(
-                f"shard {self.path.name}: expected '{self.expected[self.position]}', got '{name}'"
-            )
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(
-                f"'{name}': got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}"
-            )
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
-            raise ExpertMergeError("Writing safetensors on a big-endian machine is not supported.")
-        self.handle.write(memoryview(data.numpy()))
-        self.position += 1
-
-    def __enter__(self) -> _ShardWriter:
-        return self
-
-    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        self.handle.close()
-        if kind is None and self.position != len(self.expected):
-            raise RuntimeError(
-                f"shard {self.path.name}: {len(self.expected) - self.position} tensors not written"
-            )
 
 
 @dataclass
@@ -236,36 +100,6 @@ def _majority_dtype(pool: ExpertPool) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _copy_support_files(base_dir: Path, target: Path, trust_remote_code: bool) -> list[str]:
-    copied = []
-    for filename in _COPIED_FILES:
-        if (base_dir / filename).is_file():
-            shutil.copy2(base_dir / filename, target / filename)
-            copied.append(filename)
-    if trust_remote_code:  # a config with auto_map needs its modeling code next to it
-        for code in sorted(base_dir.glob("*.py")):
-            shutil.copy2(code, target / code.name)
-            copied.append(code.name)
-    return copied
-
-
-def _write_config(base_dir: Path, target: Path, dtype: torch.dtype) -> None:
-    config = json.loads((base_dir / "config.json").read_text())
-    config["dtype"] = _dtype_name(dtype)
-    if "torch_dtype" in config:
-        config["torch_dtype"] = _dtype_name(dtype)
-    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _weights_bytes(folder: Path) -> int:
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files)
-
-
 def _merge_one(pool: ExpertPool, name: str, config: MergeConfig, entries: list[ModelEntry]) -> torch.Tensor:
     """One merged tensor; only this tensor of each model is in memory (read in fp32, computed in fp32)."""
     method = config.method
@@ -332,58 +166,42 @@ def run_merge(
         raise ExpertMergeError(
             f"{config.path}: no output folder; pass --out DIR or set `output_dir` in the config."
         )
-    check_output_dir(out, force)
-    shard_limit = parse_size(max_shard_bytes)
-    if shard_limit <= 0:
-        raise ExpertMergeError(f"Shard size must be positive, got {max_shard_bytes!r}.")
+    sources = [config.base_model, *(m.source for m in config.models)]
+    check_output_dir(out, force, inputs=sources)  # cheap checks now; free space once the size is known
+    max_shard = shard_limit(max_shard_bytes)
 
     pool, entries = _make_pool(config, config.method)
     pool.validate()
     out_dtype = DTYPES[config.dtype] if config.dtype else _majority_dtype(pool)
     merged = set(pool.merged_names)
-    planned = [
-        _Planned(
-            name,
-            pool.shape(name),
-            out_dtype if pool.stored_dtype(name).is_floating_point else pool.stored_dtype(name),
-            name in merged,
-        )
-        for name in pool.tensor_names
-    ]
-    shards = plan_shards(planned, shard_limit)
 
-    with atomic_output_dir(out, force) as tmp:
-        total = len(shards)
-        filenames = (
-            [SAFETENSORS_SINGLE]
-            if total == 1
-            else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-        )
+    def produce(name: str, dtype: torch.dtype) -> Any:
+        def tensor() -> torch.Tensor:
+            result = _merge_one(pool, name, config, entries) if name in merged else pool.base_tensor(name)
+            return result.to(dtype)
+
+        return tensor
+
+    planned = []
+    for name in pool.tensor_names:
+        stored = pool.stored_dtype(name)
+        dtype = out_dtype if stored.is_floating_point else stored
+        planned.append(PlannedTensor(name, pool.shape(name), dtype, produce(name, dtype)))
+    inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
+    estimate = sum(t.nbytes for t in planned)
+    with atomic_output_dir(out, force, inputs, estimate, command="merge") as tmp:
         with _progress(console, progress) as bar:
             task = bar.add_task("merging", total=len(planned), tensor="")
-            for filename, shard in zip(filenames, shards, strict=True):
-                with _ShardWriter(tmp / filename, shard) as writer:
-                    for item in shard:
-                        bar.update(task, tensor=item.name)
-                        if item.merged:
-                            result = _merge_one(pool, item.name, config, entries)
-                        else:
-                            result = pool.base_tensor(item.name)
-                        writer.write(item.name, result.to(item.dtype))
-                        del result
-                        bar.advance(task)
-        if total > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for t in planned)},
-                "weight_map": {
-                    t.name: filename
-                    for filename, shard in zip(filenames, shards, strict=True)
-                    for t in sorted(shard, key=lambda t: t.name)
-                },
-            }
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(pool.base_dir, tmp, out_dtype)
-        _copy_support_files(pool.base_dir, tmp, config.trust_remote_code)
+            written = write_safetensors(
+                tmp,
+                planned,
+                max_shard,
+                on_start=lambda name: bar.update(task, tensor=name),
+                on_written=lambda name: bar.advance(task),
+            )
+        total = written.num_shards
+        write_config(pool.base_dir, tmp, out_dtype)
+        copy_support_files(pool.base_dir, tmp, config.trust_remote_code)
         resolved_yaml = config.to_mergekit_yaml()
         (tmp / "merge_config.yaml").write_text(resolved_yaml)
         hashes = pool.content_hashes()
@@ -401,7 +219,7 @@ def run_merge(
                     name: {"source": e.source, **e.parameters}
                     for name, e in zip(pool.expert_names, entries, strict=True)
                 },
-                "dtype": _dtype_name(out_dtype),
+                "dtype": dtype_name(out_dtype),
                 "random_seed": config.seed,
                 "include": config.include,
                 "exclude": config.exclude,
@@ -415,7 +233,7 @@ def run_merge(
             },
         )
         output_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-    model_bytes = _weights_bytes(pool.base_dir)
+    model_bytes = weights_bytes(pool.base_dir)
     pool.close()
     summary = MergeSummary(
         method=config.merge_method,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from expertmerge.evaluate import (
     TaskScores,
@@ -19,7 +19,11 @@ from expertmerge.evaluate import (
     score_task,
     scores_to_json,
 )
-from expertmerge.export import atomic_output_dir, write_merge_card
+from expertmerge.io.card import write_merge_card
+from expertmerge.io.folder import atomic_output_dir
+from expertmerge.io.reader import Checkpoint, weights_bytes
+from expertmerge.io.support import copy_support_files, write_config
+from expertmerge.io.writer import write_state_dict
 from expertmerge.plots import write_plots
 
 
@@ -114,18 +118,20 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
 
 @torch.no_grad()
 def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
-    """The learned merge as a plain model folder, in `dtype`; the module itself is left as it was."""
-    model = module.model
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    state.update({name: tensor.detach() for name, tensor in module.merged_parameters().items()})
-    state = {
-        name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()
-    }
-    model.save_pretrained(folder, state_dict=state)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """The learned merge as a plain model folder, in `dtype`; the module itself is left as it was.
+
+    The tensor names are the base checkpoint's: what `save_pretrained` wrote there (a tied `lm_head` is not
+    written twice), so the folder reloads as the merged model. Streamed through the one writer, tensor by
+    tensor, each checked to be finite.
+    """
+    pool = module.pool
+    state = module.model.state_dict()
+    merged = module.merged_parameters()
+    missing = [name for name in pool.tensor_names if name not in merged and name not in state]
+    if missing:
+        raise RuntimeError(f"the fitted model lacks tensors of the base checkpoint: {missing[:5]}")
+    write_state_dict(folder, {name: merged.get(name, state.get(name)) for name in pool.tensor_names}, dtype)
+    write_config(pool.base_dir, folder, dtype)
 
 
 def export_dense(
@@ -137,13 +143,11 @@ def export_dense(
 ) -> Path:
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
     pool = module.pool
-    with atomic_output_dir(output_dir, force=force) as tmp:
+    inputs = [pool.base_dir, *pool.expert_dirs.values()]
+    with atomic_output_dir(output_dir, force, inputs, weights_bytes(pool.base_dir), command="fit") as tmp:
         save_merged_weights(module, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
-        with contextlib.suppress(OSError, ValueError):
-            AutoTokenizer.from_pretrained(str(pool.base_dir)).save_pretrained(tmp)
-        with contextlib.suppress(OSError):
-            GenerationConfig.from_pretrained(str(pool.base_dir)).save_pretrained(tmp)
+        copy_support_files(pool.base_dir, tmp)
         coefficients = {
             "experts": module.expert_names,
             "alpha0": module.hparams.alpha0,
@@ -301,18 +305,14 @@ def export_moe(
             f"router tuning: {len(losses)} steps on the mixed calibration set, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         )
         scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
-        with atomic_output_dir(out, force=True) as tmp:
+        # Replace our own output with the tuned routers: the same files, the weights written again.
+        with atomic_output_dir(out, force=True, inputs=[pool.base_dir, *pool.expert_dirs.values()]) as tmp:
             for item in out.iterdir():
                 # everything but the weights (model*.safetensors and their index); a model card (.md) too
                 if item.is_file() and (not item.name.startswith("model") or item.suffix == ".md"):
-                    (tmp / item.name).write_bytes(item.read_bytes())
-            dtype = _stored_dtype(out)
-            moe.save_pretrained(
-                tmp,
-                state_dict={
-                    k: v.to(dtype) if v.is_floating_point() else v for k, v in moe.state_dict().items()
-                },
-            )
-            (tmp / "config.json").write_bytes((out / "config.json").read_bytes())
+                    shutil.copyfile(item, tmp / item.name)
+            tuned = moe.state_dict()  # written under the names the first export planned (no tied copies)
+            names = Checkpoint(out, f"MoE output ({out})").names
+            write_state_dict(tmp, {name: tuned[name] for name in names}, _stored_dtype(out))
     (out / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
     return out, scores

@@ -16,7 +16,8 @@ from expertmerge import methods
 from expertmerge.cli import main as cli_main
 from expertmerge.cli.merge import merge_main
 from expertmerge.errors import ExpertMergeError
-from expertmerge.merge import load_merge_config, parse_size, plan_shards, run_merge
+from expertmerge.io.writer import PlannedTensor, parse_size, plan_shards
+from expertmerge.merge import load_merge_config, run_merge
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_PARAMETERS = {
@@ -327,8 +328,15 @@ def test_existing_output_is_refused_without_force_and_left_untouched(tiny_models
     with pytest.raises(ExpertMergeError, match="already exists.*--force"):
         run_merge(path, out=out, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-    assert merge_main(["--config", str(path), "--out", str(out), "--force", "--no-progress"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --force replaces only what expertmerge wrote (issue 18): a user's folder is refused and kept.
+    with pytest.raises(ExpertMergeError, match="not written by expertmerge"):
+        run_merge(path, out=out, force=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    previous = tmp_path / "previous"
+    assert merge_main(["--config", str(path), "--out", str(previous), "--no-progress"]) == 0
+    (previous / "keep.txt").write_text("mine")
+    assert merge_main(["--config", str(path), "--out", str(previous), "--force", "--no-progress"]) == 0
+    assert not (previous / "keep.txt").exists() and (previous / "model.safetensors").exists()
 
 
 def test_failing_merge_leaves_no_output_and_no_temporary_folder(tiny_models, tmp_path):
@@ -378,11 +386,13 @@ def test_shard_plan_and_sizes():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
     with pytest.raises(ExpertMergeError, match="not a size"):
         parse_size("lots")
-    from expertmerge.merge import _Planned
 
-    tensors = [_Planned(f"t{i}", (10,), torch.float32, True) for i in range(5)] + [
-        _Planned("big", (100,), torch.float32, True),
-        _Planned("ids", (3,), torch.int64, False),
+    def planned(name: str, size: int, dtype: torch.dtype) -> PlannedTensor:
+        return PlannedTensor(name, (size,), dtype, lambda: torch.zeros(size, dtype=dtype))
+
+    tensors = [planned(f"t{i}", 10, torch.float32) for i in range(5)] + [
+        planned("big", 100, torch.float32),
+        planned("ids", 3, torch.int64),
     ]
     shards = plan_shards(tensors, 100)
     assert [[t.name for t in s] for s in shards] == [["t0", "t1"], ["t2", "t3"], ["t4"], ["big"], ["ids"]]

@@ -70,7 +70,7 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str,
 
 
 def export_main(argv: Sequence[str]) -> int:
-    from expertmerge.export import check_output_dir
+    from expertmerge.io.folder import check_output_dir
     from lightning_modules.callbacks import export_dense
 
     parser = argparse.ArgumentParser(
@@ -87,7 +87,7 @@ def export_main(argv: Sequence[str]) -> int:
         "calibration data; model.moe_* and model.router_* keys of the config apply)",
     )
     options, overrides = parser.parse_known_args(argv)
-    check_output_dir(options.out, options.force)
+    check_output_dir(options.out, options.force, inputs=[options.config, options.ckpt_path])
     checkpoint = read_checkpoint(options.ckpt_path)
     module, datamodule = _configured(options.config, overrides)
     check_checkpoint_matches(checkpoint, module, options.ckpt_path, options.config)  # before any model loads

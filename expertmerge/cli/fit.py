@@ -68,6 +68,24 @@ def _tokenizer_of(model: Any) -> str | None:
     return next(iter(experts.values()), None)
 
 
+def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
+    """The fit's input paths (base, experts, calibration sources), which its outputs may not replace, and the
+    base's weight bytes (the dense output's size) when the base is a local folder."""
+    from pathlib import Path
+
+    from expertmerge.io.reader import weights_bytes
+
+    args = getattr(model, "init_args", None) or model
+    experts = getattr(args, "experts", None) or {}
+    base = getattr(args, "base", None)
+    inputs = [base, *(experts.values() if isinstance(experts, dict) else experts)]
+    for task in getattr(datamodule, "tasks", None) or []:
+        inputs += list(getattr(task, "sources", None) or [])
+    inputs = [str(item) for item in inputs if isinstance(item, str | Path)]
+    estimate = weights_bytes(Path(base)) if isinstance(base, str) and Path(base).is_dir() else 0
+    return inputs, estimate
+
+
 def _fit_cli(args: Sequence[str], run: bool = True):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ProgressBar
@@ -75,7 +93,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
     from calib_data import CalibrationDataModule
     from expertmerge.errors import ExpertMergeError
-    from expertmerge.export import check_output_dir
+    from expertmerge.io.folder import check_output_dir
     from lightning_modules.callbacks import ExportSettings
     from lightning_modules.merging import ExpertMergingModule
     from lightning_modules.progress import StepProgressBar
@@ -113,9 +131,11 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
         def before_fit(self) -> None:
             self.export_settings = ExportSettings(**vars(self.config.fit.export))
-            check_output_dir(self.export_settings.output_dir, self.export_settings.force)  # fail before work
+            inputs, estimate = _fit_inputs(self.config.fit.model, self.datamodule)
+            settings = self.export_settings
+            check_output_dir(settings.output_dir, settings.force, inputs, estimate)  # fail before work
             if getattr(self.model.hparams, "moe", False):
-                check_output_dir(self.export_settings.moe_dir(), self.export_settings.force)
+                check_output_dir(settings.moe_dir(), settings.force, inputs, estimate)
             hparams = self.model.hparams
             if hparams.get("chunking") and not hparams.get("stage1_result") and self.trainer.max_steps < 1:
                 raise ExpertMergeError(  # stage 1 (the layer-wise fit) lasts trainer.max_steps steps

@@ -8,20 +8,18 @@ one FFN matrix whatever the number of experts. The output folder appears only wh
 
 from __future__ import annotations
 
-import json
-import shutil
-import struct
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.export import atomic_output_dir, check_output_dir, write_merge_card
-from expertmerge.merge import DEFAULT_MAX_SHARD_SIZE, DTYPES, parse_size, plan_shards
+from expertmerge.io.card import write_merge_card
+from expertmerge.io.folder import atomic_output_dir, check_output_dir
+from expertmerge.io.reader import dtype_name, parse_dtype
+from expertmerge.io.support import copy_support_files
+from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
 from expertmerge.moe.formats import (
     QWEN2_MOE,
     ZERO_SHARED_EXPERT_WIDTH,
@@ -33,38 +31,10 @@ from expertmerge.moe.formats import (
     split_dense_names,
 )
 from expertmerge.moe.router import add_generalist_row
-from expertmerge.pool import BASE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, ExpertPool, natural_key
+from expertmerge.pool import BASE, ExpertPool, natural_key
 
 SharedTensors = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
 RouterWeights = Mapping[int, torch.Tensor] | torch.Tensor
-
-_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-# Copied from the base next to the MoE weights: tokenizer and generation settings.
-_SUPPORT_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -97,77 +67,6 @@ def expert_shared_tensors(pool: ExpertPool, model: str) -> Callable[[str], torch
 def shared_tensor_names(pool: ExpertPool) -> list[str]:
     """The dense tensors an MoE export takes from `shared_tensors` (all but the FFNs), in model order."""
     return split_dense_names(pool.tensor_names).shared
-
-
-@dataclass
-class _Entry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    parts: Callable[[], Iterator[torch.Tensor]]  # yields the tensor's bytes in row-major order, in pieces
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-class _StreamingShard:
-    """A safetensors file written as a stream: the header first, then each tensor as a sequence of pieces."""
-
-    def __init__(self, path: Path, entries: Sequence[_Entry]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in entries:
-            header[entry.name] = {
-                "dtype": _CODES[entry.dtype],
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
-            raise ExpertMergeError("Writing safetensors on a big-endian machine is not supported.")
-        self.path = path
-        self.entries = entries
-        self.handle = open(path, "wb")  # noqa: SIM115 - closed by __exit__
-        self.handle.write(struct.pack("<Q", len(encoded)))
-        self.handle.write(encoded)
-
-    def write_all(self) -> None:
-        for entry in self.entries:
-            written = 0
-            for part in entry.parts():
-                if part.dtype != entry.dtype:
-                    raise RuntimeError(
-                        f"'{entry.name}': a piece has dtype {part.dtype}, planned {entry.dtype}"
-                    )
-                data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-                self.handle.write(memoryview(data.numpy()))
-                written += data.numel()
-            if written != entry.nbytes:
-                raise RuntimeError(f"'{entry.name}': wrote {written} bytes, planned {entry.nbytes}")
-
-    def __enter__(self) -> _StreamingShard:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.close()
-
-
-def _as_dtype(dtype: torch.dtype | str | None, pool: ExpertPool, ffn_name: str) -> torch.dtype:
-    if dtype is None:
-        return pool.stored_dtype(ffn_name)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
-    if key not in DTYPES:
-        raise ExpertMergeError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}.")
-    return DTYPES[key]
 
 
 def _router_rows(
@@ -247,15 +146,14 @@ def write_moe_checkpoint(
         dtype: output dtype of floating tensors (default: the base's stored FFN dtype).
         card_parameters: extra entries for the merge card's parameters (e.g. how the shared tensors were merged).
     """
-    out = check_output_dir(out, force)
-    shard_limit = parse_size(max_shard_size)
-    if shard_limit <= 0:
-        raise ExpertMergeError(f"Shard size must be positive, got {max_shard_size!r}.")
+    inputs = [pool.base_source, *pool.expert_sources.values()]
+    out = check_output_dir(out, force, inputs)
+    max_shard = shard_limit(max_shard_size)
     pool.validate()
     fmt: MoeFormat = moe_format_for(getattr(pool.config, "model_type", None))
     layout = split_dense_names(pool.tensor_names)
     first_ffn = layout.ffn[0]
-    out_dtype = _as_dtype(dtype, pool, first_ffn["gate"])
+    out_dtype = pool.stored_dtype(first_ffn["gate"]) if dtype is None else parse_dtype(dtype)
     intermediate, hidden = pool.shape(first_ffn["gate"])
 
     experts = list(pool.expert_names)
@@ -322,13 +220,13 @@ def write_moe_checkpoint(
         )
         return (tensor if scale == 1.0 else tensor * scale).to(out_dtype)
 
-    entries: list[_Entry] = []
+    entries: list[PlannedTensor] = []
     shared_dtype = {
         name: out_dtype if pool.stored_dtype(name).is_floating_point else pool.stored_dtype(name)
         for name in layout.shared
     }
     for name in layout.shared:
-        entries.append(_Entry(name, pool.shape(name), shared_dtype[name], shared_parts(name)))
+        entries.append(PlannedTensor(name, pool.shape(name), shared_dtype[name], shared_parts(name)))
     for layer, projections in layout.ffn.items():
         names = moe_layer_names(fmt, layout.mlp_prefix[layer])
 
@@ -346,9 +244,9 @@ def write_moe_checkpoint(
 
         count = len(routed)
         entries += [
-            _Entry(names.router, (count, hidden), out_dtype, router),
-            _Entry(names.gate_up, (count, 2 * intermediate, hidden), out_dtype, gate_up),
-            _Entry(names.down, (count, hidden, intermediate), out_dtype, down),
+            PlannedTensor(names.router, (count, hidden), out_dtype, router),
+            PlannedTensor(names.gate_up, (count, 2 * intermediate, hidden), out_dtype, gate_up),
+            PlannedTensor(names.down, (count, hidden, intermediate), out_dtype, down),
         ]
         if fmt.shared_expert:
             width = shared_width or intermediate
@@ -369,10 +267,14 @@ def write_moe_checkpoint(
                 yield torch.zeros((1, hidden), dtype=out_dtype)
 
             entries += [
-                _Entry(names.shared_gate, (width, hidden), out_dtype, shared_ffn("gate", (width, hidden))),
-                _Entry(names.shared_up, (width, hidden), out_dtype, shared_ffn("up", (width, hidden))),
-                _Entry(names.shared_down, (hidden, width), out_dtype, shared_ffn("down", (hidden, width))),
-                _Entry(names.shared_expert_gate, (1, hidden), out_dtype, shared_gate),
+                PlannedTensor(
+                    names.shared_gate, (width, hidden), out_dtype, shared_ffn("gate", (width, hidden))
+                ),
+                PlannedTensor(names.shared_up, (width, hidden), out_dtype, shared_ffn("up", (width, hidden))),
+                PlannedTensor(
+                    names.shared_down, (hidden, width), out_dtype, shared_ffn("down", (hidden, width))
+                ),
+                PlannedTensor(names.shared_expert_gate, (1, hidden), out_dtype, shared_gate),
             ]
     entries.sort(key=lambda entry: natural_key(entry.name))
 
@@ -391,13 +293,6 @@ def write_moe_checkpoint(
             f"missing {lacking[:4]}, wrong shape {[(n, planned[n], expected[n]) for n in wrong[:4]]}."
         )
 
-    shards = plan_shards(entries, shard_limit)
-    total = len(shards)
-    filenames = (
-        [SAFETENSORS_SINGLE]
-        if total == 1
-        else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    )
     notes = [f"ignored dense tensor '{name}' (not part of the MoE model)" for name in layout.ignored]
     if base_as_shared:
         shared_description = "base"
@@ -406,24 +301,12 @@ def write_moe_checkpoint(
     else:
         shared_description = None
     hashes = pool.content_hashes()
-    with atomic_output_dir(out, force) as tmp:
-        for filename, shard in zip(filenames, shards, strict=True):
-            with _StreamingShard(tmp / filename, shard) as writer:
-                writer.write_all()
-        if total > 1:
-            index = {
-                "metadata": {"total_size": sum(entry.nbytes for entry in entries)},
-                "weight_map": {
-                    entry.name: filename
-                    for filename, shard in zip(filenames, shards, strict=True)
-                    for entry in shard
-                },
-            }
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    inputs += [pool.base_dir, *pool.expert_dirs.values()]
+    estimate = sum(entry.nbytes for entry in entries)
+    with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
+        total = write_safetensors(tmp, entries, max_shard).num_shards
         config.save_pretrained(tmp)
-        for filename in _SUPPORT_FILES:
-            if (pool.base_dir / filename).is_file():
-                shutil.copy2(pool.base_dir / filename, tmp / filename)
+        copy_support_files(pool.base_dir, tmp)
         parameters: dict[str, object] = {
             "format": fmt.name,
             "architecture": fmt.architecture,
@@ -433,7 +316,7 @@ def write_moe_checkpoint(
             "norm_topk_prob": True,
             "routed_experts": routed,
             "include_base_expert": include_base_expert,
-            "dtype": str(out_dtype).removeprefix("torch."),
+            "dtype": dtype_name(out_dtype),
         }
         if fmt.shared_expert:
             parameters["shared_expert"] = shared_description

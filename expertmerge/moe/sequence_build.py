@@ -19,7 +19,9 @@ from rich.markup import escape
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.export import atomic_output_dir, write_merge_card
+from expertmerge.io.card import write_merge_card
+from expertmerge.io.folder import atomic_output_dir
+from expertmerge.io.reader import nonfinite_count
 from expertmerge.moe import sequence
 from expertmerge.moe.sequence import SequenceMoEConfig, SequenceMoEForCausalLM
 
@@ -209,7 +211,15 @@ def export_sequence_moe(
 ) -> Path:
     """Write the model folder atomically: weights, config (with `auto_map` to the copied modeling file, for
     `trust_remote_code=True` without expertmerge), tokenizer, merge card and `extra_files` (name -> text)."""
-    with atomic_output_dir(out, force) as tmp:
+    # save_pretrained knows this class's tied weights; the values are checked first (in memory, no file read).
+    for name, tensor in model.state_dict().items():
+        bad = nonfinite_count(tensor)
+        if bad:
+            raise ExpertMergeError(
+                f"output tensor '{name}' holds {bad} NaN/Inf value(s) of {tensor.numel()}; nothing was written."
+            )
+    sources = [source for source, _ in experts.values()]
+    with atomic_output_dir(out, force, inputs=sources, command="sequence_moe") as tmp:
         model.save_pretrained(tmp)
         shutil.copyfile(sequence.__file__, tmp / REMOTE_CODE_FILE)
         config_path = tmp / "config.json"

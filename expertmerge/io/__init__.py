@@ -1,0 +1,2 @@
+"""Checkpoint IO: the lazy reader, the one streaming writer, the files beside the weights, the atomic output
+folder and the merge card. Every export goes through here."""
