@@ -155,6 +155,6 @@ def test_ddp_with_chunking_learns_the_single_process_coefficients_in_both_stages
     # stage 2: the chunk-wise coefficients
     ddp_values, single_values = flat(ddp), flat(single)
     assert ddp["chunk_counts"] == single["chunk_counts"]
-    assert len(ddp_values) == len(single_values) > 42  # more than one coefficient for some tensors
+    assert len(ddp_values) == len(single_values) >= 42  # chunk-wise: about the layer-wise count (budget)
     assert ddp_values == pytest.approx(single_values, abs=TOLERANCE)
     assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE
