@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests never reach a hub: a name that could be a hub id fails at once instead of retrying a network that this
+# machine (and CI's) does not have. Set before transformers / huggingface_hub read it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_VOCAB = 64
 EXPERT_NAMES = ("alpha", "beta", "gamma")
