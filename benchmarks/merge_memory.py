@@ -33,7 +33,7 @@ def _child(options: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from expertmerge import methods
-    from expertmerge.merge import _reset_peak_rss, current_rss_bytes, peak_rss_bytes, run_merge
+    from expertmerge.merge import current_rss_bytes, peak_rss_bytes, reset_peak_rss, run_merge
 
     def ties_config(base: str, experts: list[str]) -> dict:
         return {
@@ -68,7 +68,7 @@ def _child(options: argparse.Namespace) -> None:
     spec = json.loads(options.child_spec)
     # A warm-up on the tiny zoo loads the lazily imported code first, so "over start" counts tensors only.
     run(spec["warmup_base"], spec["warmup_experts"], spec["out"] + "-warmup")
-    _reset_peak_rss()
+    reset_peak_rss()
     start = current_rss_bytes()
     started = time.perf_counter()
     run(spec["base"], spec["experts"], spec["out"])

@@ -57,7 +57,10 @@ def _child(config: str, overrides: list[str]) -> None:
     from transformers import PreTrainedModel
 
     import expertmerge
-    from expertmerge.cli.fit import _configured
+    from expertmerge.cli import fit
+
+    # `configured` is public API; the checkout measured as "before" (2552de6) named it `_configured`.
+    configured = getattr(fit, "configured", None) or fit._configured
 
     loads: list[str] = []
     original = PreTrainedModel.from_pretrained.__func__
@@ -67,7 +70,7 @@ def _child(config: str, overrides: list[str]) -> None:
         return original(cls, path, *args, **kwargs)
 
     PreTrainedModel.from_pretrained = classmethod(counting)
-    module, datamodule = _configured(config, overrides)
+    module, datamodule = configured(config, overrides)
     _reset_peak()
     start = _rss_bytes("VmRSS")
     started = time.perf_counter()

@@ -214,7 +214,7 @@ def learned_tensor_names(model: Any) -> list[str]:
     """The module's default choice (2-D tensors inside repeated blocks), for the straightforward variant."""
     import re
 
-    from lightning_modules.merging import DEFAULT_LEARN_INCLUDE
+    from expertmerge.coefficients import DEFAULT_LEARN_INCLUDE
 
     return [
         name

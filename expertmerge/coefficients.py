@@ -7,6 +7,7 @@ trained). Coefficients are `sigmoid(logit)`, so they always lie in (0, 1).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -204,3 +205,36 @@ class MergeCoefficients(nn.Module):
             values = self.values(index)
             columns.append(values @ weights if values.shape[1] == len(sizes) else values[:, 0])
         return torch.stack(columns, dim=1)
+
+
+class TaskVectors(nn.Module):
+    """tau[k, p] for the tensors with learned coefficients, as non-persistent buffers (never checkpointed)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], num_experts: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        for index, shape in enumerate(shapes):
+            self.register_buffer(
+                f"t{index}", torch.zeros((num_experts, *shape), dtype=dtype), persistent=False
+            )
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return getattr(self, f"t{index}")
+
+
+DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
+
+
+def learns_coefficients(
+    name: str,
+    tensor: torch.Tensor,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    matrices_only: bool = True,
+) -> bool:
+    """Whether tensor `name` gets learned coefficients: it matches an `include` pattern (default: inside the
+    repeated blocks) and no `exclude` one, and is a matrix unless `matrices_only` is off (`re.search`)."""
+    if matrices_only and tensor.dim() != 2:
+        return False
+    if not any(re.search(p, name) for p in (include if include is not None else DEFAULT_LEARN_INCLUDE)):
+        return False
+    return not any(re.search(p, name) for p in exclude or ())

@@ -53,7 +53,7 @@ class MergeSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Linux lets a process reset its peak RSS, so the summary reports the merge's own peak."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -72,7 +72,7 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory: Linux's VmHWM (which `_reset_peak_rss` resets), else `getrusage`.
+    """Peak resident memory: Linux's VmHWM (which `reset_peak_rss` resets), else `getrusage`.
 
     `getrusage` alone can report the parent's memory: at exec, Linux carries the forked copy's peak over.
     """
@@ -152,7 +152,7 @@ def run_merge(
     from transformers import AutoConfig  # noqa: F401 - imported before the memory baseline, not counted in it
 
     started = time.perf_counter()
-    merge_only = _reset_peak_rss()
+    merge_only = reset_peak_rss()
     start_rss = current_rss_bytes()
     console = console or Console()
     if isinstance(config, MergeConfig):

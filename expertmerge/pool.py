@@ -369,7 +369,7 @@ class ExpertPool:
         for filename in sorted(set(base_files) & set(model_files)):
             if file_hash(base_dir / filename) == file_hash(folder / filename):
                 continue
-            if filename == "tokenizer.json" and _token_ids(base_dir / filename) == _token_ids(
+            if filename == "tokenizer.json" and tokenizer_json_ids(base_dir / filename) == tokenizer_json_ids(
                 folder / filename
             ):
                 continue  # same ids, only settings (padding, truncation, ...) differ
@@ -416,7 +416,7 @@ def _vocab_size(config: Any) -> int | None:
     return getattr(config.get_text_config(), "vocab_size", getattr(config, "vocab_size", None))
 
 
-def _token_ids(path: Path) -> tuple[Any, Any]:
+def tokenizer_json_ids(path: Path) -> tuple[Any, Any]:
     """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id)."""
     data = json.loads(path.read_text())
     vocab = data.get("model", {}).get("vocab")

@@ -226,7 +226,6 @@ def build_smollm2_zoo(
     Built in a temporary sibling folder and renamed into place at the end, so an interrupted build never
     leaves a half zoo. `make_base(folder)` writes the base model and its tokenizer (tests pass a tiny one).
     """
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     console = console or Console(stderr=True)
@@ -319,12 +318,8 @@ def build_smollm2_zoo(
             "train_curves": {name: [round(v, 4) for v in c] for name, c in curves.items()},
             "recipe": asdict(recipe),
             "timings": timer.phases,
-            "build_seconds": timer.total,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
         }
-        write_manifest(staging, manifest)
+        write_manifest(staging, manifest, timer.total)
     return Path(out)
 
 

@@ -76,8 +76,21 @@ def staged_build(out: Path, seed: int) -> Iterator[Path]:
         transformers.utils.logging.set_verbosity(verbosity)
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """The zoo's `zoo.json`: `ensure_zoo` compares its `builder_version` with the registered builder's."""
+def write_manifest(folder: Path, manifest: dict[str, Any], build_seconds: float) -> None:
+    """The zoo's `zoo.json`: `ensure_zoo` compares its `builder_version` with the registered builder's.
+
+    Every zoo's manifest also says how long the build took and with which torch / transformers / threads.
+    """
+    import torch
+    import transformers
+
+    manifest = {
+        **manifest,
+        "build_seconds": build_seconds,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 
 

@@ -293,10 +293,8 @@ def build_tiny_zoo(out: Path, seed: int = 0, *, console: Console | None = None) 
             "heldout_loss": losses,
             "task_vectors": stats,
             "final_train_loss": {name: sum(c[-10:]) / 10 for name, c in curves.items()},
-            "build_seconds": timer.total,
-            "torch": torch.__version__,
         }
-        write_manifest(staging, manifest)
+        write_manifest(staging, manifest, timer.total)
     return Path(out)
 
 

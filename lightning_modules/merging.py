@@ -7,9 +7,7 @@ step builds the merged tensors once and runs the base architecture on them with 
 from __future__ import annotations
 
 import gc
-import json
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,34 +15,18 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
-from expertmerge.coefficients import MergeCoefficients
+from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1_result
+from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
-from expertmerge.importance import allocate_chunks, importance_scores
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
 from expertmerge.validation import check_merging_options, weights
 
-DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class _TaskVectors(nn.Module):
-    """tau[k, p] for the tensors with learned coefficients, as non-persistent buffers (never checkpointed)."""
-
-    def __init__(self, shapes: Sequence[torch.Size], num_experts: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        for index, shape in enumerate(shapes):
-            self.register_buffer(
-                f"t{index}", torch.zeros((num_experts, *shape), dtype=dtype), persistent=False
-            )
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return getattr(self, f"t{index}")
 
 
 class ExpertMergingModule(pl.LightningModule):
@@ -136,7 +118,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the coefficients only
         self.model: nn.Module | None = None
         self.coefficients: MergeCoefficients | None = None
-        self.task_vectors: _TaskVectors | None = None
+        self.task_vectors: TaskVectors | None = None
         self.targets: dict[tuple[str, str], TeacherTargets] = {}
         self.teacher_stats = TeacherStats()
         self.task_names: list[str] = []
@@ -147,7 +129,6 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage = 1
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
-        self._folded = False
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -203,7 +184,12 @@ class ExpertMergingModule(pl.LightningModule):
                 )
         ffn_set = set(self.ffn_names)
         self.coefficient_names = [
-            name for name in params if name not in ffn_set and self._learns(name, params[name])
+            name
+            for name in params
+            if name not in ffn_set
+            and learns_coefficients(
+                name, params[name], hp.learn_include, hp.learn_exclude, hp.learn_matrices_only
+            )
         ]
         if not self.coefficient_names:
             raise ExpertMergeError(
@@ -212,10 +198,8 @@ class ExpertMergingModule(pl.LightningModule):
             )
         num_experts = len(self.expert_names)
         dtype = _DTYPES[hp.task_vector_dtype]
-        self.task_vectors = _TaskVectors(
-            [params[n].shape for n in self.coefficient_names], num_experts, dtype
-        )
-        self.ffn_vectors = _TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
+        self.task_vectors = TaskVectors([params[n].shape for n in self.coefficient_names], num_experts, dtype)
+        self.ffn_vectors = TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
         # Task vectors first: a broken (NaN/Inf) expert fails here, before its teacher targets are computed.
         self._read_task_vectors(pool, model)
         self.targets, self.teacher_stats = teacher_targets(
@@ -234,7 +218,7 @@ class ExpertMergingModule(pl.LightningModule):
             alpha0=hp.alpha0,
         )
         if hp.stage1_result:
-            self.start_stage2(self._read_stage1_result(hp.stage1_result))
+            self.start_stage2(read_stage1_result(hp.stage1_result, self.expert_names, self.coefficient_names))
         self._build_metrics()
 
     @torch.no_grad()
@@ -274,15 +258,6 @@ class ExpertMergingModule(pl.LightningModule):
             str(folder), dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
         )
         return model.eval()
-
-    def _learns(self, name: str, tensor: torch.Tensor) -> bool:
-        hp = self.hparams
-        include = hp.learn_include if hp.learn_include is not None else DEFAULT_LEARN_INCLUDE
-        if hp.learn_matrices_only and tensor.dim() != 2:
-            return False
-        if not any(re.search(p, name) for p in include):
-            return False
-        return not any(re.search(p, name) for p in hp.learn_exclude or ())
 
     def _build_metrics(self) -> None:
         def per_task() -> nn.ModuleDict:
@@ -366,76 +341,16 @@ class ExpertMergingModule(pl.LightningModule):
     def chunking_enabled(self) -> bool:
         return bool(self.hparams.chunking or self.hparams.stage1_result)
 
-    def _read_stage1_result(self, reference: str) -> dict[str, torch.Tensor]:
-        path = Path(reference)
-        if path.is_dir():
-            path = path / "coefficients.json"
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise ExpertMergeError(
-                f"model.stage1_result: cannot read '{path}' ({error}); give the coefficients.json (or the "
-                "output folder) of an earlier `fit`."
-            ) from error
-        if saved.get("experts") != self.expert_names:
-            raise ExpertMergeError(
-                f"model.stage1_result '{path}' was fitted with experts {saved.get('experts')}, "
-                f"this config has {self.expert_names}: use a result of the same experts, in the same order."
-            )
-        layerwise = saved.get("layerwise")
-        table = layerwise if layerwise is not None else saved.get("coefficients", {})
-        missing = [name for name in self.coefficient_names if name not in table]
-        if missing:
-            raise ExpertMergeError(
-                f"model.stage1_result '{path}' has no coefficients for {missing[:3]} "
-                f"({len(missing)} tensors): it was fitted with other learn_include / learn_exclude settings."
-            )
-        values = {}
-        for name in self.coefficient_names:
-            rows = [table[name][expert] for expert in self.expert_names]
-            rows = [r if isinstance(r, list) else [r] for r in rows]
-            values[name] = torch.tensor([sum(r) / len(r) for r in rows], dtype=torch.float32)
-        return values
-
-    @torch.no_grad()
-    def compute_chunk_allocation(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Importance of every learned tensor from the stage-1 values and the task vectors, then chunks."""
-        hp = self.hparams
-        coefficient_matrix = torch.stack([values[name].float().cpu() for name in self.coefficient_names], 1)
-        mean_abs = torch.stack(
-            [
-                torch.stack([tau_k.float().abs().mean() for tau_k in self.task_vectors[i]]).cpu()
-                for i in range(len(self.coefficient_names))
-            ],
-            dim=1,
-        )
-        numels = [self.task_vectors[i][0].numel() for i in range(len(self.coefficient_names))]
-        rows = [self.task_vectors[i].shape[1] for i in range(len(self.coefficient_names))]
-        importance = importance_scores(coefficient_matrix, mean_abs, numels)
-        budget = len(self.coefficient_names) if hp.chunk_budget is None else int(hp.chunk_budget)
-        if budget < 0:
-            raise ExpertMergeError(f"model.chunk_budget must be >= 0, got {budget}.")
-        chunks = allocate_chunks(importance, budget, hp.chunk_kappa, rows)
-        return {
-            "budget": budget,
-            "kappa": hp.chunk_kappa,
-            "total_chunks": sum(chunks),
-            "layerwise_coefficients": len(self.coefficient_names) * len(self.expert_names),
-            "chunkwise_coefficients": sum(chunks) * len(self.expert_names),
-            "fixed_tensors": sum(1 for c in chunks if c == 0),
-            "tensors": {
-                name: {"importance": float(importance[i]), "chunks": chunks[i], "rows": rows[i]}
-                for i, name in enumerate(self.coefficient_names)
-            },
-        }
-
     def start_stage2(self, stage1_values: dict[str, torch.Tensor]) -> None:
         """Enter the chunk-wise stage: chunk-wise coefficients that start from (and stay near) stage 1.
 
         Called between fits (never inside a running one): the stage-2 Trainer then builds its optimiser, and
         under DDP its reducer, over these new parameters.
         """
-        allocation = self.compute_chunk_allocation(stage1_values)
+        hp = self.hparams
+        budget = len(self.coefficient_names) if hp.chunk_budget is None else int(hp.chunk_budget)
+        taus = [self.task_vectors[i] for i in range(len(self.coefficient_names))]
+        allocation = chunk_allocation(stage1_values, self.coefficient_names, taus, budget, hp.chunk_kappa)
         device = self.task_vectors[0].device
         self.stage1_values = {name: value.detach().float().cpu() for name, value in stage1_values.items()}
         self.chunk_allocation = allocation
@@ -586,18 +501,6 @@ class ExpertMergingModule(pl.LightningModule):
             # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
             self.start_stage2(saved["stage1_values"])
 
-    # ---------------------------------------------------------------------------------- results
-    @torch.no_grad()
-    def fold(self) -> nn.Module:
-        """Write the learned merge into the base model's weights (in place) and hand the model back."""
-        if self._folded:
-            return self.model
-        merged = self.merged_parameters()
-        for name, value in merged.items():
-            self.model.get_parameter(name).copy_(value)
-        self._folded = True
-        return self.model
-
 
 def checkpoint_stage(path: str | Path) -> int | None:
     """The stage (1 layer-wise, 2 chunk-wise) a fit checkpoint was saved in; None when `path` is no file
@@ -609,23 +512,3 @@ def checkpoint_stage(path: str | Path) -> int | None:
     except (OSError, RuntimeError) as error:
         raise ExpertMergeError(f"--ckpt_path: cannot read checkpoint '{path}' ({error}).") from error
     return int(checkpoint.get("expertmerge", {}).get("stage", 1))
-
-
-def allocation_table(allocation: dict[str, Any], top: int = 12) -> Table:
-    """The tensors that got the most chunks, with their importance."""
-    table = Table(
-        title=f"Expert Merging++ chunk allocation (budget {allocation['budget']}, kappa {allocation['kappa']})"
-    )
-    table.add_column("tensor")
-    table.add_column("importance", justify="right")
-    table.add_column("chunks", justify="right")
-    table.add_column("rows", justify="right")
-    ranked = sorted(allocation["tensors"].items(), key=lambda item: -item[1]["importance"])
-    for name, info in ranked[:top]:
-        table.add_row(name, f"{info['importance']:.3f}", str(info["chunks"]), str(info["rows"]))
-    table.caption = (
-        f"{allocation['total_chunks']} chunks; {allocation['fixed_tensors']} tensors keep their stage-1 value; "
-        f"coefficients {allocation['layerwise_coefficients']} (layer-wise) -> "
-        f"{allocation['chunkwise_coefficients']} (chunk-wise)"
-    )
-    return table

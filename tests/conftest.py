@@ -19,12 +19,39 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_VOCAB = 64
+FIT_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "fit_tiny.yaml")
+# A fit that only learns: no evaluation table, validation, checkpoints or logs.
+LEAN_FIT = (
+    "--export.evaluate",
+    "false",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.enable_checkpointing",
+    "false",
+    "--trainer.logger",
+    "false",
+)
+
+
+def fit_args(tmp: Path, name: str, *overrides: str, config: str = FIT_TINY) -> list[str]:
+    """`fit` arguments for `config` (the tiny zoo's by default) exporting to tmp/name, logs in tmp/name-logs."""
+    return [
+        "fit",
+        "--config",
+        config,
+        "--export.output_dir",
+        str(tmp / name),
+        "--trainer.default_root_dir",
+        str(tmp / f"{name}-logs"),
+        *overrides,
+    ]
+
+
 EXPERT_NAMES = ("alpha", "beta", "gamma")
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
+def tiny_model_settings(**overrides) -> dict:
+    """Config keys of the tests' tiny decoders (hidden 32, 2 layers, 4 heads, vocab 64), any family."""
     settings = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=32,
@@ -39,7 +66,13 @@ def tiny_llama_config(**overrides):
         pad_token_id=0,
     )
     settings.update(overrides)
-    return LlamaConfig(**settings)
+    return settings
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**tiny_model_settings(**overrides))
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LEAN_FIT, fit_args
 
 from calib_data.datamodule import BalancedTaskBatchSampler
 
@@ -40,28 +41,12 @@ pytestmark = pytest.mark.skipif(
 def fit_in_subprocess(tmp: Path, name: str, *overrides: str) -> dict:
     """`python -m expertmerge fit` on the tiny zoo (4 steps, no validation); returns its coefficients.json."""
     out = tmp / name
+    # 4 steps = 2 epochs of 2 steps: the second epoch checks that both ranks reshuffle alike.
     command = [
         sys.executable,
         "-m",
         "expertmerge",
-        "fit",
-        "--config",
-        CONFIG,
-        "--export.output_dir",
-        str(out),
-        "--export.evaluate",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp / f"{name}-logs"),
-        "--trainer.max_steps",
-        "4",  # 2 epochs of 2 steps: the second epoch checks that both ranks reshuffle alike
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.enable_checkpointing",
-        "false",
-        "--trainer.logger",
-        "false",
-        *overrides,
+        *fit_args(tmp, name, "--trainer.max_steps", "4", *LEAN_FIT, *overrides),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_args
 from transformers import AutoModelForCausalLM
 
 from expertmerge.cli import main
@@ -17,18 +18,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fit_tiny.yaml")
 def fit(tmp: Path, name: str, *overrides: str) -> Path:
     """Run `fit` on the tiny zoo into tmp/name; returns the exported folder."""
     out = tmp / name
-    code = main(
-        [
-            "fit",
-            "--config",
-            CONFIG,
-            "--export.output_dir",
-            str(out),
-            "--trainer.default_root_dir",
-            str(tmp / f"{name}-logs"),
-            *overrides,
-        ]
-    )
+    code = main(fit_args(tmp, name, *overrides))
     assert code == 0
     return out
 

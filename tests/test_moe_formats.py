@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXPERT_NAMES, perturbed, save_model, tiny_llama_config, tiny_tokenizer
+from conftest import (
+    EXPERT_NAMES,
+    perturbed,
+    save_model,
+    tiny_llama_config,
+    tiny_model_settings,
+    tiny_tokenizer,
+)
 from moe_routing import forced_routing
 
 from expertmerge.errors import ExpertMergeError
@@ -47,18 +54,10 @@ class Family:
 def _tiny_qwen(kind: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    settings = tiny_model_settings(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS
     )
+    settings.pop("tie_word_embeddings")
     torch.manual_seed(0)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**settings, tie_word_embeddings=False)).eval()

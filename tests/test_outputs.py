@@ -217,10 +217,10 @@ def test_dense_export_reloads_to_the_in_memory_merge_with_usual_permissions(tiny
     """The writer path gives the same tensor names as `save_pretrained` and the same logits as the module."""
     from transformers import AutoModelForCausalLM
 
-    from expertmerge.cli.fit import _configured
+    from expertmerge.cli.fit import configured
     from lightning_modules.callbacks import export_dense
 
-    module, datamodule = _configured(FIT_CONFIG, ["--trainer.default_root_dir", str(tmp_path / "logs")])
+    module, datamodule = configured(FIT_CONFIG, ["--trainer.default_root_dir", str(tmp_path / "logs")])
     module.prepare(datamodule)
     with torch.no_grad():  # move the coefficients off alpha0, so the merge is not plain task arithmetic
         for parameter in module.coefficients.parameters():

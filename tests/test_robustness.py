@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LEAN_FIT
+from conftest import fit_args as tiny_fit_args
 
 from expertmerge.cli import main
 from expertmerge.teachers import TeacherTargets, _cache_file, load_cached, save_cached
@@ -37,16 +39,11 @@ def fit_args(tmp: Path, name: str, *overrides: str) -> list[str]:
     """`python -m expertmerge` arguments of one run: constant learning rate (a resumed run's schedule cannot
     depend on max_steps), no validation and no evaluation (they do not change the coefficients), and a
     checkpoint every epoch."""
-    return [
-        "fit",
-        "--config",
-        CONFIG,
-        "--export.output_dir",
-        str(tmp / name),
+    return tiny_fit_args(
+        tmp,
+        name,
         "--export.evaluate",
         "false",
-        "--trainer.default_root_dir",
-        str(tmp / f"{name}-logs"),
         "--trainer.logger",
         "false",
         "--trainer.limit_val_batches",
@@ -61,7 +58,7 @@ def fit_args(tmp: Path, name: str, *overrides: str) -> list[str]:
         "--trainer.callbacks.save_top_k",
         "-1",
         *overrides,
-    ]
+    )
 
 
 def subprocess_env() -> dict[str, str]:
@@ -151,27 +148,7 @@ def private_cache(tiny_zoo: Path, tmp_path: Path, monkeypatch) -> Path:
 
 def quick_fit(tmp: Path, name: str) -> Path:
     out = tmp / name
-    code = main(
-        [
-            "fit",
-            "--config",
-            CONFIG,
-            "--export.output_dir",
-            str(out),
-            "--export.evaluate",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp / f"{name}-logs"),
-            "--trainer.max_steps",
-            "3",
-            "--trainer.limit_val_batches",
-            "0",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.logger",
-            "false",
-        ]
-    )
+    code = main(tiny_fit_args(tmp, name, "--trainer.max_steps", "3", *LEAN_FIT))
     assert code == 0
     return out
 

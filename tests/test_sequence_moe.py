@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import expertmerge  # noqa: F401  (registers the model type with the Auto classes)
@@ -171,17 +172,15 @@ def train_small_qwen_expert(zoo: Path, out: Path, task: str = "sort", steps: int
     with the zoo's tokenizer: the kind of expert mergekit refuses to merge with a 2-layer, 64-wide Llama."""
     tokenizer = AutoTokenizer.from_pretrained(zoo / "tokenizer")
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **tiny_model_settings(
+            vocab_size=len(tokenizer),
+            intermediate_size=96,
+            num_hidden_layers=3,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)

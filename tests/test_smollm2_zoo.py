@@ -192,20 +192,15 @@ STAND_IN_DOMAINS = (_letters_domain("abc", "abc"), _letters_domain("xyz", "xyz")
 
 def _tiny_base(folder: Path) -> None:
     """A 2-layer random Llama with the tiny zoo's byte-level tokenizer: a stand-in for the GGUF SmolLM2."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     from expertmerge_zoos.tiny import train_char_tokenizer
 
     tokenizer = train_char_tokenizer(["abcxyz"])
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
         tie_word_embeddings=True,
         initializer_range=0.2,  # larger random embeddings let a frozen tied head express confident logits
         pad_token_id=tokenizer.pad_token_id,

@@ -144,7 +144,8 @@ def test_task_vectors_of_a_tied_model_come_from_the_checkpoints_and_merge_like_t
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lightning_modules.merging import ExpertMergingModule, _TaskVectors
+    from expertmerge.coefficients import TaskVectors
+    from lightning_modules.merging import ExpertMergingModule
 
     tokenizer = tiny_tokenizer()
     base = tiny_llama(seed=3, tie_word_embeddings=True)
@@ -163,8 +164,8 @@ def test_task_vectors_of_a_tied_model_come_from_the_checkpoints_and_merge_like_t
     learned = "model.layers.0.mlp.up_proj.weight"
     module = ExpertMergingModule(str(base_dir), expert_dirs, alpha0=ALPHA0)
     module.coefficient_names, module.ffn_names = [learned], []
-    module.task_vectors = _TaskVectors([student.get_parameter(learned).shape], 3, torch.bfloat16)
-    module.ffn_vectors = _TaskVectors([], 3, torch.bfloat16)
+    module.task_vectors = TaskVectors([student.get_parameter(learned).shape], 3, torch.bfloat16)
+    module.ffn_vectors = TaskVectors([], 3, torch.bfloat16)
     module._read_task_vectors(pool, student)
 
     theta = {name: dict(m.named_parameters()) for name, m in experts.items()}
@@ -201,7 +202,7 @@ def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
     tiny_models, private_cache: Path, tmp_path: Path
 ) -> None:
     # The sequence MoE and `evaluate` read no task vectors: the teacher pass itself must catch a NaN expert.
-    from expertmerge.cli.fit import _configured
+    from expertmerge.cli.fit import configured
     from expertmerge.errors import ExpertMergeError
     from expertmerge.teachers import teacher_targets
 
@@ -210,7 +211,7 @@ def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     experts = {**tiny_models.experts, "gamma": broken}
-    _, datamodule = _configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    _, datamodule = configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
     datamodule.setup("validate")
 
     settings = TeacherSettings(hidden_layers=())

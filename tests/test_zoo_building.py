@@ -94,7 +94,7 @@ def test_staged_build_is_seeded_leaves_the_callers_rng_alone_and_renames_when_do
     torch.manual_seed(123)
     with staged_build(tmp_path / "zoo", seed=7) as staging:
         inside = torch.rand(3)
-        write_manifest(staging, {"name": "z", "builder_version": 1})
+        write_manifest(staging, {"name": "z", "builder_version": 1}, 0.0)
     assert torch.equal(inside, torch.rand(3, generator=torch.Generator().manual_seed(7)))
     assert torch.equal(torch.rand(3), expected_outside)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from expertmerge.cli.fit import _configured
+from expertmerge.cli.fit import configured
 from expertmerge.errors import ExpertMergeError
 
 
@@ -57,7 +57,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         given[name or path] = str(model_dir(path, f"evaluate --model {item}"))
     if options.json:
         check_json_target(options.json)
-    module, datamodule = _configured(options.config, overrides)
+    module, datamodule = configured(options.config, overrides)
     hp = module.hparams
     named = {"base": resolve_path(hp.base), **given}
     pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)

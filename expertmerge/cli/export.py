@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from expertmerge.cli.fit import _configured
+from expertmerge.cli.fit import configured
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -89,7 +89,7 @@ def export_main(argv: Sequence[str]) -> int:
     options, overrides = parser.parse_known_args(argv)
     check_output_dir(options.out, options.force, inputs=[options.config, options.ckpt_path])
     checkpoint = read_checkpoint(options.ckpt_path)
-    module, datamodule = _configured(options.config, overrides)
+    module, datamodule = configured(options.config, overrides)
     check_checkpoint_matches(checkpoint, module, options.ckpt_path, options.config)  # before any model loads
     module.prepare(datamodule)
     module.on_load_checkpoint(checkpoint)

@@ -303,7 +303,7 @@ def fit_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _configured(config: str, overrides: Sequence[str]):
+def configured(config: str, overrides: Sequence[str]):
     """Model (not yet prepared) and datamodule of a fit config, without running anything."""
     with _quiet_lightning():
         cli = _fit_cli(["--config", config, *overrides], run=False)

@@ -6,16 +6,9 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from expertmerge.io.folder import human_bytes
 from expertmerge.merge import DEFAULT_MAX_SHARD_SIZE, MergeSummary, run_merge
 from expertmerge.methods import METHODS
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover
 
 
 def summary_table(summary: MergeSummary) -> Any:

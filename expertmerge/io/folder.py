@@ -35,9 +35,10 @@ OLD_TAG = ".expertmerge-old-"  # a replaced output on its way out
 PathLike = str | os.PathLike
 
 
-def _human(size: float) -> str:
+def human_bytes(size: float) -> str:
+    """`1234567` -> `1.2 MB` (decimal units, as sizes are shown everywhere in this tool)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
+        if abs(size) < 1000 or unit == "TB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"  # pragma: no cover
@@ -162,7 +163,7 @@ def check_output_dir(
         free = shutil.disk_usage(existing).free
         if free < estimated_bytes:
             raise ExpertMergeError(
-                f"Output folder '{given}': about {_human(estimated_bytes)} needed, only {_human(free)} free on "
+                f"Output folder '{given}': about {human_bytes(estimated_bytes)} needed, only {human_bytes(free)} free on "
                 f"'{existing}'; free some space or choose another folder."
             )
     return final

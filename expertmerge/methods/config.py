@@ -35,19 +35,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.reader import DTYPE_ALIASES, DTYPES
 from expertmerge.methods import METHODS, MergeMethod, get_method, known_parameters, tensor_generator
 from expertmerge.paths import ZOO_SCHEME
 from expertmerge.pool import looks_like_hub_id
 
-# The output dtypes a config may name (the arithmetic is always fp32), and the spellings mergekit users write.
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
-DTYPE_ALIASES = {
-    "fp32": "float32",
-    "fp16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "float": "float32",
-}
+# The output dtypes a config may name (the arithmetic is always fp32): the one dtype table's names and aliases.
+DTYPE_NAMES = tuple(DTYPES)
 
 # mergekit keys with no equivalent here, and what to do instead.
 UNSUPPORTED = {

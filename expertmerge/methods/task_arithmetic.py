@@ -150,7 +150,8 @@ def merge_tensor(
     `generator` drives random sparsification (DARE); pass `tensor_generator(seed, name)` for merges that
     reproduce. Without it torch's global RNG is used, as in mergekit.
     """
-    _check_inputs(method, base, experts, expert_params, params)
+    _check_tensors(method, base, experts, len(expert_params))
+    _check_params(method, expert_params, params)
     reference = base if base is not None else experts[0]
     work_dtype = (
         torch.float64
@@ -202,18 +203,15 @@ def merge_tensor(
     return (base_work + mixed).to(base.dtype)
 
 
-def _check_inputs(
-    method: TaskArithmeticMethod,
-    base: torch.Tensor | None,
-    experts: Sequence[torch.Tensor],
-    expert_params: Sequence[ExpertParams],
-    params: MethodParams,
+def _check_tensors(
+    method: TaskArithmeticMethod, base: torch.Tensor | None, experts: Sequence[torch.Tensor], count: int
 ) -> None:
+    """`count` expert parameter sets came with the tensors: one per expert."""
     if not experts:
         raise ExpertMergeError(f"Merge method {method.name!r} needs at least one expert tensor.")
-    if len(expert_params) != len(experts):
+    if count != len(experts):
         raise ExpertMergeError(
-            f"Got {len(experts)} expert tensors but {len(expert_params)} expert parameter sets; "
+            f"Got {len(experts)} expert tensors but {count} expert parameter sets; "
             "give one ExpertParams per expert."
         )
     if method.needs_base and base is None:
@@ -231,6 +229,11 @@ def _check_inputs(
     for t in (base, *experts):
         if t is not None and not t.is_floating_point():
             raise ExpertMergeError(f"Only floating-point tensors can be merged, got dtype {t.dtype}.")
+
+
+def _check_params(
+    method: TaskArithmeticMethod, expert_params: Sequence[ExpertParams], params: MethodParams
+) -> None:
     for i, p in enumerate(expert_params):
         if not 0 < p.density <= 1:
             raise ExpertMergeError(f"Expert {i}: density must be in (0, 1], got {p.density}.")

@@ -24,9 +24,9 @@ from expertmerge.io.folder import atomic_output_dir
 from expertmerge.io.reader import nonfinite_count
 from expertmerge.moe import sequence
 from expertmerge.moe.sequence import SequenceMoEConfig, SequenceMoEForCausalLM
+from expertmerge.pool import TOKENIZER_FILES, tokenizer_json_ids
 
 REMOTE_CODE_FILE = "modeling_sequence_moe.py"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
 
 
 def _load_config(name: str, path: str, trust_remote_code: bool) -> Any:
@@ -41,8 +41,6 @@ def _load_config(name: str, path: str, trust_remote_code: bool) -> Any:
 def _token_ids(path: str) -> Any:
     """What the tokenizer's files map (token -> id). From `tokenizer.json` when there is one: loading it
     through `AutoTokenizer` can add a family's special tokens (a Qwen2 config adds `<|endoftext|>`)."""
-    from expertmerge.pool import _token_ids as tokenizer_json_ids
-
     if (Path(path) / "tokenizer.json").is_file():
         vocab, added = tokenizer_json_ids(Path(path) / "tokenizer.json")
         return {**json.loads(vocab), **{content: index for content, index in added}}
@@ -65,7 +63,7 @@ def check_joinable(experts: Mapping[str, str], trust_remote_code: bool = False) 
         )
     reference, first = None, None
     for name, path in experts.items():
-        if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             continue  # an expert without tokenizer files is assumed to use the others'
         ids = _token_ids(path)
         if reference is None:
