@@ -80,9 +80,9 @@ def _tripwire(what: str):
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Teacher passes must not start in these tests."""
-    monkeypatch.setattr("lightning_modules.merging.collect_targets", _tripwire("the teacher pass"))
-    monkeypatch.setattr("lightning_modules.sequence_moe.collect_targets", _tripwire("the teacher pass"))
-    monkeypatch.setattr("expertmerge.teachers.collect_targets", _tripwire("the teacher pass"))
+    monkeypatch.setattr("lightning_modules.merging.teacher_targets", _tripwire("the teacher pass"))
+    monkeypatch.setattr("lightning_modules.sequence_moe.teacher_targets", _tripwire("the teacher pass"))
+    monkeypatch.setattr("expertmerge.teachers.teacher_targets", _tripwire("the teacher pass"))
 
 
 def assert_clean_error(code: int, stderr: str, *named: str) -> str:
