@@ -44,10 +44,24 @@ def _user_error(error: BaseException) -> str | None:
             return str(cause)
         cause = cause.__cause__ or cause.__context__
     if isinstance(error, argparse.ArgumentError):  # jsonargparse: a key's value has the wrong type
-        return " ".join(str(error).split())
+        return _innermost_key_error(" ".join(str(error).split()))
     if isinstance(error, MisconfigurationException):  # Lightning: an impossible trainer setting
         return "trainer: " + " ".join(str(error).split())
     return None
+
+
+def _innermost_key_error(message: str) -> str:
+    """jsonargparse reports a bad `--model.lr abc` of the (subclass-mode) model as a failed Union of classes;
+    say what the user wrote instead: `Parser key "model.lr": Expected a <class 'float'>. Got value: abc`."""
+    import re
+
+    found = re.search(
+        r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes.*?'
+        r"Problem with given class_path '[^']*': Parser key \"([\w.]+)\": (.*?)"
+        r"(?: - Expected a <class 'NoneType'>.*)?$",
+        message,
+    )
+    return f'Parser key "{found[1]}.{found[2]}": {found[3]}' if found else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
