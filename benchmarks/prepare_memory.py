@@ -1,5 +1,6 @@
 """Peak memory and wall time of the fit's set-up (`ExpertMergingModule.prepare`) with a warm teacher cache:
-the code at another checkout ("before", default /work/main) against this one ("after"), side by side.
+the code at another checkout ("before", e.g. `git worktree add /tmp/before ffbd20f`) against this one
+("after"), side by side.
 
     python benchmarks/prepare_memory.py                              # SmolLM2 zoo, 3 experts (configs/demo.yaml)
     python benchmarks/prepare_memory.py --before /path/to/old/checkout --repeats 3
@@ -132,7 +133,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a fit config")
-    parser.add_argument("--before", default="/work/main", help="checkout of the code to compare against")
+    parser.add_argument(
+        "--before",
+        required=True,
+        help="checkout of the code to compare against (ffbd20f: task vectors from whole expert models)",
+    )
     parser.add_argument(
         "--after", default=str(REPO), help="checkout of the code measured (default: this one)"
     )
