@@ -53,14 +53,18 @@ def _reset_peak() -> None:
 
 
 def _child(config: str, overrides: list[str]) -> None:
+    import importlib
     import time
 
     from transformers import PreTrainedModel
 
     import expertmerge
-    from expertmerge.cli import fit
 
-    # `configured` is public API; the checkout measured as "before" (2552de6) named it `_configured`.
+    try:
+        fit = importlib.import_module("expertmerge.cli.fit")
+    except ModuleNotFoundError:  # a "before" checkout from when the CLI was one module (ffbd20f)
+        fit = importlib.import_module("expertmerge.cli")
+    # `configured` is public API; older checkouts named it `_configured`.
     configured = getattr(fit, "configured", None) or fit._configured
 
     loads: list[str] = []
@@ -135,7 +139,6 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a fit config")
     parser.add_argument(
         "--before",
-        required=True,
         help="checkout of the code to compare against (ffbd20f: task vectors from whole expert models)",
     )
     parser.add_argument(
@@ -151,6 +154,8 @@ def main() -> None:
     if options.child:
         _child(config, options.overrides)
         return
+    if not options.before:
+        parser.error("--before DIR: a checkout of the code to compare against (e.g. ffbd20f)")
 
     from rich.console import Console
     from rich.table import Table
