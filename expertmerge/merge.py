@@ -103,7 +103,7 @@ def _majority_dtype(pool: ExpertPool) -> torch.dtype:
 def _merge_one(pool: ExpertPool, name: str, config: MergeConfig, entries: list[ModelEntry]) -> torch.Tensor:
     """One merged tensor; only this tensor of each model is in memory (read in fp32, computed in fp32)."""
     method = config.method
-    base = pool.base_tensor(name, torch.float32) if method.needs_base else None
+    base = pool.base_tensor(name, torch.float32) if method.uses_base and config.base_model else None
     experts = [pool.expert_tensor(expert, name, torch.float32) for expert in pool.expert_names]
     return method.merge(
         base, experts, [e.parameters for e in entries], config.parameters, tensor_generator(config.seed, name)
@@ -118,7 +118,7 @@ def _make_pool(config: MergeConfig, method: MergeMethod) -> tuple[ExpertPool, li
         base = entries[0].source
     else:
         base = config.base_model
-        if method.needs_base:
+        if method.uses_base:
             # mergekit skips the base in the task vectors: its own task vector is zero.
             entries = [e for e in entries if e.source != base]
             if not entries:

@@ -8,15 +8,20 @@ instance in `METHODS`, and test it on small tensors against a direct computation
 from __future__ import annotations
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.methods.base import MergeMethod
+from expertmerge.methods.base import MergeMethod, TensorMethod
+from expertmerge.methods.model_stock import ANCHORED_METHODS
 from expertmerge.methods.parameters import Parameter
+from expertmerge.methods.ram import OVERLAP_METHODS
 from expertmerge.methods.sparsify import (
+    della_mask,
     magnitude_mask,
+    outlier_mask,
     random_mask,
     sign_consensus,
     sparsify,
     tensor_generator,
 )
+from expertmerge.methods.spherical import SPHERICAL_METHODS
 from expertmerge.methods.task_arithmetic import ExpertParams, MethodParams, TaskArithmeticMethod, merge_tensor
 
 __all__ = [
@@ -27,10 +32,13 @@ __all__ = [
     "MethodParams",
     "Parameter",
     "TaskArithmeticMethod",
+    "TensorMethod",
+    "della_mask",
     "get_method",
     "known_parameters",
     "magnitude_mask",
     "merge_tensor",
+    "outlier_mask",
     "random_mask",
     "sign_consensus",
     "sparsify",
@@ -48,12 +56,20 @@ _TASK_ARITHMETIC_FAMILY = (
     ("dare_linear", True, "random", None, False, True, "Randomly drop task-vector entries and rescale, then add "
      "(Yu et al., 2024)."),
     ("dare_ties", True, "random", "sum", False, True, "DARE's random drop and rescale with TIES sign election."),
+    ("breadcrumbs", True, "magnitude_outliers", None, False, False, "Drop the largest (gamma) and smallest "
+     "task-vector entries, then add (Davari & Belilovsky, 2023)."),
+    ("breadcrumbs_ties", True, "magnitude_outliers", "sum", False, False, "Breadcrumbs' two-sided trim with "
+     "TIES sign election."),
+    ("della", True, "della_magprune", "sum", True, True, "Drop entries with probabilities ranked by "
+     "magnitude (MagPrune), rescale, elect signs (Deep et al., 2024)."),
+    ("della_linear", True, "della_magprune", None, False, True, "DELLA's MagPrune drop and rescale, then add."),
 )  # fmt: skip
 
 METHODS: dict[str, MergeMethod] = {
     name: TaskArithmeticMethod(name, needs_base, description, sparsification, consensus, normalize, rescale)
     for name, needs_base, sparsification, consensus, normalize, rescale, description in _TASK_ARITHMETIC_FAMILY
 }
+METHODS.update({m.name: m for m in (*SPHERICAL_METHODS, *ANCHORED_METHODS, *OVERLAP_METHODS)})
 
 METHOD_ALIASES: dict[str, str] = {"linear": "average"}
 

@@ -390,10 +390,12 @@ def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str) -> MergeConf
     # Anything else the method refuses (e.g. `average` normalizing weights that sum to 0) shows up on a
     # one-element dry run, before any model is opened.
     try:
+        # Distinct non-zero values: no method's degenerate case (zero or antipodal vectors) is hit.
+        dry = [m for m in models if not (method.uses_base and m.source == schema.base_model)]
         method.merge(
-            torch.zeros(1),
-            [torch.zeros(1) for _ in models],
-            [m.parameters for m in models],
+            torch.zeros(1) if method.uses_base and schema.base_model is not None else None,
+            [torch.full((1,), float(i + 1)) for i in range(len(dry))],
+            [m.parameters for m in dry],
             global_values,
             tensor_generator(seed, "dry-run"),
         )

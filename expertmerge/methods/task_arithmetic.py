@@ -1,11 +1,14 @@
-"""mergekit's task arithmetic family (average, task arithmetic, TIES, DARE) as pure functions on one tensor.
+"""mergekit's task arithmetic family (average, task arithmetic, TIES, DARE, Breadcrumbs, DELLA) on one tensor.
 
 Parameters mean exactly what they mean in mergekit (checked against mergekit 0.1.5, see
 `tests/data/make_mergekit_reference.py`):
 
 - `weight` scales each expert; `density` is the fraction of each task vector kept by sparsification.
-- TIES keeps the top `max(1, int(density * numel))` entries of |tau_k| (ties: lower flat index first).
+- TIES keeps the top `max(1, int(density * numel))` entries of |tau_k| (ties at the cut: mergekit's sort).
 - DARE keeps each entry with probability `density`.
+- Breadcrumbs drops the `int(gamma * numel)` largest and then the smallest entries, keeping
+  `int(density * numel)`; DELLA keeps each entry with a probability rising with its magnitude rank in its
+  row, from density - epsilon to density + epsilon (see `expertmerge.methods.sparsify`).
 - `rescale` (sparsifying methods only) multiplies the sparsified task vector so that its L1 norm equals
   the L1 norm before sparsification. This is mergekit's current rule; it is close to, but not exactly,
   the DARE paper's `1 / density` (the two agree in expectation over large tensors).
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.methods.base import MergeMethod
+from expertmerge.methods.base import MergeMethod, check_inputs
 from expertmerge.methods.parameters import Parameter
 from expertmerge.methods.sparsify import sign_consensus, sparsify
 
@@ -40,10 +43,14 @@ _DIVISOR_EPS = 1e-8
 
 @dataclass(frozen=True)
 class ExpertParams:
-    """Per-expert settings: `weight` multiplies the expert's task vector, `density` is the kept fraction."""
+    """Per-expert settings: `weight` multiplies the expert's task vector, `density` is the kept fraction;
+    `gamma` (Breadcrumbs: fraction of largest magnitudes dropped) and `epsilon` (DELLA: half-width of the
+    keep probabilities) only matter to their sparsification."""
 
     weight: float = 1.0
     density: float = 1.0
+    gamma: float = 0.01
+    epsilon: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,26 @@ DENSITY = Parameter(
 LAMBDA = Parameter(
     "lambda", "global", float, 1.0, "scales the mixed task vector: base + lambda * mixed", neutral=1.0
 )
+GAMMA = Parameter(
+    "gamma",
+    "model",
+    float,
+    0.01,
+    "Breadcrumbs: fraction of the largest task-vector magnitudes dropped as outliers",
+    low=0.0,
+    high=1.0,
+)
+EPSILON = Parameter(
+    "epsilon",
+    "model",
+    float,
+    0.15,
+    "DELLA: keep probabilities run from density - epsilon (smallest magnitude) to density + epsilon",
+    low=0.0,
+    high=1.0,
+)
+# Extra per-model parameters of a sparsification, as mergekit declares them.
+_SPARSIFICATION_PARAMETERS = {"magnitude_outliers": (GAMMA,), "della_magprune": (EPSILON,)}
 INT8_MASK = Parameter(
     "int8_mask",
     "global",
@@ -87,7 +114,7 @@ INT8_MASK = Parameter(
 class TaskArithmeticMethod(MergeMethod):
     """mergekit's generalized task arithmetic family, described by its parts (and `average`, its base-free case)."""
 
-    sparsification: str | None  # None | "magnitude" | "random"
+    sparsification: str | None  # None | "magnitude" | "random" | "magnitude_outliers" | "della_magprune"
     consensus: str | None  # None | "sum"
     default_normalize: bool
     default_rescale: bool
@@ -115,7 +142,10 @@ class TaskArithmeticMethod(MergeMethod):
             "restore each sparsified task vector's L1 norm",
             neutral=False,
         )
-        return (WEIGHT, *((DENSITY,) if self.uses_density else ()), normalize, LAMBDA, rescale, INT8_MASK)
+        sparsifying = (
+            (DENSITY, *_SPARSIFICATION_PARAMETERS.get(self.sparsification, ())) if self.uses_density else ()
+        )
+        return (WEIGHT, *sparsifying, normalize, LAMBDA, rescale, INT8_MASK)
 
     def merge(
         self,
@@ -126,7 +156,13 @@ class TaskArithmeticMethod(MergeMethod):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         expert_params = [
-            ExpertParams(weight=v.get("weight", 1.0), density=v.get("density", 1.0)) for v in model_values
+            ExpertParams(
+                weight=v.get("weight", 1.0),
+                density=v.get("density", 1.0),
+                gamma=v.get("gamma", GAMMA.default),
+                epsilon=v.get("epsilon", EPSILON.default),
+            )
+            for v in model_values
         ]
         params = MethodParams(
             normalize=global_values.get("normalize"),
@@ -150,7 +186,7 @@ def merge_tensor(
     `generator` drives random sparsification (DARE); pass `tensor_generator(seed, name)` for merges that
     reproduce. Without it torch's global RNG is used, as in mergekit.
     """
-    _check_tensors(method, base, experts, len(expert_params))
+    check_inputs(method, base, experts, len(expert_params))
     _check_params(method, expert_params, params)
     reference = base if base is not None else experts[0]
     work_dtype = (
@@ -178,7 +214,15 @@ def merge_tensor(
     for expert, expert_param, weight in zip(experts, expert_params, weights, strict=True):
         delta = expert.to(device=device, dtype=work_dtype) - base_work
         if method.sparsification is not None:
-            delta = sparsify(delta, expert_param.density, method.sparsification, rescale, generator)
+            delta = sparsify(
+                delta,
+                expert_param.density,
+                method.sparsification,
+                rescale,
+                generator,
+                gamma=expert_param.gamma,
+                epsilon=expert_param.epsilon,
+            )
         if method.consensus is None:
             mixed += delta * weight
         else:
@@ -203,34 +247,6 @@ def merge_tensor(
     return (base_work + mixed).to(base.dtype)
 
 
-def _check_tensors(
-    method: TaskArithmeticMethod, base: torch.Tensor | None, experts: Sequence[torch.Tensor], count: int
-) -> None:
-    """`count` expert parameter sets came with the tensors: one per expert."""
-    if not experts:
-        raise ExpertMergeError(f"Merge method {method.name!r} needs at least one expert tensor.")
-    if count != len(experts):
-        raise ExpertMergeError(
-            f"Got {len(experts)} expert tensors but {count} expert parameter sets; "
-            "give one ExpertParams per expert."
-        )
-    if method.needs_base and base is None:
-        raise ExpertMergeError(f"Merge method {method.name!r} needs the base model's tensor; none was given.")
-    shapes = [tuple(t.shape) for t in experts]
-    expected = tuple(base.shape) if base is not None else shapes[0]
-    mismatched = [i for i, shape in enumerate(shapes) if shape != expected]
-    if mismatched:
-        raise ExpertMergeError(
-            f"Cannot merge tensors of different shapes: expected {list(expected)}"
-            f"{' (the base)' if base is not None else ' (expert 0)'}, but expert(s) "
-            + ", ".join(f"{i} has {list(shapes[i])}" for i in mismatched)
-            + "."
-        )
-    for t in (base, *experts):
-        if t is not None and not t.is_floating_point():
-            raise ExpertMergeError(f"Only floating-point tensors can be merged, got dtype {t.dtype}.")
-
-
 def _check_params(
     method: TaskArithmeticMethod, expert_params: Sequence[ExpertParams], params: MethodParams
 ) -> None:
@@ -240,7 +256,7 @@ def _check_params(
         if p.density != 1 and not method.uses_density:
             raise ExpertMergeError(
                 f"Expert {i}: density {p.density} has no effect with merge method {method.name!r}; "
-                "use ties, dare_linear or dare_ties to sparsify task vectors."
+                "use ties, dare_linear, dare_ties, breadcrumbs(_ties) or della(_linear) to sparsify."
             )
     if not method.needs_base and params.lambda_ != 1:
         raise ExpertMergeError(
