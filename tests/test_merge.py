@@ -239,7 +239,7 @@ def test_average_without_base_uses_the_first_model_for_structure(tiny_models, tm
     ("edit", "key", "says"),
     [
         (lambda c: c.update(merge_methd="ties"), "merge_methd", "Did you mean 'merge_method'"),
-        (lambda c: c.update(merge_method="slerp"), "merge_method", "Unknown merge method 'slerp'"),
+        (lambda c: c.update(merge_method="slurp"), "merge_method", "Unknown merge method 'slurp'"),
         (lambda c: c.pop("base_model"), "base_model", "needs a base model"),
         (lambda c: c.update(slices=[{"sources": []}]), "slices", "not supported"),
         (

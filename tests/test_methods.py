@@ -14,6 +14,7 @@ from expertmerge.methods import (
     METHODS,
     ExpertParams,
     MethodParams,
+    TaskArithmeticMethod,
     get_method,
     magnitude_mask,
     merge_tensor,
@@ -84,10 +85,14 @@ def top_k_keep(values: list[float], density: float) -> list[bool]:
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_has_the_five_methods_and_the_linear_alias():
-    assert set(METHODS) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+def test_registry_has_the_task_arithmetic_family_and_the_linear_alias():
+    family = {n: m for n, m in METHODS.items() if isinstance(m, TaskArithmeticMethod)}
+    assert set(family) == {
+        "average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    }  # fmt: skip
     assert get_method("linear") is get_method("average")
-    for name, method in METHODS.items():
+    for name, method in family.items():
         assert method.name == name
         assert method.needs_base == (name != "average")
         assert method.uses_density == (method.sparsification is not None)
@@ -109,9 +114,9 @@ def test_method_defaults_are_mergekits():
 
 
 def test_unknown_method_error_lists_known_names():
-    with pytest.raises(ExpertMergeError, match="slerp") as info:
-        get_method("slerp")
-    for name in ("average", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+    with pytest.raises(ExpertMergeError, match="frankenslerp") as info:
+        get_method("frankenslerp")
+    for name in ("average", "linear", "task_arithmetic", "ties", "dare_ties", "slerp", "karcher", "sce"):
         assert name in str(info.value)
 
 
@@ -168,7 +173,7 @@ def test_ties_elects_on_weighted_deltas_and_normalizes_by_signed_weights():
     assert torch.equal(merged, t(2.0))
 
 
-def test_ties_density_keeps_int_of_density_times_numel_with_lower_index_first():
+def test_ties_density_keeps_int_of_density_times_numel():
     assert magnitude_mask(torch.randn(100), 0.29).sum() == 28  # 0.29 * 100 == 28.999999999999996
     assert magnitude_mask(torch.randn(100), 0.5).sum() == 50
     assert magnitude_mask(torch.randn(100), 0.001).sum() == 1  # never trims a tensor away entirely

@@ -331,18 +331,20 @@ def test_della_rescale_restores_the_l1_norm_and_bad_epsilon_is_refused():
 def test_ties_breaks_ties_at_the_cut_as_mergekits_sort_does():
     # 6000 entries, 5 magnitudes: the cut falls inside a block of ~1200 equal values.
     gen = torch.Generator().manual_seed(0)
-    delta = (torch.randint(0, 5, (60, 100), generator=gen) - 2).float() / 4
-    for density in (0.5, 0.33, 0.9):
+    delta = ((torch.randint(0, 5, (60, 100), generator=gen) - 2).float() / 4).reshape(-1)
+    for density in (0.5, 0.33, 0.9):  # cuts at 0.25, 0.5 and 0 (a zero)
         k = max(1, int(density * delta.numel()))
         expected = torch.zeros(delta.numel(), dtype=torch.bool)
-        expected[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True  # mergekit's expression
+        expected[torch.argsort(delta.abs(), descending=True)[:k]] = True  # mergekit's expression
         mask = magnitude_mask(delta, density)
-        assert torch.equal(mask.reshape(-1), expected), density
+        assert int(mask.sum()) == k
+        assert torch.equal(delta * mask, delta * expected), density  # the same sparsified task vector
+        if density != 0.9:  # a non-zero cut: the very same entries
+            assert torch.equal(mask, expected), density
         lowest_index_first = torch.zeros_like(expected)
-        lowest_index_first[torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices[:k]] = (
-            True
-        )
-        assert not torch.equal(expected, lowest_index_first)  # the choice matters: not simply by index
+        lowest_index_first[torch.sort(delta.abs(), descending=True, stable=True).indices[:k]] = True
+        if density != 0.9:
+            assert not torch.equal(delta * expected, delta * lowest_index_first)  # the choice matters
     distinct = torch.randn(1000, generator=gen)  # no ties: the selection path, same set as the sort
     assert torch.equal(magnitude_mask(distinct, 0.3), distinct.abs() >= distinct.abs().sort().values[700])
 
