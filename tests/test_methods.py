@@ -422,7 +422,7 @@ def load_reference() -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     return metadata, json.loads(metadata["cases"]), tensors
 
 
-_, REFERENCE_CASES, _ = load_reference()
+REFERENCE_METADATA, REFERENCE_CASES, REFERENCE_TENSORS = load_reference()  # read once, not per case
 
 
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=[c["id"] for c in REFERENCE_CASES])
@@ -434,7 +434,7 @@ def test_matches_mergekit(case):
     number replays that stream, so we get the very same masks and compare exactly, not just statistically.
     Ties in magnitude (the `ties_in_magnitude` and `many_ties` sets) are broken as mergekit breaks them.
     """
-    metadata, _, tensors = load_reference()
+    metadata, tensors = REFERENCE_METADATA, REFERENCE_TENSORS
     prefix = f"inputs/{case['input_set']}"
     base = tensors[f"{prefix}/base"] if case["base"] else None
     experts = [tensors[f"{prefix}/expert{i}"] for i in case["experts"]]
