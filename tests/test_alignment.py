@@ -66,7 +66,9 @@ def test_alignment_undoes_a_known_permutation_and_rotation():
     hidden, inter = reference.config.hidden_size, reference.config.intermediate_size
     scramble = Alignment(
         residual=_random_rotation(hidden, 3),
-        ffn={layer: torch.randperm(inter, generator=torch.Generator().manual_seed(layer)) for layer in (0, 1)},
+        ffn={
+            layer: torch.randperm(inter, generator=torch.Generator().manual_seed(layer)) for layer in (0, 1)
+        },
     )
     scrambled = _load(reference, aligned_state(reference.state_dict(), scramble))
     batches = _batches(seed=1)
@@ -82,7 +84,13 @@ def test_alignment_undoes_a_known_permutation_and_rotation():
     for name, tensor in reference.state_dict().items():
         if "layernorm" in name or name == "model.norm.weight":
             continue  # gains are folded into the maps that read the norms (ones after alignment)
-        if "q_proj" in name or "k_proj" in name or "v_proj" in name or "gate_proj" in name or "up_proj" in name:
+        if (
+            "q_proj" in name
+            or "k_proj" in name
+            or "v_proj" in name
+            or "gate_proj" in name
+            or "up_proj" in name
+        ):
             continue  # these carry the folded gains now
         assert (realigned[name] - tensor).abs().max() < 1e-4, name
 
