@@ -43,10 +43,14 @@ class Alignment:
 
     residual: torch.Tensor | None = None
     ffn: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    # Attention heads of layer l: `heads[l][i]` is the expert's query head that becomes head i, and
+    # `kv_heads[l]` the matching key/value heads (a GQA group moves as a whole, with its query heads).
+    heads: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    kv_heads: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def is_identity(self) -> bool:
-        return self.residual is None and not self.ffn
+        return self.residual is None and not self.ffn and not self.heads
 
 
 IDENTITY = Alignment()
@@ -105,6 +109,29 @@ def match_units(correlation: torch.Tensor) -> torch.Tensor:
     perm = torch.empty(correlation.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
     return perm
+
+
+def match_heads(similarity: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-head and key/value-head permutations maximising the summed `similarity[i, perm[i]]` of query
+    heads, where query heads move only with their GQA group: the groups are matched first (each pair of
+    groups scored by the best matching of their query heads), then the query heads within matched groups.
+
+    Permuting whole heads is exact under RoPE (it rotates within a head's dimensions, the same for all heads).
+    """
+    heads = similarity.shape[0]
+    if similarity.shape != (heads, heads) or kv_heads < 1 or heads % kv_heads:
+        raise ExpertMergeError(f"head similarity {list(similarity.shape)} does not fit {kv_heads} kv heads")
+    size = heads // kv_heads
+    blocks = similarity.reshape(kv_heads, size, kv_heads, size).permute(0, 2, 1, 3)  # [g, g', i, j]
+    inner: dict[tuple[int, int], torch.Tensor] = {}
+    score = torch.zeros(kv_heads, kv_heads, dtype=torch.float64)
+    for g in range(kv_heads):
+        for h in range(kv_heads):
+            inner[(g, h)] = match_units(blocks[g, h])
+            score[g, h] = blocks[g, h][torch.arange(size), inner[(g, h)]].sum()
+    groups = match_units(score) if kv_heads > 1 else torch.zeros(1, dtype=torch.long)
+    query = torch.cat([groups[g] * size + inner[(g, int(groups[g]))] for g in range(kv_heads)])
+    return query, groups
 
 
 def procrustes_rotation(cross: torch.Tensor) -> torch.Tensor:
@@ -189,11 +216,26 @@ def aligned_tensor(
             tensor = (tensor * read(_norm_name(name, role)).float()[None, :]) @ rotation.T
         elif role in ("o", "down"):
             tensor = rotation @ tensor
+    if role in ("qkv", "qkv_bias", "o") and alignment.heads:
+        tensor = _permute_heads(name, tensor, alignment)
     if role in ("gate_up", "down"):
         perm = alignment.ffn.get(_layer(name))
         if perm is not None:
             tensor = tensor[perm] if role == "gate_up" else tensor[:, perm]
     return tensor.contiguous()
+
+
+def _permute_heads(name: str, tensor: torch.Tensor, alignment: Alignment) -> torch.Tensor:
+    layer = _layer(name)
+    if layer not in alignment.heads:
+        return tensor
+    is_query = ".q_proj." in name or ".o_proj." in name
+    perm = alignment.heads[layer] if is_query else alignment.kv_heads[layer]
+    if ".o_proj." in name:  # columns: [hidden, heads * head_dim]
+        rows = tensor.shape[0]
+        return tensor.reshape(rows, len(perm), -1)[:, perm].reshape(rows, -1)
+    shape = tensor.shape
+    return tensor.reshape(len(perm), -1, *shape[1:])[perm].reshape(shape)
 
 
 def aligned_state(

@@ -217,6 +217,7 @@ def align(
     *,
     residual: bool = True,
     ffn: bool = True,
+    heads: bool = False,
     load: Callable[[str], Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Align every expert of `pool` to its reference on `batches` (sets `pool.alignments`); returns, per
@@ -225,14 +226,14 @@ def align(
 
     load = load or (lambda name: _load_original(pool, name))
     pool.alignments = {}
-    reference = model_activations(load(pool.reference), batches)
+    reference = model_activations(load(pool.reference), batches, heads=heads)
     reports = {}
     for name in pool.expert_names:
         if name == pool.reference:
             continue
         model = load(name)  # one expert in memory at a time
         pool.alignments[name], reports[name] = alignment_to_reference(
-            reference, model, batches, residual=residual, ffn=ffn
+            reference, model, batches, residual=residual, ffn=ffn, heads=heads
         )
         del model
     if residual:  # the reference's norms are folded too, so the backbone's norms are all ones

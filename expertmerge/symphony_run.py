@@ -9,7 +9,7 @@ data:                         # the fit's `data:` keys (calib_data.CalibrationDa
   tasks:
     - {name: math, expert: math, sources: [zoo://diffinit/data/math_calib.jsonl]}
     - {name: code, expert: code, sources: [zoo://diffinit/data/code_calib.jsonl]}
-alignment: {residual: true, ffn: true}
+alignment: {residual: true, ffn: true, heads: false}
 backbone: {method: slerp, t: null}          # t: the others' total weight, or a list over depth
 output: moe                                 # moe | dense
 moe: {top_k: 2, router: hidden, router_tuning_steps: 40, router_lr: 0.01, balance: 0.01}
@@ -49,6 +49,7 @@ class _Strict(BaseModel):
 class AlignmentOptions(_Strict):
     residual: bool = True  # rotate each expert's residual stream onto the reference's (different inits)
     ffn: bool = True  # permute each FFN's units onto the reference's (Symphony-MoE)
+    heads: bool = False  # permute each layer's attention heads (GQA groups as a whole) onto the reference's
 
 
 class BackboneOptions(_Strict):
@@ -153,8 +154,8 @@ class SymphonyRun:
             per_expert.append(tasks)
         return per_expert
 
-    def align(self, residual: bool = True, ffn: bool = True) -> None:
-        self.reports = align(self.pool, self.calibration_batches(), residual=residual, ffn=ffn)
+    def align(self, residual: bool = True, ffn: bool = True, heads: bool = False) -> None:
+        self.reports = align(self.pool, self.calibration_batches(), residual=residual, ffn=ffn, heads=heads)
 
     def score_moe(
         self,
@@ -269,7 +270,7 @@ def run_symphony(
         raise ExpertMergeError("symphony: no output folder; pass --out DIR or set `output_dir`.")
     out = check_output_dir(out, force, list(config.experts.values()))
     run = prepare(config, progress)
-    run.align(config.alignment.residual, config.alignment.ffn)
+    run.align(config.alignment.residual, config.alignment.ffn, config.alignment.heads)
     pool, losses = run.pool, []
     if config.output == "moe":
         shared = backbone(pool, config.backbone.t, config.backbone.method)

@@ -52,8 +52,14 @@ def _random_rotation(size: int, seed: int) -> torch.Tensor:
 def test_aligned_expert_keeps_its_logits_exactly():
     reference, expert = tiny_llama(seed=0), tiny_llama(seed=1)  # different random inits: nothing shared
     batches = _batches()
-    alignment, report = alignment_to_reference(model_activations(reference, batches), expert, batches)
-    assert alignment.residual is not None and sorted(alignment.ffn) == [0, 1]
+    alignment, report = alignment_to_reference(
+        model_activations(reference, batches, heads=True), expert, batches, heads=True
+    )
+    assert (
+        alignment.residual is not None
+        and sorted(alignment.ffn) == [0, 1]
+        and sorted(alignment.heads) == [0, 1]
+    )
     assert any(not torch.equal(p, torch.arange(len(p))) for p in alignment.ffn.values())
     aligned = _load(expert, aligned_state(expert.state_dict(), alignment))
     assert (_logits(aligned, batches) - _logits(expert, batches)).abs().max() <= 1e-5
