@@ -52,18 +52,20 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def test_moe_with_alignment_beats_moe_without_which_beats_the_dense_average(run):
+def test_alignment_makes_the_moe_work_and_beat_the_dense_average(run):
     run.pool.alignments = {}
     dense_average = _mean(run.score_dense())
     unaligned = _mean(run.score_moe()["init"])
-    run.align(residual=True, ffn=True)
+    run.align(residual=True, ffn=True, heads=True)
     aligned = _mean(run.score_moe()["init"])
     report = run.reports["code"]
-    assert report["residual_cosine_after"] > report["residual_cosine_before"] + 0.1
-    assert report["ffn_correlation_after"] > report["ffn_correlation_before"] + 0.1
-    # Clear margins, per-task KL to each task's own expert on held-out samples.
-    assert aligned < 0.7 * unaligned, (aligned, unaligned)
-    assert unaligned < 0.8 * dense_average, (unaligned, dense_average)
+    assert report["residual_cosine_after"] > report["residual_cosine_before"] + 0.5
+    assert report["ffn_correlation_after"] > report["ffn_correlation_before"] + 0.2
+    # Held-out KL of each task to its own expert, mean over tasks; clear margins. (Without alignment the MoE
+    # is even worse than the dense average on these different-init models: its experts read a residual
+    # stream in a basis they were never trained on; see benchmarks/SYMPHONY.md.)
+    assert aligned < 0.7 * unaligned, (aligned, unaligned, dense_average)
+    assert aligned < 0.85 * dense_average, (aligned, unaligned, dense_average)
 
 
 def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp_path):
