@@ -55,7 +55,9 @@ def main() -> int:
     settings = {
         "no alignment": None,
         "FFN permutation only": (False, True),
+        "residual rotation only": (True, False),
         "residual rotation + FFN permutation": (True, True),
+        "residual + FFN + attention heads": (True, True, True),
     }
     reports = {}
     for label, flags in settings.items():

@@ -9,7 +9,7 @@ data:                         # the fit's `data:` keys (calib_data.CalibrationDa
   tasks:
     - {name: math, expert: math, sources: [zoo://diffinit/data/math_calib.jsonl]}
     - {name: code, expert: code, sources: [zoo://diffinit/data/code_calib.jsonl]}
-alignment: {residual: true, ffn: true, heads: true}
+alignment: {residual: true, ffn: true, heads: false}
 backbone: {method: slerp, t: null}          # t: the others' total weight, or a list over depth
 output: moe                                 # moe | dense
 moe: {top_k: 2, router: hidden, router_tuning_steps: 40, router_lr: 0.01, balance: 0.01}
@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 class AlignmentOptions(_Strict):
     residual: bool = True  # rotate each expert's residual stream onto the reference's (different inits)
     ffn: bool = True  # permute each FFN's units onto the reference's (Symphony-MoE)
-    heads: bool = True  # permute each layer's attention heads (GQA groups as a whole) onto the reference's
+    heads: bool = False  # permute each layer's attention heads (GQA groups as a whole) onto the reference's
 
 
 class BackboneOptions(_Strict):

@@ -52,20 +52,20 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def test_alignment_makes_the_moe_work_and_beat_the_dense_average(run):
+def test_moe_with_alignment_beats_moe_without_which_beats_the_dense_average(run):
     run.pool.alignments = {}
     dense_average = _mean(run.score_dense())
     unaligned = _mean(run.score_moe()["init"])
-    run.align(residual=True, ffn=True, heads=True)
+    run.align(residual=True, ffn=True)
     aligned = _mean(run.score_moe()["init"])
     report = run.reports["code"]
     assert report["residual_cosine_after"] > report["residual_cosine_before"] + 0.5
     assert report["ffn_correlation_after"] > report["ffn_correlation_before"] + 0.2
-    # Held-out KL of each task to its own expert, mean over tasks; clear margins. (Without alignment the MoE
-    # is even worse than the dense average on these different-init models: its experts read a residual
-    # stream in a basis they were never trained on; see benchmarks/SYMPHONY.md.)
+    # Held-out KL of each task to its own expert, mean over tasks (measured: 0.49 < 0.80 < 0.89). The last
+    # margin is thin: with all three diffinit experts the unaligned MoE is even worse than the dense average
+    # (its experts read a residual stream in a basis they were never trained on; benchmarks/SYMPHONY.md).
     assert aligned < 0.7 * unaligned, (aligned, unaligned, dense_average)
-    assert aligned < 0.85 * dense_average, (aligned, unaligned, dense_average)
+    assert unaligned < 0.95 * dense_average, (aligned, unaligned, dense_average)
 
 
 def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp_path):
@@ -145,3 +145,26 @@ def test_config_without_base_names_the_reference_and_refuses_a_base(tmp_path):
         SymphonyPool(_config()["experts"], "nope")
     with pytest.raises(ExpertMergeError, match="`moe.top_k`"):
         load_symphony_config(_config(moe={"top_k": "many"}))
+
+
+def test_forced_to_one_expert_the_aligned_moe_reproduces_that_expert(run, tmp_path):
+    """The proof of the export: with the backbone taken from expert k (t = 0 or 1 of two experts) and routing
+    forced to expert k, the MoE of the aligned experts computes expert k's original logits."""
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.symphony import backbone, router_rows, write_moe
+    from tests.moe_routing import forced_routing
+
+    run.align(residual=True, ffn=True, heads=True)
+    samples = run.datamodule.task_samples("code", "eval")
+    ids, mask = samples.input_ids[:4], samples.attention_mask[:4]
+    for index, (expert, t) in enumerate((("math", 0.0), ("code", 1.0))):
+        shared = backbone(run.pool, t=t)
+        rows = router_rows(run.pool, shared, run.batches_per_expert(), "random")
+        write_moe(run.pool, tmp_path / expert, shared, rows)
+        moe = AutoModelForCausalLM.from_pretrained(tmp_path / expert, dtype=torch.float32).eval()
+        original = AutoModelForCausalLM.from_pretrained(run.pool.expert_dirs[expert], dtype=torch.float32)
+        with torch.no_grad(), forced_routing(moe, index):
+            got = moe(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        want = original.eval()(input_ids=ids, attention_mask=mask).logits[mask.bool()].detach()
+        assert (got - want).abs().max() <= 1e-4, expert
