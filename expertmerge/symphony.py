@@ -79,7 +79,7 @@ def fuse(tensors: Sequence[torch.Tensor], t: float, spherical: bool) -> torch.Te
     own, share = 1.0 - t, t / others
     merged = tensors[0]
     for k, tensor in enumerate(tensors[1:]):
-        step = share / (own + k * share + share) if own + (k + 1) * share > 0 else 1.0
+        step = share / (own + (k + 1) * share)  # of the k + 2 tensors fused so far, this one's share
         merged = slerp(merged, tensor, step) if spherical else (1 - step) * merged + step * tensor
     return merged
 

@@ -79,13 +79,11 @@ def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp
     out = tmp_path / "out"
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == "MixtralForCausalLM"
-    assert info["missing_keys"] == set() or not info["missing_keys"]
-    assert not info["unexpected_keys"]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.config.num_local_experts == 2
     ids = torch.tensor([[1, 40, 41, 42]])
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 9)
-    # The exported MoE computes what the scored one did: its held-out KL is finite and small.
     card = (out / "README.md").read_text()
     assert "symphony_reference" in card
 
