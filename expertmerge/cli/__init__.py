@@ -23,6 +23,7 @@ commands:
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
   zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
+  symphony   one MoE (or dense model) from experts pretrained apart, with no shared base (Symphony-MoE)
 
 `python -m expertmerge <command> --help` describes each command's options.
 """
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-COMMANDS = ("fit", "merge", "zoo", "evaluate", "export")
+COMMANDS = ("fit", "merge", "zoo", "evaluate", "export", "symphony")
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -113,6 +114,10 @@ def _run(command: str, rest: list[str]) -> int:
         from expertmerge.cli.zoo import zoo_main
 
         return zoo_main(rest)
+    if command == "symphony":
+        from expertmerge.cli.symphony import symphony_main
+
+        return symphony_main(rest)
     if command == "evaluate":
         from expertmerge.cli.evaluate import evaluate_main
 

@@ -1,0 +1,334 @@
+"""`run_symphony`: the Symphony-MoE config (typed, checked before work) and the pipeline that carries it out.
+
+```yaml
+experts:                      # name -> model (folder, zoo:// or hub id); no base
+  math: zoo://diffinit/experts/math
+  code: zoo://diffinit/experts/code
+reference: math               # whose coordinates the others are aligned to (default: the first expert)
+data:                         # the fit's `data:` keys (calib_data.CalibrationDataModule); tasks name experts
+  tasks:
+    - {name: math, expert: math, sources: [zoo://diffinit/data/math_calib.jsonl]}
+    - {name: code, expert: code, sources: [zoo://diffinit/data/code_calib.jsonl]}
+alignment: {residual: true, ffn: true, heads: false}
+backbone: {method: slerp, t: null}          # t: the others' total weight, or a list over depth
+output: moe                                 # moe | dense
+moe: {top_k: 2, router: hidden, router_tuning_steps: 40, router_lr: 0.01, balance: 0.01}
+dense: {method: average}                    # average | slerp (of all aligned tensors)
+output_dir: outputs/symphony
+```
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from expertmerge.errors import ExpertMergeError
+from expertmerge.symphony import (
+    SymphonyPool,
+    align,
+    backbone,
+    dense,
+    dense_model,
+    router_rows,
+    tuned_router_rows,
+    write_moe,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AlignmentOptions(_Strict):
+    residual: bool = True  # rotate each expert's residual stream onto the reference's (different inits)
+    ffn: bool = True  # permute each FFN's units onto the reference's (Symphony-MoE)
+    heads: bool = False  # permute each layer's attention heads (GQA groups as a whole) onto the reference's
+
+
+class BackboneOptions(_Strict):
+    method: Literal["slerp", "average"] = "slerp"
+    t: float | list[float] | None = None
+
+
+class MoeOptions(_Strict):
+    top_k: int = 2
+    router: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    router_tuning_steps: int = 40
+    router_lr: float = 0.01
+    balance: float = 0.01
+
+
+class DenseOptions(_Strict):
+    method: Literal["average", "slerp"] = "average"
+    t: float | list[float] | None = None
+
+
+class SymphonyConfig(_Strict):
+    experts: dict[str, str]
+    reference: str | None = None
+    data: dict[str, Any]
+    alignment: AlignmentOptions = AlignmentOptions()
+    backbone: BackboneOptions = BackboneOptions()
+    output: Literal["moe", "dense"] = "moe"
+    moe: MoeOptions = MoeOptions()
+    dense: DenseOptions = DenseOptions()
+    output_dir: str | None = None
+    trust_remote_code: bool = False
+
+
+def load_symphony_config(source: str | Path | dict[str, Any]) -> SymphonyConfig:
+    """The typed config from a YAML file (or a dict); errors name the file and the key."""
+    where = "symphony config" if isinstance(source, dict) else str(source)
+    if isinstance(source, dict):
+        raw = source
+    else:
+        try:
+            raw = yaml.safe_load(Path(source).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ExpertMergeError(f"{where}: cannot read it: {error}") from error
+    if not isinstance(raw, dict):
+        raise ExpertMergeError(f"{where}: expected a mapping with `experts:` and `data:`.")
+    if "base" in raw or "base_model" in raw:
+        raise ExpertMergeError(
+            f"{where}: symphony takes no `base` (its experts share none); name a `reference` expert instead."
+        )
+    try:
+        config = SymphonyConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ExpertMergeError(f"{where}: `{key}`: {first['msg']}.") from error
+    if len(config.experts) < 2:
+        raise ExpertMergeError(f"{where}: `experts` needs at least two models, got {len(config.experts)}.")
+    if config.moe.top_k < 1 or config.moe.router_tuning_steps < 0:
+        raise ExpertMergeError(f"{where}: `moe.top_k` must be >= 1 and `moe.router_tuning_steps` >= 0.")
+    return config
+
+
+@dataclass
+class SymphonyRun:
+    """Everything the later steps need, set up once: pool (validated), calibration data, teacher targets."""
+
+    pool: SymphonyPool
+    datamodule: Any
+    targets: dict[tuple[str, str], Any]
+    reports: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.datamodule.task_names)
+
+    def calibration_batches(self, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every task's calibration (train-split) samples, in batches: the tokens the alignment is fit on."""
+        from expertmerge.moe.router_inputs import split_batches
+
+        out = []
+        for task in self.task_names:
+            samples = self.datamodule.task_samples(task, "train")
+            out += split_batches(samples.input_ids, samples.attention_mask, batch_size)
+        return out
+
+    def batches_per_expert(self) -> list[dict[str, list]]:
+        from expertmerge.moe.router_inputs import split_batches
+
+        expert_of = {spec.name: spec.expert for spec in self.datamodule.tasks}
+        per_expert = []
+        for expert in self.pool.expert_names:
+            tasks = {}
+            for task in self.task_names:
+                if expert_of[task] == expert:
+                    samples = self.datamodule.task_samples(task, "train")
+                    tasks[task] = split_batches(samples.input_ids, samples.attention_mask, 8)
+            if not tasks:
+                raise ExpertMergeError(
+                    f"expert '{expert}' has no calibration task (`data.tasks[*].expert`); its router row "
+                    "cannot be initialised. Add a task for it."
+                )
+            per_expert.append(tasks)
+        return per_expert
+
+    def align(self, residual: bool = True, ffn: bool = True, heads: bool = False) -> None:
+        self.reports = align(self.pool, self.calibration_batches(), residual=residual, ffn=ffn, heads=heads)
+
+    def score_moe(
+        self,
+        t: float | list[float] | None = None,
+        method: str = "slerp",
+        router: str = "hidden",
+        tuning_steps: int = 0,
+        top_k: int = 2,
+        lr: float = 0.01,
+    ) -> dict[str, dict[str, float]]:
+        """Held-out KL of the MoE of the pool's experts as aligned now: `init` (router as initialised) and,
+        with `tuning_steps`, `tuned`. Each MoE is written by the writer to a scratch folder and loaded."""
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        shared = backbone(self.pool, t, method)
+        rows = router_rows(self.pool, shared, self.batches_per_expert(), router)
+        candidates = {"init": rows}
+        if tuning_steps:
+            candidates["tuned"], _ = tuned_router_rows(
+                self.pool,
+                shared,
+                rows,
+                self.datamodule.train_dataloader(),
+                self.targets,
+                self.task_names,
+                top_k=top_k,
+                steps=tuning_steps,
+                lr=lr,
+            )
+        scores = {}
+        for name, matrix in candidates.items():
+            with tempfile.TemporaryDirectory(prefix="symphony-score-") as scratch:
+                folder = Path(scratch) / "moe"
+                write_moe(self.pool, folder, shared, matrix, top_k=top_k, router_method=name)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            scores[name] = self.heldout_kl(model)
+        return scores
+
+    def score_dense(self, method: str = "average", t: float | list[float] | None = None) -> dict[str, float]:
+        """Held-out KL of the dense fusion of the pool's experts as aligned now."""
+        return self.heldout_kl(dense_model(self.pool, dense(self.pool, t, method)))
+
+    @torch.no_grad()
+    def heldout_kl(self, model: Any) -> dict[str, float]:
+        """Per task, the mean KL(own expert || model) over the held-out (eval) samples' real tokens."""
+        from expertmerge.evaluate import score_task
+
+        model.eval()
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        scores = {}
+        for task in self.task_names:
+            samples = self.datamodule.task_samples(task, "eval")
+            targets = self.targets[(task, "eval")]
+            scores[task] = score_task(forward, samples.input_ids, samples.attention_mask, targets).kl
+        return scores
+
+
+def prepare(config: SymphonyConfig, progress: bool = True) -> SymphonyRun:
+    """Validate the experts (before any work), load the calibration data, compute the teacher targets."""
+    from calib_data.datamodule import CalibrationDataModule
+    from expertmerge.teachers import TeacherSettings, teacher_targets
+
+    pool = SymphonyPool(config.experts, config.reference, trust_remote_code=config.trust_remote_code)
+    pool.validate()
+    data = dict(config.data)
+    data.setdefault("tokenizer", str(pool.base_dir))
+    try:
+        datamodule = CalibrationDataModule(**data)
+    except TypeError as error:
+        raise ExpertMergeError(f"symphony config `data`: {error}") from error
+    datamodule.check(pool.expert_names)
+    datamodule.setup("fit")
+    targets, _ = teacher_targets(
+        datamodule, pool.expert_dirs, TeacherSettings(hidden_layers=()), splits=("train", "eval")
+    )
+    return SymphonyRun(pool, datamodule, targets)
+
+
+@dataclass
+class SymphonySummary:
+    output: Path
+    kind: str
+    reference: str
+    experts: list[str]
+    heldout_kl: dict[str, float]
+    alignment: dict[str, dict[str, float]]
+    router_losses: list[float]
+    wall_seconds: float
+
+
+def run_symphony(
+    config: SymphonyConfig | str | Path | dict[str, Any],
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SymphonySummary:
+    """Align the experts, fuse the backbone and write the MoE (or the dense model) to `out`, then score it."""
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.io.folder import atomic_output_dir, check_output_dir
+
+    started = time.perf_counter()
+    if not isinstance(config, SymphonyConfig):
+        config = load_symphony_config(config)
+    out = out if out is not None else config.output_dir
+    if out is None:
+        raise ExpertMergeError("symphony: no output folder; pass --out DIR or set `output_dir`.")
+    out = check_output_dir(out, force, list(config.experts.values()))
+    run = prepare(config, progress)
+    run.align(config.alignment.residual, config.alignment.ffn, config.alignment.heads)
+    pool, losses = run.pool, []
+    if config.output == "moe":
+        shared = backbone(pool, config.backbone.t, config.backbone.method)
+        rows = router_rows(pool, shared, run.batches_per_expert(), config.moe.router)
+        method = config.moe.router
+        if config.moe.router_tuning_steps:
+            rows, losses = tuned_router_rows(
+                pool,
+                shared,
+                rows,
+                run.datamodule.train_dataloader(),
+                run.targets,
+                run.task_names,
+                top_k=config.moe.top_k,
+                steps=config.moe.router_tuning_steps,
+                lr=config.moe.router_lr,
+                balance=config.moe.balance,
+                progress=progress,
+            )
+            method = f"{method}+tuned"
+        card = {"alignment": config.alignment.model_dump(), "backbone": config.backbone.model_dump()}
+        write_moe(
+            pool, out, shared, rows, top_k=config.moe.top_k, router_method=method, force=True, card=card
+        )
+    else:
+        write_dense(pool, out, dense(pool, config.dense.t, config.dense.method), atomic_output_dir)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    return SymphonySummary(
+        output=Path(out),
+        kind=config.output,
+        reference=pool.reference,
+        experts=pool.expert_names,
+        heldout_kl=run.heldout_kl(model),
+        alignment=run.reports,
+        router_losses=losses,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def write_dense(pool: SymphonyPool, out: Path, tensors: dict[str, torch.Tensor], atomic: Any) -> None:
+    """The dense model through the one writer into an atomic folder (config and tokenizer of the reference)."""
+    from expertmerge.io.support import copy_support_files, write_config
+    from expertmerge.io.writer import write_state_dict
+
+    dtype = pool.stored_dtype(pool.tensor_names[0])
+    estimate = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic(out, True, [pool.base_dir, *pool.expert_dirs.values()], estimate, command="symphony") as tmp:
+        write_state_dict(tmp, tensors, dtype)
+        write_config(pool.base_dir, tmp, dtype)
+        copy_support_files(pool.base_dir, tmp)
+
+
+__all__ = [
+    "SymphonyConfig",
+    "SymphonyRun",
+    "SymphonySummary",
+    "dense_model",
+    "load_symphony_config",
+    "prepare",
+    "run_symphony",
+]
