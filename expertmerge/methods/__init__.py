@@ -10,6 +10,7 @@ from __future__ import annotations
 from expertmerge.errors import ExpertMergeError
 from expertmerge.methods.base import MergeMethod
 from expertmerge.methods.parameters import Parameter
+from expertmerge.methods.passthrough import PassthroughMethod
 from expertmerge.methods.sparsify import (
     magnitude_mask,
     random_mask,
@@ -54,6 +55,10 @@ METHODS: dict[str, MergeMethod] = {
     name: TaskArithmeticMethod(name, needs_base, description, sparsification, consensus, normalize, rescale)
     for name, needs_base, sparsification, consensus, normalize, rescale, description in _TASK_ARITHMETIC_FAMILY
 }
+
+METHODS["passthrough"] = PassthroughMethod(
+    "passthrough", False, "Copies its one input tensor (times `scale`); for frankenmerges with `slices`."
+)
 
 METHOD_ALIASES: dict[str, str] = {"linear": "average"}
 
