@@ -270,14 +270,17 @@ def chat_template_text(name: str, folders: Mapping[str, Path], trust_remote_code
             if template:
                 found[template.strip()] = found.get(template.strip(), 0) + 1
         return max(found, key=found.get) if found else None
-    if name in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[name]
-    if "{" not in name or len(name) < 20:
+    check_chat_template(name)
+    return CHAT_TEMPLATES.get(name, name)
+
+
+def check_chat_template(name: str) -> None:
+    """`auto`, a template we ship, or a Jinja template itself (mergekit's test: a `{` and 20+ characters)."""
+    if name != "auto" and name not in CHAT_TEMPLATES and ("{" not in name or len(name) < 20):
         raise ExpertMergeError(
-            f"key 'chat_template': {name!r} is not a template we ship ({', '.join(CHAT_TEMPLATES)}, auto); "
-            "paste the Jinja template itself."
+            f"{name!r} is not a template we ship ({', '.join([*CHAT_TEMPLATES, 'auto'])}); paste the Jinja "
+            "template itself (mergekit's alpaca, llama3, mistral and exaone are not bundled)."
         )
-    return name
 
 
 def save_tokenizer(tokenizer: Any, folder: Path, chat_template: str | None) -> None:
