@@ -414,7 +414,7 @@ def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str, warnings: li
                 method,
                 [resolve_values(method, "model", [m.settings, top], "", t) for m in models],
                 resolve_values(method, "global", [top], "", t),
-                path,
+                f"{path}: key 'models'",
             )
     return MergeConfig(
         merge_method=method.name,
