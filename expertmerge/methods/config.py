@@ -457,6 +457,14 @@ def _slice(method: MergeMethod, piece: Any, index: int, path: str, warnings: lis
         for j, s in enumerate(piece.sources)
     ]
     names = [s.source for s in sources]
+    most = getattr(method, "max_inputs", None)
+    if most is not None and len(names) > most:
+        raise _fail(
+            path,
+            f"{where}.sources",
+            f"'{method.name}' takes at most {most} source(s) per slice, got {len(names)}; give one model per "
+            "slice (a frankenmerge stacks slices), or use another merge method.",
+        )
     if len(set(names)) != len(names):
         raise _fail(path, f"{where}.sources", f"a model is listed twice in one slice: {names}.")
     settings = _settings(method, piece.parameters or {}, f"{where}.parameters", path, False, warnings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +21,8 @@ SCALE = Parameter("scale", "model", float, None, "multiplies the copied tensor (
 @dataclass(frozen=True)
 class PassthroughMethod(MergeMethod):
     """Copies the only input; several inputs are refused (as mergekit's contract `max_inputs=1`)."""
+
+    max_inputs: ClassVar[int] = 1  # the config refuses slices with more sources, naming the key
 
     @property
     def parameters(self) -> tuple[Parameter, ...]:
