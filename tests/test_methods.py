@@ -85,10 +85,12 @@ def top_k_keep(values: list[float], density: float) -> list[bool]:
 
 
 def test_registry_has_the_five_methods_and_the_linear_alias():
-    assert set(METHODS) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+    assert set(METHODS) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"}
     assert get_method("linear") is get_method("average")
     for name, method in METHODS.items():
         assert method.name == name
+        if name == "passthrough":  # not of the task-arithmetic family (tests/test_merge_slices.py)
+            continue
         assert method.needs_base == (name != "average")
         assert method.uses_density == (method.sparsification is not None)
 
