@@ -66,6 +66,7 @@ class MergeSummary:
     peak_rss_bytes: int
     peak_rss_is_merge_only: bool
     notes: list[str] = field(default_factory=list)
+    output_layers: int | None = None  # set when `slices:` chose the layers
 
 
 def reset_peak_rss() -> bool:
@@ -446,6 +447,7 @@ def run_merge(
         peak_rss_bytes=peak_rss_bytes(),
         peak_rss_is_merge_only=merge_only,
         notes=list(pool.notes),
+        output_layers=len(output_layers(plan)) if config.slices is not None else None,
     )
     return summary
 

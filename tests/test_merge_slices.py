@@ -70,6 +70,14 @@ def test_passthrough_frankenmerge_changes_depth_loads_and_generates(tiny_models,
     assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
+def test_shipped_frankenmerge_config_validates_and_stacks_two_slices():
+    from expertmerge.methods.config import load_merge_config
+
+    config = load_merge_config(Path(__file__).resolve().parents[1] / "configs" / "merge_passthrough.yaml")
+    assert config.merge_method == "passthrough" and [s.num_layers for s in config.slices] == [2, 2]
+    assert config.referenced_models == ["zoo://tiny/experts/arith", "zoo://tiny/experts/sort"]
+
+
 def test_per_layer_config_lists_follow_the_layers_they_read():
     base = {"num_hidden_layers": 4, "layer_types": ["s", "f", "s", "f"], "architectures": ["X"] * 4}
     other = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"]}
