@@ -398,6 +398,7 @@ def run_merge(
         (tmp / "merge_config.yaml").write_text(resolved_yaml)
         hashes = pool.content_hashes()
         by_source = {source: name for name, source in pool.expert_sources.items()}
+        by_source.setdefault(inputs.structure, Path(inputs.structure).name or inputs.structure)
         hash_of = {source: hashes[key] for source, key in inputs.keys.items()}
         experts_listed = [m for m in sources if m in experts]
         write_merge_card(
@@ -405,13 +406,10 @@ def run_merge(
             title=f"{config.merge_method} merge of {len(experts_listed)} model(s)",
             method=config.merge_method,
             base=None if config.base_model is None else (config.base_model, hash_of[config.base_model]),
-            experts={by_source.get(m, "base"): (m, hash_of[m]) for m in experts_listed},
+            experts={by_source[m]: (m, hash_of[m]) for m in experts_listed},
             parameters={
                 **config.parameters,
-                "models": {
-                    by_source.get(m.source, "base"): {"source": m.source, **m.parameters}
-                    for m in config.models
-                },
+                "models": {by_source[m.source]: {"source": m.source, **m.parameters} for m in config.models},
                 **(
                     {"slices": len(config.slices), "layers": len(output_layers(plan))}
                     if config.slices

@@ -119,6 +119,11 @@ def plan_tensors(
         index = 0 if pre else -1
         piece = slices[index]
         inputs = tuple(TensorInput(s.source, name, s.settings) for s in piece.sources)
+        for source in piece.sources:
+            if name not in set(names(source.source)):
+                raise ExpertMergeError(
+                    f"{config.path}: '{source.source}' has no tensor '{name}' (the base has it)."
+                )
         planned.append(OutputTensor(name, inputs, bases[index], 0.0, piece.settings))
     out_layer = 0
     for piece, base in zip(slices, bases, strict=True):
