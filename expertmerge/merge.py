@@ -28,6 +28,7 @@ from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
 from expertmerge.io.support import copy_support_files, write_config
 from expertmerge.io.tokenizer import (
+    TOKENIZER_FILES,
     Vocabulary,
     build_vocabulary,
     chat_template_text,
@@ -227,11 +228,46 @@ def _is_vocab(inputs: _Inputs, tensor: OutputTensor) -> bool:
     )
 
 
+def _one_tokenizer(config: MergeConfig, inputs: _Inputs, base: str) -> bool:
+    """`tokenizer_source: base` where every model has the base's `tokenizer.json` ids (or none) and as many
+    tokens as embedding rows: mergekit's permutations are then the identity, so the files are copied as
+    they are (loading a 50k-token tokenizer per model costs seconds)."""
+    spec = config.tokenizer
+    if spec.source != "base" or spec.tokens or spec.pad_to_multiple_of:
+        return False
+    path = inputs.folder(base) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    text = path.read_bytes()
+    data = json.loads(text)
+    vocab = (data.get("model") or {}).get("vocab")
+    if not isinstance(vocab, dict):
+        return False
+    count = len(set(vocab) | {t.get("content") for t in data.get("added_tokens", [])})
+    for model in config.referenced_models:
+        own = inputs.folder(model) / "tokenizer.json"
+        if inputs.vocab_size(model) != count:
+            return False
+        if own.is_file() and own.read_bytes() != text:  # e.g. other padding settings: compare the ids
+            theirs = json.loads(own.read_bytes())
+            if (theirs.get("model") or {}).get("vocab") != vocab or _added(theirs) != _added(data):
+                return False
+        if not own.is_file() and any((inputs.folder(model) / f).is_file() for f in TOKENIZER_FILES):
+            return False  # another tokenizer format: compared by the full path
+    return True
+
+
+def _added(tokenizer_json: dict[str, Any]) -> list[tuple[Any, Any]]:
+    return sorted((t.get("content"), t.get("id")) for t in tokenizer_json.get("added_tokens", []))
+
+
 def _build_vocabulary(config: MergeConfig, inputs: _Inputs) -> Vocabulary | None:
     if config.tokenizer is None:
         return None
     models = config.referenced_models
     base = config.base_model or models[0]
+    if _one_tokenizer(config, inputs, base):
+        return None
     source = config.tokenizer.source
     return build_vocabulary(
         source,

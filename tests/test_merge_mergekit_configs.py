@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from expertmerge.merge import run_merge
 
 DATA = Path(__file__).with_name("data")
-spec = importlib.util.spec_from_file_location("mergekit_config_reference", DATA / "make_mergekit_config_reference.py")
+spec = importlib.util.spec_from_file_location(
+    "mergekit_config_reference", DATA / "make_mergekit_config_reference.py"
+)
 reference = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reference)
 
@@ -72,3 +74,18 @@ def test_mergekit_config_gives_mergekits_tensors_config_and_tokenizer(case, inpu
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.get_vocab() == stored["vocab"]
     assert tokenizer.chat_template == stored["chat_template"]
+
+
+def test_tokenizer_source_base_with_one_shared_tokenizer_copies_its_files(inputs, expected, tmp_path):
+    # Every model has the base's tokenizer and as many tokens as rows: mergekit's permutations are the
+    # identity, so the tensors are the plain merge's and the base's tokenizer files are copied unchanged.
+    text = reference.CASES["gradient_linear"].replace(
+        "dtype: float32", "dtype: float32\ntokenizer_source: base"
+    )
+    path = tmp_path / "base_tokenizer.yaml"
+    path.write_text(reference.fill(text, inputs))
+    run_merge(path, out=tmp_path / "out", progress=False)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in written.items():
+        assert (tensor - expected[f"gradient_linear/{name}"]).abs().max() <= 1e-6, name
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (inputs["a"] / "tokenizer.json").read_bytes()

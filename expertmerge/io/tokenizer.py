@@ -206,7 +206,8 @@ def build_vocabulary(
 ) -> Vocabulary:
     """The output vocabulary for `source` (`base`, `union` or one of `models`), and every model's permutation."""
     base_tokenizer = load_tokenizer(folders[base], trust_remote_code)
-    beyond = [t for t, i in base_tokenizer.get_vocab().items() if i >= vocab_sizes[base]]
+    base_vocab = base_tokenizer.get_vocab()  # get_vocab is slow on large vocabularies: once per tokenizer
+    beyond = [t for t, i in base_vocab.items() if i >= vocab_sizes[base]]
     if beyond:
         raise ExpertMergeError(
             f"key 'tokenizer': the base's tokenizer has {len(beyond)} token(s) past its vocab_size "
@@ -234,6 +235,7 @@ def build_vocabulary(
             out.add_tokens(token)
             existing.add(token)
     vocab = out.get_vocab()
+    vocabs = {m: t.get_vocab() if t is not base_tokenizer else base_vocab for m, t in tokenizers.items()}
     size = len(vocab)
     if pad_to_multiple_of and size % pad_to_multiple_of:
         size += pad_to_multiple_of - size % pad_to_multiple_of
@@ -242,7 +244,7 @@ def build_vocabulary(
     if [i for _, i in by_id] != list(range(len(vocab))):
         raise ExpertMergeError("key 'tokenizer': the output vocabulary's ids are not 0..n-1; not supported.")
     for model in models:
-        own = (tokenizers.get(model) or base_tokenizer).get_vocab()
+        own = vocabs.get(model, base_vocab)
         limit = vocab_sizes[model]
         permutations[model] = [own[t] if t in own and own[t] < limit else -1 for t, _ in by_id]
     return Vocabulary(
@@ -250,7 +252,7 @@ def build_vocabulary(
         vocab=vocab,
         size=size,
         permutations=permutations,
-        original_vocabs={m: t.get_vocab() for m, t in tokenizers.items()},
+        original_vocabs=vocabs,
         tokens={t: dict(c) for t, c in (tokens or {}).items()},
         base=base,
     )
