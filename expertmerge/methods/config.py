@@ -254,10 +254,16 @@ def _strip_unknown(data: Mapping[str, Any], warnings: list[str]) -> dict[str, An
 
 
 def _schema_error(error: ValidationError, path: str) -> ExpertMergeError:
-    """pydantic's first problem in our words; unsupported keys first, since they explain the 'missing' ones."""
-    problems = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    """pydantic's first problem in our words."""
+    # unsupported keys first (they explain the 'missing' ones), then our own checks' words over type names
+    problems = sorted(
+        error.errors(), key=lambda e: (e["type"] != "extra_forbidden", e["type"] != "value_error")
+    )
     problem = problems[0]
-    loc = [part for part in problem["loc"] if part != "[key]" and not str(part).startswith(("str", "Token"))]
+    # pydantic names the union member it tried (`str`, `TokenSourceYAML`) in the location: not a key.
+    loc = [
+        p for p in problem["loc"] if p != "[key]" and p != "str" and not str(p).endswith(("YAML", "YAML]"))
+    ]
     key, name, kind = _key(loc), loc[-1] if loc else "", problem["type"]
     if kind == "extra_forbidden":
         message = f"not supported: {UNSUPPORTED.get(str(name), 'unknown key')}."
