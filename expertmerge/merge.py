@@ -10,6 +10,7 @@ tensor of each model is in memory, never a model or a shard.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -26,9 +27,24 @@ from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
 from expertmerge.io.support import copy_support_files, write_config
+from expertmerge.io.tokenizer import (
+    TOKENIZER_FILES,
+    Vocabulary,
+    build_vocabulary,
+    chat_template_text,
+    load_tokenizer,
+    save_tokenizer,
+)
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
-from expertmerge.methods import MergeMethod, tensor_generator
-from expertmerge.methods.config import MergeConfig, ModelEntry, load_merge_config, parse_merge_config
+from expertmerge.methods import tensor_generator
+from expertmerge.methods.config import (
+    MergeConfig,
+    dry_run,
+    load_merge_config,
+    parse_merge_config,
+    resolve_values,
+)
+from expertmerge.methods.slices import OutputTensor, layer_config, output_layers, plan_tensors
 from expertmerge.pool import BASE, ExpertPool
 
 __all__ = ["MergeConfig", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge"]
@@ -51,6 +67,7 @@ class MergeSummary:
     peak_rss_bytes: int
     peak_rss_is_merge_only: bool
     notes: list[str] = field(default_factory=list)
+    output_layers: int | None = None  # set when `slices:` chose the layers
 
 
 def reset_peak_rss() -> bool:
@@ -100,39 +117,243 @@ def _majority_dtype(pool: ExpertPool) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _merge_one(pool: ExpertPool, name: str, config: MergeConfig, entries: list[ModelEntry]) -> torch.Tensor:
-    """One merged tensor; only this tensor of each model is in memory (read in fp32, computed in fp32)."""
-    method = config.method
-    base = pool.base_tensor(name, torch.float32) if method.uses_base and config.base_model else None
-    experts = [pool.expert_tensor(expert, name, torch.float32) for expert in pool.expert_names]
-    return method.merge(
-        base, experts, [e.parameters for e in entries], config.parameters, tensor_generator(config.seed, name)
-    )
+@dataclass
+class _Inputs:
+    """The models a merge reads (one pool: the structure model as its base, every other model an expert)."""
+
+    pool: ExpertPool
+    structure: str
+    keys: dict[str, str]  # source -> pool key
+
+    def checkpoint(self, model: str) -> Any:
+        return self.pool.checkpoint(self.keys[model])
+
+    def folder(self, model: str) -> Path:
+        return self.pool.base_dir if self.keys[model] == BASE else self.pool.expert_dirs[self.keys[model]]
+
+    def raw_config(self, model: str) -> dict[str, Any]:
+        return self.pool.raw_config(self.keys[model])
+
+    def num_layers(self, model: str) -> int:
+        raw = self.raw_config(model)
+        count = raw.get("num_hidden_layers", (raw.get("text_config") or {}).get("num_hidden_layers"))
+        if not isinstance(count, int):
+            raise ExpertMergeError(
+                f"{self.pool.label(self.keys[model])}: config.json has no num_hidden_layers."
+            )
+        return count
+
+    def vocab_size(self, model: str) -> int:
+        raw = self.raw_config(model)
+        return raw.get("vocab_size", (raw.get("text_config") or {}).get("vocab_size"))
 
 
-def _make_pool(config: MergeConfig, method: MergeMethod) -> tuple[ExpertPool, list[ModelEntry]]:
-    """The pool and the entries that act as experts (mergekit's rules for the base model)."""
-    entries = list(config.models)
-    if config.base_model is None:
-        # `average` without a base: the first model gives the structure, config and tokenizer.
-        base = entries[0].source
-    else:
-        base = config.base_model
-        if method.uses_base:
-            # mergekit skips the base in the task vectors: its own task vector is zero.
-            entries = [e for e in entries if e.source != base]
-            if not entries:
-                raise ExpertMergeError(
-                    f"{config.path}: key 'models': only the base model is listed; nothing to merge."
-                )
+def _open_inputs(config: MergeConfig) -> _Inputs:
+    """mergekit's rules: the base gives structure, config and tokenizer (without one, the first model)."""
+    referenced = config.referenced_models
+    structure = referenced[0]
+    others = [m for m in referenced if m != structure]
     pool = ExpertPool(
-        base,
-        [e.source for e in entries],
+        structure,
+        others,
         trust_remote_code=config.trust_remote_code,
         include=config.include,
         exclude=config.exclude,
     )
-    return pool, entries
+    keys = {structure: BASE, **{source: name for name, source in pool.expert_sources.items()}}
+    inputs = _Inputs(pool, structure, keys)
+    if config.slices is None and config.tokenizer is None and others:
+        pool.validate()  # same architecture, vocabulary, tokenizer, names and shapes
+    else:
+        model_type = inputs.raw_config(structure).get("model_type")
+        for model in others:
+            if inputs.raw_config(model).get("model_type") != model_type:
+                raise ExpertMergeError(
+                    f"{pool.label(inputs.keys[model])} has model_type "
+                    f"'{inputs.raw_config(model).get('model_type')}' but '{structure}' has '{model_type}'; "
+                    "every model must share one architecture."
+                )
+    return inputs
+
+
+def _is_selected(pool: ExpertPool, name: str) -> bool:
+    """`include` / `exclude` on the output's tensor names (default: every floating tensor is merged)."""
+    return (pool.include is None or any(p.search(name) for p in pool.include)) and not any(
+        p.search(name) for p in pool.exclude or ()
+    )
+
+
+def _values(config: MergeConfig, tensor: OutputTensor) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The method's per-model and once-per-merge values for one output tensor (mergekit's precedence)."""
+    method = config.method
+    model_values = [
+        resolve_values(
+            method, "model", [e.settings, tensor.slice_settings, config.settings], e.name, tensor.t
+        )
+        for e in tensor.experts
+    ]
+    return model_values, resolve_values(
+        method, "global", [tensor.slice_settings, config.settings], tensor.name, tensor.t
+    )
+
+
+def _shape(inputs: _Inputs, tensor: OutputTensor, vocabulary: Vocabulary | None) -> tuple[int, ...]:
+    """The output shape; every input must have it (the vocabulary axis aside when a tokenizer is built)."""
+    shapes = {i.model: tuple(inputs.checkpoint(i.model).shape(i.name)) for i in tensor.inputs}
+    first = tensor.inputs[0]
+    if vocabulary is not None and _is_vocab(inputs, tensor):
+        rest = {shape[1:] for shape in shapes.values()}
+        if len(rest) == 1:
+            return (vocabulary.size, *shapes[first.model][1:])
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"'{i.model}' {i.name} {list(shapes[i.model])}" for i in tensor.inputs)
+        hint = (
+            " (a different vocabulary: set `tokenizer_source: union` or `base`)"
+            if _is_vocab(inputs, tensor)
+            else ""
+        )
+        raise ExpertMergeError(
+            f"Cannot merge output tensor '{tensor.name}': input shapes differ: {listed}{hint}."
+        )
+    return shapes[first.model]
+
+
+def _is_vocab(inputs: _Inputs, tensor: OutputTensor) -> bool:
+    """Embeddings and lm_head: outside the layers, 2-D, one row per token of each model."""
+    if tensor.layer is not None:
+        return False
+    return all(
+        len(shape := inputs.checkpoint(i.model).shape(i.name)) == 2 and shape[0] == inputs.vocab_size(i.model)
+        for i in tensor.inputs
+    )
+
+
+def _one_tokenizer(config: MergeConfig, inputs: _Inputs, base: str) -> bool:
+    """`tokenizer_source: base` where every model has the base's `tokenizer.json` ids (or none) and as many
+    tokens as embedding rows: mergekit's permutations are then the identity, so the files are copied as
+    they are (loading a 50k-token tokenizer per model costs seconds)."""
+    spec = config.tokenizer
+    if spec.source != "base" or spec.tokens or spec.pad_to_multiple_of:
+        return False
+    path = inputs.folder(base) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    text = path.read_bytes()
+    data = json.loads(text)
+    vocab = (data.get("model") or {}).get("vocab")
+    if not isinstance(vocab, dict):
+        return False
+    count = len(set(vocab) | {t.get("content") for t in data.get("added_tokens", [])})
+    for model in config.referenced_models:
+        own = inputs.folder(model) / "tokenizer.json"
+        if inputs.vocab_size(model) != count:
+            return False
+        if own.is_file() and own.read_bytes() != text:  # e.g. other padding settings: compare the ids
+            theirs = json.loads(own.read_bytes())
+            if (theirs.get("model") or {}).get("vocab") != vocab or _added(theirs) != _added(data):
+                return False
+        if not own.is_file() and any((inputs.folder(model) / f).is_file() for f in TOKENIZER_FILES):
+            return False  # another tokenizer format: compared by the full path
+    return True
+
+
+def _added(tokenizer_json: dict[str, Any]) -> list[tuple[Any, Any]]:
+    return sorted((t.get("content"), t.get("id")) for t in tokenizer_json.get("added_tokens", []))
+
+
+def _build_vocabulary(config: MergeConfig, inputs: _Inputs) -> Vocabulary | None:
+    if config.tokenizer is None:
+        return None
+    models = config.referenced_models
+    base = config.base_model or models[0]
+    if _one_tokenizer(config, inputs, base):
+        return None
+    source = config.tokenizer.source
+    return build_vocabulary(
+        source,
+        base,
+        models,
+        {m: inputs.folder(m) for m in models},
+        {m: inputs.vocab_size(m) for m in models},
+        config.tokenizer.tokens,
+        config.tokenizer.pad_to_multiple_of,
+        config.trust_remote_code,
+    )
+
+
+def _producer(
+    config: MergeConfig,
+    inputs: _Inputs,
+    tensor: OutputTensor,
+    dtype: torch.dtype,
+    merged: bool,
+    vocabulary: Vocabulary | None,
+    values: tuple[list[dict[str, Any]], dict[str, Any]],
+) -> Any:
+    read_dtype = DTYPES[config.input_dtype] if config.input_dtype else torch.float32
+
+    def produce() -> torch.Tensor:
+        if not merged:  # copied: from the base when it is an input, else from the first input
+            source = next((i for i in tensor.inputs if i.model == tensor.base), tensor.inputs[0])
+            return inputs.checkpoint(source.model).tensor(source.name).to(dtype)
+        # mergekit reads inputs in `dtype` (when given); the arithmetic is fp32.
+        read = {i.model: inputs.checkpoint(i.model).tensor(i.name, read_dtype) for i in tensor.inputs}
+        if vocabulary is not None and _is_vocab(inputs, tensor):
+            read = vocabulary.align(read)
+        read = {m: t.to(torch.float32) for m, t in read.items()}
+        base = read[tensor.base] if tensor.base is not None else None
+        experts = [read[e.model] for e in tensor.experts]
+        model_values, global_values = values
+        result = config.method.merge(
+            base, experts, model_values, global_values, tensor_generator(config.seed, tensor.name)
+        )
+        return result.to(dtype)
+
+    return produce
+
+
+def _write_config(
+    config: MergeConfig,
+    inputs: _Inputs,
+    plan: list[OutputTensor],
+    target: Path,
+    out_dtype: torch.dtype,
+    vocabulary: Vocabulary | None,
+) -> None:
+    write_config(inputs.folder(inputs.structure), target, out_dtype)
+    if config.slices is None and vocabulary is None:
+        return
+    data = json.loads((target / "config.json").read_text())
+    if config.slices is not None:
+        layers = output_layers(plan)
+        data = layer_config(data, layers, {m: inputs.raw_config(m) for m, _ in layers})
+    if vocabulary is not None:
+        holder = (
+            data["text_config"]
+            if "vocab_size" not in data and isinstance(data.get("text_config"), dict)
+            else data
+        )
+        holder["vocab_size"] = vocabulary.size
+    (target / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_tokenizer(
+    config: MergeConfig, inputs: _Inputs, target: Path, vocabulary: Vocabulary | None
+) -> None:
+    """The base's files, or (with `tokenizer:` / `chat_template:`) the built tokenizer saved by transformers."""
+    copy_support_files(inputs.folder(inputs.structure), target, config.trust_remote_code)
+    if vocabulary is None and config.chat_template is None:
+        return
+    folders = {m: inputs.folder(m) for m in config.referenced_models}
+    template = None
+    if config.chat_template is not None:
+        template = chat_template_text(config.chat_template, folders, config.trust_remote_code)
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(
+            inputs.folder(config.base_model or config.referenced_models[0]), config.trust_remote_code
+        )
+    save_tokenizer(tokenizer, target, template)
 
 
 def run_merge(
@@ -145,8 +366,8 @@ def run_merge(
 ) -> MergeSummary:
     """Merge the config's models into the Hugging Face model folder `out` (or the config's `output_dir`).
 
-    Everything is validated (config, output folder, model compatibility) before any tensor is read; the output
-    appears only when complete.
+    Everything is validated (config, output folder, model compatibility, every tensor's inputs and parameter
+    values) before any tensor is read; the output appears only when complete.
     """
     from rich.console import Console
     from transformers import AutoConfig  # noqa: F401 - imported before the memory baseline, not counted in it
@@ -161,35 +382,44 @@ def run_merge(
         config = parse_merge_config(config)
     else:
         config = load_merge_config(config)
+    for warning in config.warnings:
+        console.print(f"[yellow]warning[/yellow]: {config.path}: {warning}", highlight=False, soft_wrap=True)
     out = out if out is not None else config.output_dir
     if out is None:
         raise ExpertMergeError(
             f"{config.path}: no output folder; pass --out DIR or set `output_dir` in the config."
         )
-    sources = [config.base_model, *(m.source for m in config.models)]
+    sources = config.referenced_models
     check_output_dir(out, force, inputs=sources)  # cheap checks now; free space once the size is known
     max_shard = shard_limit(max_shard_bytes)
 
-    pool, entries = _make_pool(config, config.method)
-    pool.validate()
+    inputs = _open_inputs(config)
+    pool = inputs.pool
+    plan = plan_tensors(config, inputs.structure, lambda m: inputs.checkpoint(m).names, inputs.num_layers)
+    vocabulary = _build_vocabulary(config, inputs)
     out_dtype = DTYPES[config.dtype] if config.dtype else _majority_dtype(pool)
-    merged = set(pool.merged_names)
-
-    def produce(name: str, dtype: torch.dtype) -> Any:
-        def tensor() -> torch.Tensor:
-            result = _merge_one(pool, name, config, entries) if name in merged else pool.base_tensor(name)
-            return result.to(dtype)
-
-        return tensor
-
-    planned = []
-    for name in pool.tensor_names:
-        stored = pool.stored_dtype(name)
+    planned, merged_count, experts = [], 0, set()
+    checked: set[str] = set()
+    for tensor in plan:
+        stored = inputs.checkpoint(tensor.inputs[0].model).dtype(tensor.inputs[0].name)
+        merged = stored.is_floating_point and _is_selected(pool, tensor.name)
+        values = _values(config, tensor)
+        if merged:
+            merged_count += 1
+            experts.update(e.model for e in tensor.experts)
+            key = repr(values)
+            if key not in checked:  # each distinct set of values once, on a one-element merge
+                checked.add(key)
+                dry_run(
+                    config.method, *values, f"{config.path} (tensor '{tensor.name}')", tensor.base is not None
+                )
         dtype = out_dtype if stored.is_floating_point else stored
-        planned.append(PlannedTensor(name, pool.shape(name), dtype, produce(name, dtype)))
-    inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
+        shape = _shape(inputs, tensor, vocabulary)
+        produce = _producer(config, inputs, tensor, dtype, merged, vocabulary, values)
+        planned.append(PlannedTensor(tensor.name, shape, dtype, produce))
+    folders = [*sources, *(inputs.folder(m) for m in sources)]
     estimate = sum(t.nbytes for t in planned)
-    with atomic_output_dir(out, force, inputs, estimate, command="merge") as tmp:
+    with atomic_output_dir(out, force, folders, estimate, command="merge") as tmp:
         with _progress(console, progress) as bar:
             task = bar.add_task("merging", total=len(planned), tensor="")
             written = write_safetensors(
@@ -200,31 +430,35 @@ def run_merge(
                 on_written=lambda name: bar.advance(task),
             )
         total = written.num_shards
-        write_config(pool.base_dir, tmp, out_dtype)
-        copy_support_files(pool.base_dir, tmp, config.trust_remote_code)
+        _write_config(config, inputs, plan, tmp, out_dtype, vocabulary)
+        _write_tokenizer(config, inputs, tmp, vocabulary)
         resolved_yaml = config.to_mergekit_yaml()
         (tmp / "merge_config.yaml").write_text(resolved_yaml)
         hashes = pool.content_hashes()
+        by_source = {source: name for name, source in pool.expert_sources.items()}
+        by_source.setdefault(inputs.structure, Path(inputs.structure).name or inputs.structure)
+        hash_of = {source: hashes[key] for source, key in inputs.keys.items()}
+        experts_listed = [m for m in sources if m in experts]
         write_merge_card(
             tmp,
-            title=f"{config.merge_method} merge of {len(entries)} expert(s)",
+            title=f"{config.merge_method} merge of {len(experts_listed)} model(s)",
             method=config.merge_method,
-            base=None if config.base_model is None else (config.base_model, hashes[BASE]),
-            experts={
-                name: (e.source, hashes[name]) for name, e in zip(pool.expert_names, entries, strict=True)
-            },
+            base=None if config.base_model is None else (config.base_model, hash_of[config.base_model]),
+            experts={by_source[m]: (m, hash_of[m]) for m in experts_listed},
             parameters={
                 **config.parameters,
-                "models": {
-                    name: {"source": e.source, **e.parameters}
-                    for name, e in zip(pool.expert_names, entries, strict=True)
-                },
+                "models": {by_source[m.source]: {"source": m.source, **m.parameters} for m in config.models},
+                **(
+                    {"slices": len(config.slices), "layers": len(output_layers(plan))}
+                    if config.slices
+                    else {}
+                ),
                 "dtype": dtype_name(out_dtype),
                 "random_seed": config.seed,
                 "include": config.include,
                 "exclude": config.exclude,
-                "tensors_merged": len(merged),
-                "tensors_copied_from_base": len(planned) - len(merged),
+                "tensors_merged": merged_count,
+                "tensors_copied_from_base": len(planned) - merged_count,
             },
             sections={
                 "Merge config": f"Re-run with `python -m expertmerge merge --config merge_config.yaml --out DIR`.\n\n"
@@ -238,9 +472,9 @@ def run_merge(
     summary = MergeSummary(
         method=config.merge_method,
         output=Path(out).expanduser(),
-        num_experts=len(entries),
-        tensors_merged=len(merged),
-        tensors_copied=len(planned) - len(merged),
+        num_experts=len(experts),
+        tensors_merged=merged_count,
+        tensors_copied=len(planned) - merged_count,
         num_shards=total,
         output_bytes=output_bytes,
         model_bytes=model_bytes,
@@ -249,6 +483,7 @@ def run_merge(
         peak_rss_bytes=peak_rss_bytes(),
         peak_rss_is_merge_only=merge_only,
         notes=list(pool.notes),
+        output_layers=len(output_layers(plan)) if config.slices is not None else None,
     )
     return summary
 

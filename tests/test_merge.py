@@ -57,8 +57,9 @@ def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _direct(tiny_models, config: dict, experts=EXPERT_NAMES) -> dict[str, torch.Tensor]:
-    """What calling `merge_tensor` on each tensor gives, with the config's parameters."""
+def _direct(tiny_models, config: dict, experts=EXPERT_NAMES, read_dtype=None) -> dict[str, torch.Tensor]:
+    """What calling `merge_tensor` on each tensor gives, with the config's parameters (inputs rounded to
+    `read_dtype` first, as mergekit's `dtype` reads them)."""
     method = methods.get_method(config["merge_method"])
     model_parameters = [m.get("parameters", {}) for m in config["models"]]
     expert_params = [
@@ -73,6 +74,8 @@ def _direct(tiny_models, config: dict, experts=EXPERT_NAMES) -> dict[str, torch.
     )
     seed = config.get("random_seed", 0)
     states = tiny_models.state_dicts
+    if read_dtype is not None:
+        states = {m: {k: v.to(read_dtype).float() for k, v in state.items()} for m, state in states.items()}
     return {
         name: methods.merge_tensor(
             method,
@@ -216,6 +219,7 @@ dtype: bfloat16
             "parameters": {"normalize": True, "int8_mask": True},
         },
         experts=["alpha", "gamma"],
+        read_dtype=torch.bfloat16,  # mergekit's `dtype`: the precision inputs are read in
     )
     written = _read_all(tmp_path / "out")
     for name, tensor in direct.items():
@@ -238,29 +242,32 @@ def test_average_without_base_uses_the_first_model_for_structure(tiny_models, tm
 @pytest.mark.parametrize(
     ("edit", "key", "says"),
     [
-        (lambda c: c.update(merge_methd="ties"), "merge_methd", "Did you mean 'merge_method'"),
         (lambda c: c.update(merge_method="slurp"), "merge_method", "Unknown merge method 'slurp'"),
         (lambda c: c.pop("base_model"), "base_model", "needs a base model"),
-        (lambda c: c.update(slices=[{"sources": []}]), "slices", "not supported"),
+        (lambda c: c.update(slices=[{"sources": []}]), "slices[0].sources", "non-empty list"),
         (
-            lambda c: c["models"][1]["parameters"].update(weight=[0.1, 0.5]),
+            lambda c: c["models"][1]["parameters"].update(weight=[0.1, "x"]),
             "models[1].parameters.weight",
-            "gradient",
+            "number",
         ),
         (
             lambda c: c["models"][0]["parameters"].update(
-                density=[{"filter": "mlp", "value": 0.5}, {"value": 1}]
+                density=[{"filter": "mlp", "value": 1.5}, {"value": 1}]
             ),
             "models[0].parameters.density",
-            "gradient",
+            "out of range",
         ),
         (
-            lambda c: c["parameters"].update(weight={"filter": "self_attn", "value": 0.5}),
+            lambda c: c["parameters"].update(weight={"filter": "self_attn"}),
             "parameters.weight",
-            "per-tensor values",
+            "a filtered value is",
         ),
-        (lambda c: c.update(tokenizer_source="union"), "tokenizer_source", "'union' is not supported"),
-        (lambda c: c.update(tokenizer={"source": "union"}), "tokenizer.source", "not supported"),
+        (lambda c: c.update(tokenizer_source="org/other"), "tokenizer_source", "none of base, union"),
+        (
+            lambda c: c.update(tokenizer={"source": "base", "pad_to_multiple_of": 0}),
+            "tokenizer.pad_to_multiple_of",
+            "positive",
+        ),
         (
             lambda c: c["models"][2]["parameters"].update(density="half"),
             "models[2].parameters.density",
@@ -276,12 +283,11 @@ def test_average_without_base_uses_the_first_model_for_structure(tiny_models, tm
             "models[1].model",
             "not an existing folder",
         ),
-        (lambda c: c["models"][0].update(lora="x"), "models[0].lora", "unknown key"),
         (lambda c: c.update(dtype="float64"), "dtype", "not one of"),
         (lambda c: c.update(seed=1), "seed", "disagree"),
         (lambda c: c["parameters"].update(normalize="yes"), "parameters.normalize", "true or false"),
         (lambda c: c.update(include=["("]), "include", "not a valid regular expression"),
-        (lambda c: c.update(chat_template="chatml"), "chat_template", "not supported"),
+        (lambda c: c.update(chat_template="vicuna"), "chat_template", "paste the Jinja template"),
     ],
 )
 def test_bad_config_fails_naming_file_and_key_before_writing(tiny_models, tmp_path, edit, key, says):
@@ -295,14 +301,20 @@ def test_bad_config_fails_naming_file_and_key_before_writing(tiny_models, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_parameters_a_method_ignores_are_refused_by_key(tiny_models, tmp_path):
+def test_parameters_a_method_ignores_are_one_warning_line_and_the_merge_runs(tiny_models, tmp_path):
+    import io
+
+    from rich.console import Console
+
     config = _config(tiny_models, "task_arithmetic")
-    config["models"][0]["parameters"]["density"] = 0.5
-    with pytest.raises(ExpertMergeError, match=r"'models\[0\].parameters.density'.*no effect"):
-        run_merge(_write(tmp_path, config), out=tmp_path / "out", progress=False)
-    config = _config(tiny_models, "average", parameters={"lambda": 0.5})
-    with pytest.raises(ExpertMergeError, match=r"'parameters.lambda'"):
-        run_merge(_write(tmp_path, config), out=tmp_path / "out", progress=False)
+    config["models"][0]["parameters"]["density"] = 0.5  # mergekit's task_arithmetic ignores it
+    console = Console(file=io.StringIO(), width=300)
+    run_merge(_write(tmp_path, config), out=tmp_path / "out", progress=False, console=console)
+    lines = [line for line in console.file.getvalue().splitlines() if "warning" in line]
+    assert len(lines) == 1 and "'models[0].parameters.density'" in lines[0] and "ignored" in lines[0]
+    del config["models"][0]["parameters"]["density"]
+    written, direct = _read_all(tmp_path / "out"), _direct(tiny_models, config)
+    assert all(torch.equal(written[name], tensor) for name, tensor in direct.items())
 
 
 def test_incompatible_expert_fails_before_any_output(tiny_models, tmp_path):
@@ -355,7 +367,7 @@ def test_failing_merge_leaves_no_output_and_no_temporary_folder(tiny_models, tmp
 
 def test_cli_merge_reports_errors_without_traceback(tiny_models, tmp_path, capsys):
     config = _config(tiny_models, "ties")
-    config["models"][0]["parameters"]["weight"] = [0.2, 0.8]
+    config["models"][0]["parameters"]["weight"] = [0.2, "x"]
     path = _write(tmp_path, config, "gradient.yaml")
     assert cli_main(["merge", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err

@@ -23,6 +23,8 @@ from expertmerge.cli import main as cli_main
 from expertmerge.methods import METHODS
 
 SEED = 20261201
+# passthrough copies one model (its `scale` is fuzzed in tests/test_merge_slices.py); the others take three.
+FUZZED = [name for name in METHODS if name != "passthrough"]
 CASES_PER_OPTION = 4
 MERGES_PER_METHOD = 2  # full merges of valid edge cases; the rest stop after validation
 
@@ -76,7 +78,7 @@ def _put(config: dict, where: tuple[Any, ...], value: Any) -> None:
 def _cases() -> list[tuple[str, str | None, Any]]:
     rng = random.Random(SEED)
     cases = []
-    for method in METHODS:
+    for method in FUZZED:
         cases.append((method, None, None))  # the valid config itself: every method merges at least once
         for option in OPTIONS:
             pool = DTYPE_NAMES + WRONG_TYPES[:6] if "dtype" in option else NUMBERS + WRONG_TYPES
@@ -92,7 +94,7 @@ def _is_edge(value: Any) -> bool:
 
 def test_every_option_of_every_method_gives_a_clean_error_or_a_finite_model(tiny_models, tmp_path, capsys):
     outcomes = {"refused": 0, "merged": 0, "validated only": 0}
-    merges: dict[str, int] = dict.fromkeys(METHODS, 0)
+    merges: dict[str, int] = dict.fromkeys(FUZZED, 0)
     for number, (method, option, value) in enumerate(_cases()):
         config = _valid_config(tiny_models, method)
         if option is None:
@@ -146,7 +148,7 @@ def test_every_option_of_every_method_gives_a_clean_error_or_a_finite_model(tiny
         (math.inf, "expected a finite number, got inf"),
         (1e300, "overflows float32"),
         (1e-300, "underflows float32"),
-        ("0.5", "expected a number, got '0.5'"),
+        ("half", "expected a number, got 'half'"),  # number-like strings (YAML's 1e-3) are numbers
         (True, "expected a number, got True"),
     ],
 )

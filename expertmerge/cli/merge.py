@@ -21,6 +21,8 @@ def summary_table(summary: MergeSummary) -> Any:
     table.add_row(
         "tensors", f"{summary.tensors_merged} merged, {summary.tensors_copied} copied from the base"
     )
+    if summary.output_layers is not None:
+        table.add_row("layers", f"{summary.output_layers} (from slices)")
     table.add_row(
         "output",
         f"{summary.output} ({human_bytes(summary.output_bytes)}, {summary.num_shards} shard(s))",

@@ -11,6 +11,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.methods.base import MergeMethod, TensorMethod
 from expertmerge.methods.model_stock import ANCHORED_METHODS
 from expertmerge.methods.parameters import Parameter
+from expertmerge.methods.passthrough import PassthroughMethod
 from expertmerge.methods.ram import OVERLAP_METHODS
 from expertmerge.methods.sparsify import (
     della_mask,
@@ -70,6 +71,10 @@ METHODS: dict[str, MergeMethod] = {
     for name, needs_base, sparsification, consensus, normalize, rescale, description in _TASK_ARITHMETIC_FAMILY
 }
 METHODS.update({m.name: m for m in (*SPHERICAL_METHODS, *ANCHORED_METHODS, *OVERLAP_METHODS)})
+
+METHODS["passthrough"] = PassthroughMethod(
+    "passthrough", False, "Copies its one input tensor (times `scale`); for frankenmerges with `slices`."
+)
 
 METHOD_ALIASES: dict[str, str] = {"linear": "average"}
 

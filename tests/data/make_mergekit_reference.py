@@ -129,7 +129,15 @@ def cases() -> list[dict]:
     ta("breadcrumbs", "many_ties", [1.0, 0.6, 0.9], [0.4, 0.6, 0.9], gamma=[0.01, 0.1, 0.2])  # 0.9 + 0.2 > 1
     ta("breadcrumbs", "large", [0.5, 0.8, 0.3], [0.3, 0.7, 0.2], normalize=True, **{"lambda": 1.2})
     ta("breadcrumbs_ties", "matrix", [1.0, 0.5, 0.8], [0.6, 0.4, 0.5], gamma=0.05)
-    ta("breadcrumbs_ties", "many_ties", [1.0, 1.0, 1.0], [0.3, 0.5, 0.7], gamma=0.02, normalize=True, rescale=True)
+    ta(
+        "breadcrumbs_ties",
+        "many_ties",
+        [1.0, 1.0, 1.0],
+        [0.3, 0.5, 0.7],
+        gamma=0.02,
+        normalize=True,
+        rescale=True,
+    )
     ta("breadcrumbs_ties", "vector", [1.0, -0.5, 0.8], [0.5, 0.6, 0.3], gamma=0.1)
 
     ta("della", "matrix", [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], seed=31, epsilon=0.1)
@@ -146,7 +154,14 @@ def cases() -> list[dict]:
     add("nuslerp", "matrix", experts=[0, 1], models={"weight": [0.3, 0.7]})
     add("nuslerp", "matrix", experts=[0, 1], base=False, models={"weight": [1.0, 1.0]})
     add("nuslerp", "matrix", experts=[1, 2], models={"weight": [0.6, 0.4]}, nuslerp_flatten=False)
-    add("nuslerp", "large", experts=[0, 2], models={"weight": [0.2, 0.5]}, nuslerp_flatten=False, nuslerp_row_wise=True)
+    add(
+        "nuslerp",
+        "large",
+        experts=[0, 2],
+        models={"weight": [0.2, 0.5]},
+        nuslerp_flatten=False,
+        nuslerp_row_wise=True,
+    )
     add("nuslerp", "large", experts=[0, 1], base=False, models={"weight": [1.0, -1.0]}, nuslerp_flatten=False)
     add("nuslerp", "colinear", experts=[0, 1], base=False, models={"weight": [0.5, 0.5]})
 
