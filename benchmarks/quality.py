@@ -373,8 +373,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     wanted = [r for r in (options.rows or MERGE_ROWS) if r not in options.skip]
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
+    transformers.utils.logging.set_verbosity_error()
     console = Console(width=200)  # the table is wide; never wrap it, even in a log file
     started = time.perf_counter()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
