@@ -175,7 +175,9 @@ def fit_config(zoo: str, folder: Path, manifest: dict[str, Any], work: Path, giv
 
 def expert_merging(config: Path, work: Path, row: str, extra: list[str]) -> Path:
     """Run `fit` in a subprocess (the repo's code: PYTHONPATH); for the fused MoE, the MoE it exports."""
-    slug = re.sub(r"\W+", "-", row.lower()).strip("-")
+    slug = {"Expert Merging": "expert-merging", "Expert Merging++": "expert-merging-pp"}.get(
+        row, "fused-moe-fit"
+    )
     out = work / slug
     command = [
         sys.executable, "-m", "expertmerge", "fit", "--config", str(config),
