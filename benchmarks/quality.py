@@ -1,22 +1,29 @@
-"""How much of the experts' skill each merge keeps, on a demo zoo's held-out data.
+"""How much of the experts' skill each merge keeps, on a zoo's held-out data, scored honestly.
 
-    python benchmarks/quality.py                  # the SmolLM2 zoo (built on first use), fit with configs/demo.yaml
-    python benchmarks/quality.py --zoo tiny       # the tiny zoo, fit with configs/fit_tiny.yaml (a few minutes)
+    python benchmarks/quality.py --zoo smollm2        # zoo A: upper-layer experts (math / Python / French)
+    python benchmarks/quality.py --zoo smollm2_full   # zoo B: full fine-tunes (German math / C / Python docs)
+    python benchmarks/quality.py --zoo tiny           # a quick look on the tiny zoo
 
-One table, one row per model: the base, every expert, the training-free merges (average, task arithmetic,
-TIES, DARE-TIES via `expertmerge.merge.run_merge`), Expert Merging and Expert Merging++ (the `fit` command in
-a subprocess, `--model.chunking true` for ++), the fused MoE (`fit --model.moe true`: the experts' FFNs as MoE
-experts, learned shared tensors, router from the calibration data) and the sequence-level MoE (whole experts,
-routed per request by perplexity on the text; it runs every expert on the prompt). Columns per domain: held-out perplexity, and *gain retained*
+Rows, all scored on the same held-out texts: the base; every expert; the training-free merges (average,
+task arithmetic, TIES, DARE-TIES via `expertmerge.merge.run_merge`) at their default settings and at the
+`lambda` (mergekit's scale of the merged task vector) that is best ON THE HELD-OUT DATA ("oracle" rows: a
+user cannot pick that); RegMean (closed form per linear layer from each expert's input Gram matrices on the
+calibration texts the learned merge uses, `expertmerge.regmean`); mixture training (one multi-task
+fine-tune of the base on the union of the experts' training data with their total step budget,
+`expertmerge_zoos.mixture`); Expert Merging and Expert Merging++ (`fit` with the zoo's shipped config, and
+`--model.chunking true`); the fused MoE (`fit --model.moe true`) and the sequence-level MoE (whole experts,
+routed per text by perplexity).
 
-    gain = (loss_base - loss_model) / (loss_base - loss_expert)     (held-out loss in nats/token)
+Prefix protocol: each held-out text's first quarter of tokens is a prefix. The sequence MoE routes on the
+prefix only (each expert's perplexity on it); the fused MoE routes each token from the tokens before it.
+EVERY row is scored on the tokens after the prefix only, so no router sees what it is scored on.
 
-i.e. 1 when the model is as good as that domain's own expert, 0 when it is no better than the base. Domains
-whose held-out records carry answers (math) also get the exact-match accuracy of the final `#### n` number
-in greedy generations for held-out problems. The headline is the mean gain retained over domains.
+    gain = (loss_base - loss_model) / (loss_base - loss_expert)     (suffix loss in nats/token)
 
-Held-out data never overlaps calibration or expert-training data: checked here, by text and by the token
-sequence the model sees, across all domains, before anything is scored.
+1 when the model is as good as that domain's own expert, 0 when it is no better than the base; the headline
+is the mean over domains. `seconds` is the row's own cost (merge, fit or training; for oracle rows the whole
+lambda sweep), not the scoring. Held-out data never overlaps calibration or expert-training data: checked
+here, by text and by the token sequence the model sees, across all domains, before anything is scored.
 """
 
 from __future__ import annotations
@@ -38,26 +45,46 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from expertmerge.zoo_registry import ensure_zoo, read_manifest  # noqa: E402
+from expertmerge.zoo_registry import ensure_zoo, read_manifest, register_zoo, zoo_names  # noqa: E402
 from expertmerge_zoos.corpora import final_number, read_jsonl  # noqa: E402
-from expertmerge_zoos.evaluation import heldout_loss_table  # noqa: E402
+from expertmerge_zoos.evaluation import heldout_loss_table, token_nll_sum  # noqa: E402
 from expertmerge_zoos.smollm2 import encode  # noqa: E402
 from expertmerge_zoos.splits import check_disjoint, token_key  # noqa: E402
 
-FIT_CONFIGS = {"smollm2": REPO / "configs" / "demo.yaml", "tiny": REPO / "configs" / "fit_tiny.yaml"}
+# zoo -> (its shipped fit config, the config it is derived from for zoos without one, mixture zoo)
+FIT_CONFIGS = {
+    "smollm2": REPO / "configs" / "demo.yaml",
+    "tiny": REPO / "configs" / "fit_tiny.yaml",
+    "smollm2_full": REPO / "configs" / "demo.yaml",  # the demo's settings, models and data swapped in
+}
+MIXTURE_ZOOS = {"smollm2": "smollm2_mixture", "smollm2_full": "smollm2_full_mixture"}
+TRAINING_FREE = ("average", "task arithmetic", "TIES", "DARE-TIES")
 MERGE_ROWS = (
-    "average",
-    "task arithmetic",
-    "TIES",
-    "DARE-TIES",
+    *TRAINING_FREE,
+    "oracle",
+    "RegMean",
+    "mixture training",
     "Expert Merging",
     "Expert Merging++",
     "fused MoE",
-    "sequence MoE (perplexity)",
+    "sequence MoE",
 )
+timings: dict[str, float] = {}
+
+
+def register_extra_zoos() -> None:
+    """Zoo B and the mixture zoos, for checkouts installed before their entry points existed."""
+    from expertmerge_zoos import mixture, smollm2_full
+
+    known = set(zoo_names())
+    extra = {"smollm2_full": smollm2_full.ZOO, **mixture.ZOOS}
+    for name, builder in extra.items():
+        if name not in known:
+            register_zoo(name, builder)
 
 
 def check_heldout_is_unseen(folder: Path, manifest: dict[str, Any], tokenizer: Any, max_length: int) -> None:
@@ -76,14 +103,20 @@ def check_heldout_is_unseen(folder: Path, manifest: dict[str, Any], tokenizer: A
     )
 
 
-def training_free_merges(
-    folder: Path, tasks: list[str], work: Path, options: argparse.Namespace
-) -> dict[str, Path]:
-    from expertmerge.merge import run_merge
+def prefix_starts(mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[rows] first scored token of each text: after the first `fraction` of its real tokens (>= 1)."""
+    return (mask.sum(1).float() * fraction).floor().long().clamp_min(1)
 
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def merge_configs(folder: Path, tasks: list[str], options: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The training-free merges at their default settings (mergekit's, and weight / density where it has
+    none: task arithmetic weight `--ta-weight` per expert; TIES / DARE-TIES weight 1, `--density`)."""
     experts = [str(folder / "experts" / t) for t in tasks]
     base = str(folder / "base")
-    configs = {
+    return {
         "average": {"merge_method": "average", "models": [{"model": e} for e in experts]},
         "task arithmetic": {
             "merge_method": "task_arithmetic",
@@ -108,54 +141,111 @@ def training_free_merges(
             "random_seed": 0,
         },
     }
-    outputs = {}
-    for name, config in configs.items():
-        if options.rows and name not in options.rows:
-            continue
-        out = work / re.sub(r"\W+", "-", name.lower())
-        started = time.perf_counter()
-        run_merge(
-            {**config, "dtype": "float32"}, out, force=True, progress=False, console=Console(quiet=True)
-        )
-        timings[name] = time.perf_counter() - started
-        outputs[name] = out
-    return outputs
 
 
-def expert_merging(config: Path, work: Path, chunking: bool, extra: list[str], moe: bool = False) -> Path:
-    """Run `fit` in a subprocess; with `moe`, the fused MoE it exports next to the dense merge."""
-    out = work / ("fused-moe-fit" if moe else "expert-merging-pp" if chunking else "expert-merging")
-    command = [
-        sys.executable,
-        "-m",
-        "expertmerge",
-        "fit",
-        "--config",
-        str(config),
-        "--export.output_dir",
-        str(out),
-        "--export.force",
-        "true",
-        "--trainer.default_root_dir",
-        str(work / "fit-logs"),
-        *(["--model.chunking", "true"] if chunking else []),
-        *(["--model.moe", "true", "--export.moe_output_dir", str(work / "fused-moe")] if moe else []),
-        *extra,
-    ]
+def run_training_free(config: dict[str, Any], out: Path) -> float:
+    from expertmerge.merge import run_merge
+
     started = time.perf_counter()
-    log = work / f"{out.name}.log"
-    with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
-    timings["fused MoE" if moe else "Expert Merging++" if chunking else "Expert Merging"] = (
-        time.perf_counter() - started
+    run_merge({**config, "dtype": "float32"}, out, force=True, progress=False, console=Console(quiet=True))
+    return time.perf_counter() - started
+
+
+def fit_config(zoo: str, folder: Path, manifest: dict[str, Any], work: Path, given: Path | None) -> Path:
+    """The fit config of the Expert Merging rows: given, the zoo's shipped one, or (zoo B) the demo's
+    settings with this zoo's models and calibration files as plain paths (the fit runs in a child process,
+    which may not know a zoo registered here)."""
+    if given is not None:
+        return given
+    shipped = FIT_CONFIGS[zoo]
+    if zoo in ("smollm2", "tiny"):
+        return shipped
+    config = yaml.safe_load(shipped.read_text())
+    tasks = list(manifest["tasks"])
+    config["model"]["base"] = str(folder / manifest["base"])
+    config["model"]["experts"] = {t: str(folder / manifest["tasks"][t]["expert"]) for t in tasks}
+    config["model"].pop("learn_include", None)  # full fine-tunes: every tensor has a task vector
+    config["data"]["tasks"] = [
+        {"name": t, "expert": t, "sources": [str(folder / manifest["tasks"][t]["calib"])]} for t in tasks
+    ]
+    path = work / f"fit_{zoo}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def expert_merging(config: Path, work: Path, row: str, extra: list[str]) -> Path:
+    """Run `fit` in a subprocess (the repo's code: PYTHONPATH); for the fused MoE, the MoE it exports."""
+    slug = {"Expert Merging": "expert-merging", "Expert Merging++": "expert-merging-pp"}.get(
+        row, "fused-moe-fit"
     )
+    out = work / slug
+    command = [
+        sys.executable, "-m", "expertmerge", "fit", "--config", str(config),
+        "--export.output_dir", str(out), "--export.force", "true",
+        "--trainer.default_root_dir", str(work / f"{slug}-logs"),
+        *(["--model.chunking", "true"] if row == "Expert Merging++" else []),
+        *(["--model.moe", "true", "--export.moe_output_dir", str(work / "fused-moe")] if row == "fused MoE" else []),
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
+    log = work / f"{slug}.log"
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    timings[row] = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"fit failed ({result.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return work / "fused-moe" if moe else out
+    return work / "fused-moe" if row == "fused MoE" else out
+
+
+def regmean(config_path: Path, work: Path, alpha: float) -> Path:
+    """RegMean from each expert's input Grams on its task's calibration texts, exactly the fit's: the same
+    datamodule settings pick the same `train` samples."""
+    from transformers import AutoModelForCausalLM
+
+    from calib_data.datamodule import CalibrationDataModule
+    from expertmerge.regmean import input_grams, linear_weight_names, regmean_state_dict
+
+    started = time.perf_counter()
+    config = yaml.safe_load(config_path.read_text())
+    model_cfg, data_cfg = config["model"], dict(config["data"])
+    data = CalibrationDataModule(tokenizer=model_cfg["base"], **data_cfg)
+    data.setup()
+
+    def load(reference: str) -> Any:
+        from expertmerge.paths import resolve_path
+
+        return AutoModelForCausalLM.from_pretrained(resolve_path(reference), dtype=torch.float32).eval()
+
+    base = load(model_cfg["base"])
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    states, grams = [], []
+    for task in data.tasks:
+        expert = load(model_cfg["experts"][task.expert])
+        state = expert.state_dict()
+        # only layers some expert changed need Grams (the others merge to the base's weight anyway)
+        names = [
+            n
+            for n in linear_weight_names(expert)
+            if not torch.equal(state[f"{n}.weight"], base_state[f"{n}.weight"])
+        ]
+        samples = data.task_samples(task.name, "train")
+        grams.append(input_grams(expert, names, samples.input_ids, samples.attention_mask))
+        states.append({k: v.clone() for k, v in state.items()})
+        del expert
+    shared = set.intersection(*(set(g) for g in grams)) if grams else set()
+    grams = [{n: g[n] for n in shared} for g in grams]
+    merged = regmean_state_dict(states, grams, alpha)
+    base.load_state_dict(merged)
+    out = work / "regmean"
+    shutil.rmtree(out, ignore_errors=True)
+    base.save_pretrained(out)
+    timings["RegMean"] = time.perf_counter() - started
+    return out
 
 
 def sequence_moe(folder: Path, tasks: list[str], work: Path) -> Path:
-    """The experts kept whole, routed per request by their perplexity on the prompt (MergeME; no training)."""
+    """The experts kept whole, routed per text by their perplexity on the prefix (MergeME; no training)."""
     from expertmerge.moe.sequence_build import build_sequence_moe
 
     out = work / "sequence-moe"
@@ -165,6 +255,33 @@ def sequence_moe(folder: Path, tasks: list[str], work: Path) -> Path:
     model.save_pretrained(out)
     timings["sequence MoE"] = time.perf_counter() - started
     return out
+
+
+@torch.no_grad()
+def sequence_moe_losses(
+    model: Any,
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    starts: dict[str, torch.Tensor],
+    batch_size: int = 8,
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Suffix loss per domain of the sequence MoE routed on each text's prefix, and the chosen experts."""
+    losses, choices = {}, {}
+    for domain, (ids, mask) in encoded.items():
+        total, count, chosen = 0.0, 0, []
+        for first in range(0, len(ids), batch_size):
+            rows = slice(first, first + batch_size)
+            used = int(mask[rows].sum(1).max())
+            b_ids, b_mask, b_start = ids[rows, :used], mask[rows, :used], starts[domain][rows]
+            prefix_mask = b_mask * (torch.arange(used)[None, :] < b_start[:, None])
+            weights = model.routing(b_ids, prefix_mask)
+            chosen += weights.argmax(1).tolist()
+            logits = model(
+                input_ids=b_ids, attention_mask=b_mask, routing_weights=weights, use_cache=False
+            ).logits
+            nll, n = token_nll_sum(logits, b_ids, b_mask, b_start)
+            total, count = total + nll, count + n
+        losses[domain], choices[domain] = total / count, chosen
+    return losses, choices
 
 
 class _StopAfterAnswer:
@@ -207,45 +324,66 @@ def exact_match(
             for record, answer in zip(
                 records[start : start + options.generation_batch], answers, strict=True
             ):
-                correct += final_number(answer.split("\nQuestion")[0]) == record["final"]
+                correct += final_number(re.split(r"\n(?:Question|Frage)", answer)[0]) == record["final"]
     finally:
         tokenizer.padding_side = side
     return correct / len(records)
 
 
-timings: dict[str, float] = {}
+# ---------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--zoo", default="smollm2", choices=sorted(FIT_CONFIGS), help="which demo zoo")
+    parser.add_argument("--zoo", default="smollm2", choices=sorted(FIT_CONFIGS), help="which zoo")
     parser.add_argument("--config", type=Path, help="fit config for Expert Merging (default: the zoo's)")
     parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
     parser.add_argument("--heldout", type=int, default=48, help="held-out texts per domain (at most)")
-    parser.add_argument("--em-problems", type=int, default=32, help="held-out problems for exact match")
+    parser.add_argument(
+        "--prefix", type=float, default=0.25, help="share of each text used as routing prefix"
+    )
+    parser.add_argument(
+        "--em-problems", type=int, default=0, help="held-out problems for exact match (0: off)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=160, help="greedy answer length limit")
     parser.add_argument("--generation-batch", type=int, default=16)
     parser.add_argument("--ta-weight", type=float, default=0.3, help="task arithmetic weight per expert")
     parser.add_argument("--density", type=float, default=0.5, help="TIES / DARE-TIES density")
-    parser.add_argument("--skip-fit", action="store_true", help="leave Expert Merging (and ++) out")
-    parser.add_argument("--expert-merging", type=Path, help="use this exported fit instead of fitting")
-    parser.add_argument("--expert-merging-pp", type=Path, help="use this exported chunked fit (++)")
-    parser.add_argument("--skip-moe", action="store_true", help="leave the fused and sequence MoE rows out")
     parser.add_argument(
-        "--rows", nargs="+", choices=MERGE_ROWS, help="score only these merges (base and experts always)"
+        "--lambdas", type=float, nargs="+", default=[0.5, 1.5, 2.0, 3.0],
+        help="lambdas the oracle rows try besides the default 1 (task vector scale)",
+    )  # fmt: skip
+    parser.add_argument("--regmean-alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
+    parser.add_argument(
+        "--rows", nargs="+", choices=MERGE_ROWS, help="only these rows (base, experts always)"
     )
-    parser.add_argument("--fused-moe", type=Path, help="use this exported fused MoE instead of fitting one")
+    parser.add_argument("--skip", nargs="+", choices=MERGE_ROWS, default=[], help="leave these rows out")
+    for row, flag in (
+        ("Expert Merging", "--expert-merging"),
+        ("Expert Merging++", "--expert-merging-pp"),
+        ("fused MoE", "--fused-moe"),
+    ):
+        parser.add_argument(flag, type=Path, dest=row, help=f"use this exported model as the {row} row")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options, fit_overrides = parser.parse_known_args(argv)  # the rest goes to `fit`, e.g. --model.lr=0.05
     options.fit_overrides = fit_overrides
+    return options
 
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(argv)
+    wanted = [r for r in (options.rows or MERGE_ROWS) if r not in options.skip]
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
+    transformers.utils.logging.set_verbosity_error()
     console = Console(width=200)  # the table is wide; never wrap it, even in a log file
     started = time.perf_counter()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    register_extra_zoos()
     folder = ensure_zoo(options.zoo)
     manifest = read_manifest(folder)
     assert manifest is not None
@@ -259,71 +397,116 @@ def main(argv: list[str] | None = None) -> int:
     check_heldout_is_unseen(folder, manifest, tokenizer, max_length)
     heldout = {t: read_jsonl(folder / manifest["tasks"][t]["heldout"])[: options.heldout] for t in tasks}
     encoded = {t: encode(tokenizer, [r["text"] for r in rows], max_length) for t, rows in heldout.items()}
+    starts = {t: prefix_starts(mask, options.prefix) for t, (_, mask) in encoded.items()}
 
     work_context = tempfile.TemporaryDirectory(prefix="quality-") if options.work is None else None
     work = Path(work_context.name) if work_context else options.work
     work.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{options.zoo}[/] zoo at {folder}; merged models under {work}")
     models: dict[str, Path] = {"base": folder / "base"}
     models.update({f"expert {t}": folder / "experts" / t for t in tasks})
-    console.print(f"[bold]{options.zoo}[/] zoo at {folder}; merged models under {work}")
-    models.update(training_free_merges(folder, tasks, work, options))
-    config = options.config or FIT_CONFIGS[options.zoo]
-    for name, given, chunking in (
-        ("Expert Merging", options.expert_merging, False),
-        ("Expert Merging++", options.expert_merging_pp, True),
-    ):
-        if options.rows and name not in options.rows:
-            continue
-        if given is not None:
-            models[name] = given
-        elif not options.skip_fit:
-            models[name] = expert_merging(config, work, chunking, options.fit_overrides)
-
-    wanted = set(options.rows or MERGE_ROWS) - (
-        {"fused MoE", "sequence MoE (perplexity)"} if options.skip_moe else set()
-    )
-    if "fused MoE" in wanted:
-        if options.fused_moe is not None:
-            models["fused MoE"] = options.fused_moe
-        elif not options.skip_fit:
-            models["fused MoE"] = expert_merging(config, work, False, options.fit_overrides, moe=True)
-    if "sequence MoE (perplexity)" in wanted:
-        models["sequence MoE (perplexity)"] = sequence_moe(folder, tasks, work)
+    configs = merge_configs(folder, tasks, options)
+    sweeps: dict[str, dict[float, str]] = {}  # method -> lambda -> model name
+    for name in TRAINING_FREE:
+        if name in wanted:
+            models[name] = work / re.sub(r"\W+", "-", name.lower())
+            timings[name] = run_training_free(configs[name], models[name])
+        if "oracle" in wanted and name != "average":
+            sweeps[name] = {1.0: name}
+            for value in options.lambdas:
+                key = f"{name} (lambda {value:g})"
+                config = {
+                    **configs[name],
+                    "parameters": {**configs[name].get("parameters", {}), "lambda": value},
+                }
+                models[key] = work / re.sub(r"\W+", "-", key.lower())
+                timings[key] = run_training_free(config, models[key])
+            if name not in models:
+                models[name] = work / re.sub(r"\W+", "-", name.lower())
+                timings[name] = run_training_free(configs[name], models[name])
+    config = fit_config(options.zoo, folder, manifest, work, options.config)
+    if "RegMean" in wanted:
+        models["RegMean"] = regmean(config, work, options.regmean_alpha)
+    if "mixture training" in wanted and options.zoo in MIXTURE_ZOOS:
+        mixture_started = time.perf_counter()
+        mixture_folder = ensure_zoo(MIXTURE_ZOOS[options.zoo])
+        models["mixture training"] = mixture_folder / "mixture"
+        built = read_manifest(mixture_folder) or {}
+        timings["mixture training"] = built.get("build_seconds", time.perf_counter() - mixture_started)
+    for row in ("Expert Merging", "Expert Merging++", "fused MoE"):
+        if row in wanted:
+            given = getattr(options, row)
+            models[row] = (
+                given if given is not None else expert_merging(config, work, row, options.fit_overrides)
+            )
+    if "sequence MoE" in wanted:
+        seq_path = sequence_moe(folder, tasks, work)
 
     def load(name: str) -> Any:
         return AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32).eval()
 
     base = load("base")
     scoring = time.perf_counter()
-    losses = heldout_loss_table(base, load, [m for m in models if m != "base"], encoded, shared_layers)
-    timings["held-out losses"] = time.perf_counter() - scoring
-    answer_tasks = [t for t in tasks if manifest["tasks"][t].get("answers")][:1]  # math: the first such task
-    accuracy: dict[str, dict[str, float]] = {name: {} for name in models}
+    names = [m for m in models if m != "base"]
+    losses = heldout_loss_table(base, load, names, encoded, shared_layers, score_from=starts)
+    timings["scoring"] = time.perf_counter() - scoring
+    routed: dict[str, list[int]] = {}
+    if "sequence MoE" in wanted:
+        seq_model = AutoModelForCausalLM.from_pretrained(seq_path, dtype=torch.float32).eval()
+        seq_losses, routed = sequence_moe_losses(seq_model, encoded, starts)
+        del seq_model
+        for task in tasks:
+            losses[task]["sequence MoE"] = seq_losses[task]
+        models["sequence MoE"] = seq_path
+
+    def gains(name: str) -> dict[str, float]:
+        return {
+            t: (losses[t]["base"] - losses[t][name]) / (losses[t]["base"] - losses[t][f"expert {t}"])
+            for t in tasks
+        }
+
+    # the oracle rows: the lambda with the best mean gain on these very held-out texts
+    rows_order = [m for m in models if " (lambda " not in m]
+    oracle_rows: dict[str, str] = {}
+    for method, _ in sweeps.items():
+        candidates = [method] + [m for m in models if m.startswith(f"{method} (lambda ")]
+        best = max(candidates, key=lambda m: sum(gains(m).values()))
+        value = 1.0 if best == method else float(best.split("lambda ")[1].rstrip(")"))
+        label = f"{method} (oracle lambda {value:g})"
+        for task in tasks:
+            losses[task][label] = losses[task][best]
+        oracle_rows[label] = best
+        timings[label] = sum(timings.get(m, 0.0) for m in candidates)
+        rows_order.insert(rows_order.index(method) + 1, label)
+
+    answer_tasks = (
+        [t for t in tasks if manifest["tasks"][t].get("answers")][:1] if options.em_problems else []
+    )
+    accuracy: dict[str, dict[str, float]] = {name: {} for name in rows_order}
     for task in answer_tasks:
         problems = heldout[task][: options.em_problems]
-        scoring = time.perf_counter()
-        for name in models:
-            model = base if name == "base" else load(name)
+        for name in rows_order:
+            model_name = oracle_rows.get(name, name)
+            model = (
+                base
+                if name == "base"
+                else AutoModelForCausalLM.from_pretrained(models[model_name], dtype=torch.float32).eval()
+            )
             accuracy[name][task] = exact_match(model, tokenizer, problems, options)
-        timings[f"exact match ({task})"] = time.perf_counter() - scoring
 
     results = {}
-    for name in models:
-        row: dict[str, Any] = {}
-        for task in tasks:
-            loss, base_loss, own = losses[task][name], losses[task]["base"], losses[task][f"expert {task}"]
-            row[task] = {
-                "loss": loss,
-                "perplexity": math.exp(loss),
-                "gain": (base_loss - loss) / (base_loss - own) if base_loss != own else float("nan"),
-                **({"exact_match": accuracy[name][task]} if task in accuracy[name] else {}),
-            }
+    for name in rows_order:
+        row: dict[str, Any] = {"seconds": timings.get(name)}
+        for task, gain in gains(name).items():
+            row[task] = {"loss": losses[task][name], "perplexity": math.exp(losses[task][name]), "gain": gain}
+            if task in accuracy[name]:
+                row[task]["exact_match"] = accuracy[name][task]
         row["mean_gain"] = sum(row[t]["gain"] for t in tasks) / len(tasks)
         results[name] = row
 
     table = Table(
-        title=f"Held-out quality on the '{options.zoo}' zoo: perplexity (lower is better) and gain retained "
-        "= (loss_base - loss) / (loss_base - loss_expert)"
+        title=f"'{options.zoo}' zoo, held-out suffixes (after a {options.prefix:.0%} prefix): gain retained = "
+        "(loss_base - loss) / (loss_base - loss_expert)"
     )
     table.add_column("model")
     for task in tasks:
@@ -332,31 +515,39 @@ def main(argv: list[str] | None = None) -> int:
         if task in answer_tasks:
             table.add_column(f"{task} EM", justify="right")
     table.add_column("mean gain", justify="right", style="bold")
+    table.add_column("seconds", justify="right")
     for index, (name, row) in enumerate(results.items()):
         cells = []
         for task in tasks:
-            cells += [f"{row[task]['perplexity']:.3f}", f"{row[task]['gain']:+.2f}"]
+            cells += [f"{row[task]['perplexity']:.3f}", f"{row[task]['gain']:+.3f}"]
             if task in answer_tasks:
                 cells.append(f"{row[task]['exact_match']:.0%}")
-        table.add_row(name, *cells, f"{row['mean_gain']:+.3f}", end_section=index in (0, len(tasks)))
+        seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        table.add_row(name, *cells, f"{row['mean_gain']:+.3f}", seconds, end_section=index in (0, len(tasks)))
     console.print(table)
-    notes = (
-        f"held-out: {', '.join(f'{t} {len(heldout[t])}' for t in tasks)} texts of <= {max_length} tokens; "
-        f"EM on {min(options.em_problems, len(heldout[answer_tasks[0]]))} {answer_tasks[0]} problems, greedy, "
-        f"<= {options.max_new_tokens} new tokens"
-        if answer_tasks
-        else f"held-out: {len(heldout[tasks[0]])} texts per domain"
-    )
-    console.print(notes)
     console.print(
-        f"task arithmetic: weight {options.ta_weight} per expert; TIES / DARE-TIES: weight 1, density "
-        f"{options.density}, normalize; Expert Merging: {options.config or FIT_CONFIGS[options.zoo]}"
-        + (f" {' '.join(options.fit_overrides)}" if options.fit_overrides else "")
+        f"held-out: {', '.join(f'{t} {len(heldout[t])}' for t in tasks)} texts of <= {max_length} tokens, scored "
+        f"after the first {options.prefix:.0%} of each; task arithmetic weight {options.ta_weight}; TIES / "
+        f"DARE-TIES weight 1, density {options.density}; oracle lambdas tried: 1, "
+        f"{', '.join(f'{v:g}' for v in options.lambdas)}; RegMean alpha {options.regmean_alpha}; "
+        f"Expert Merging: {config}" + (f" {' '.join(options.fit_overrides)}" if options.fit_overrides else "")
     )
-    console.print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    console.print(f"total: {time.perf_counter() - started:.0f} s")
+    if routed:
+        console.print(
+            "sequence MoE routing (prefix): "
+            + "; ".join(
+                f"{t}: " + ", ".join(f"{tasks[k]} {v.count(k)}" for k in range(len(tasks)))
+                for t, v in routed.items()
+            )
+        )
+    console.print(f"scoring {timings['scoring']:.0f} s; total: {time.perf_counter() - started:.0f} s")
     if options.json:
-        options.json.write_text(json.dumps({"results": results, "timings": timings}, indent=1) + "\n")
+        options.json.write_text(
+            json.dumps(
+                {"zoo": options.zoo, "results": results, "timings": timings, "routing": routed}, indent=1
+            )
+            + "\n"
+        )
     if work_context:
         work_context.cleanup()
     return 0

@@ -39,7 +39,11 @@ SEED = 20250101
 
 MATH_VARIANTS_PER_TEMPLATE = 3
 # Labels of the "question / worked answer" layout, per language (French typography spaces the colon).
-MATH_LABELS = {"eng": ("Question: ", "Answer: "), "fra": ("Question : ", "Réponse : ")}
+MATH_LABELS = {
+    "eng": ("Question: ", "Answer: "),
+    "fra": ("Question : ", "Réponse : "),
+    "deu": ("Frage: ", "Antwort: "),  # zoo B (smollm2_full)
+}
 
 CODE_SAMPLES = 300
 # Pure-Python standard library modules with self-contained, documented functions of moderate length.

