@@ -223,3 +223,22 @@ def test_deepseek_output_is_refused_naming_the_alternatives() -> None:
     assert select_format(parse_moe_config(_config()), ["llama"] * 3).name == "mixtral"
     with pytest.raises(ExpertMergeError, match="no output family fits"):
         select_format(parse_moe_config(_config(architecture="qwen3")), ["llama"] * 3)
+
+
+def test_opt_in_shared_tensors_come_from_the_named_model(clowncar: Path, tmp_path: Path) -> None:
+    """`expertmerge: {shared_tensors: DIR}` (e.g. a learned merge): attention etc. from DIR, FFNs from the experts."""
+    from expertmerge.paths import resolve_path
+
+    config = yaml.safe_load(CLOWNCAR.read_text())
+    config["expertmerge"] = {"shared_tensors": "zoo://tiny/experts/sort"}
+    out = tmp_path / "moe"
+    build_mergekit_moe(parse_moe_config(config), out, progress=False)
+    ours, plain = load_file(str(out / "model.safetensors")), load_file(str(clowncar / "model.safetensors"))
+    donor = load_file(str(Path(resolve_path("zoo://tiny/experts/sort")) / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(ours[name], donor[name].to(torch.bfloat16))
+    assert not torch.equal(ours[name], plain[name])  # the plain config takes the base's
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(ours[experts], plain[experts])
+    router = "model.layers.1.mlp.gate.weight"
+    assert (ours[router].float() - plain[router].float()).abs().max() > 1e-3  # gates from the donor's states

@@ -40,7 +40,7 @@ from expertmerge.moe.formats import (
     QWEN3_MOE,
     MoeFormat,
 )
-from expertmerge.pool import ExpertPool
+from expertmerge.pool import BASE, ExpertPool
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 RANDOM_GATE_MODES = ("random", "uniform_random")
@@ -85,11 +85,16 @@ class ExpertMergeOptions(BaseModel):
 
     - `seed`: seeds torch's RNG before the random gates and the experts' `noise_scale` noise (mergekit's
       `--random-seed`); `random` with a seed gives mergekit's very rows for the same seed.
+    - `shared_tensors`: a model folder (or `zoo://` / hub reference) of the same architecture whose non-FFN tensors
+      (embeddings, attention, norms, head) the MoE takes instead of `base_model`'s: e.g. the dense export of a
+      learned merge of these experts (`python -m expertmerge fit`, or `merge`). Its hidden states (or embeddings)
+      then make the gates too, since they are what the MoE's routers will see.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int | None = None
+    shared_tensors: str | None = None
 
 
 class MergekitMoeConfig(BaseModel):
@@ -348,14 +353,17 @@ def hidden_row(model: Any, encoded: Any, average: bool) -> torch.Tensor:
     return states.sum(dim=1) / states.shape[1]
 
 
-def gate_rows(config: MergekitMoeConfig, base_dir: Path, tokenizer: Any, pool: ExpertPool) -> torch.Tensor:
+def gate_rows(
+    config: MergekitMoeConfig, base_dir: Path, tokenizer: Any, pool: ExpertPool, donor: str = BASE
+) -> torch.Tensor:
     """Router rows `[layers, gated experts, hidden]` by `gate_mode`, as mergekit's `get_gate_params` makes them.
 
     - `random`: `torch.randn`; `uniform_random`: U(-1/sqrt(hidden), 1/sqrt(hidden)) (nn.Linear's init);
     - `cheap_embed`: `cheap_embed_row` of the positive prompts, minus that of the negative ones;
     - `hidden` / `hidden_last` / `hidden_avg`: the base model (bf16, as mergekit loads it) run on the prompts,
       `hidden_row` of the positive prompts minus that of the negative ones;
-    then each row is scaled to unit norm.
+    then each row is scaled to unit norm. `base_dir` / `donor` (a pool model) give the model that is run or
+    whose embeddings are read: the base, or the `shared_tensors` model.
     """
     experts = config.gated
     layers, hidden = int(pool.config.num_hidden_layers), int(pool.config.hidden_size)
@@ -369,7 +377,11 @@ def gate_rows(config: MergekitMoeConfig, base_dir: Path, tokenizer: Any, pool: E
     row: Callable[[Any], torch.Tensor]
     model = None
     if mode == "cheap_embed":
-        embedding = pool.base_tensor("model.embed_tokens.weight")
+        embedding = (
+            pool.base_tensor("model.embed_tokens.weight")
+            if donor == BASE
+            else pool.expert_tensor(donor, "model.embed_tokens.weight")
+        )
 
         def row(encoded: Any) -> torch.Tensor:
             return cheap_embed_row(embedding, encoded, layers)

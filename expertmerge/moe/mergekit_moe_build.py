@@ -112,9 +112,14 @@ def build_mergekit_moe(
 
     names = {f"expert{i}": s for i, s in enumerate(routed)}
     names.update({f"shared{j}": e.source_model for j, e in enumerate(shared_defs)})
+    donor = BASE
+    if config.options.shared_tensors is not None:
+        donor = "shared_tensors"  # ours: the non-FFN tensors (and the gates' model) from e.g. a learned merge
+        names[donor] = config.options.shared_tensors
+        sources.append(config.options.shared_tensors)
     pool = ExpertPool(config.base_model, names)
     pool.validate()
-    model_types = [pool.raw_config(m).get("model_type") for m in (BASE, *names)]
+    model_types = [pool.raw_config(m).get("model_type") for m in (BASE, *names) if m != "shared_tensors"]
     fmt = select_format(config, model_types, source)
 
     layout = split_dense_names(pool.tensor_names)
@@ -140,7 +145,9 @@ def build_mergekit_moe(
         return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
 
     def base_tensor(name: str) -> Callable[[], torch.Tensor]:
-        return lambda: cast(pool.base_tensor(name))
+        if donor == BASE:
+            return lambda: cast(pool.base_tensor(name))
+        return lambda: cast(pool.expert_tensor(donor, name))
 
     def ffn(model: str, expert: MoeExpert, name: str, residual: bool) -> torch.Tensor:
         return _noise_and_scale(pool.expert_tensor(model, name), expert, residual).to(out_dtype)
@@ -215,7 +222,8 @@ def build_mergekit_moe(
     # The one heavy step before writing: the gate rows (hidden modes run the base model once per prompt set).
     if config.options.seed is not None:
         torch.manual_seed(config.options.seed)
-    gates = gate_rows(config, pool.base_dir, moe_tokenizer(pool.base_dir), pool)
+    donor_dir = pool.base_dir if donor == BASE else pool.expert_dirs[donor]
+    gates = gate_rows(config, donor_dir, moe_tokenizer(pool.base_dir), pool, donor)
     rows["routed"], rows["shared"] = gates[:, :num_experts], gates[:, num_experts:]
     if fmt is QWEN2_MOE and rows["shared"].shape[1] == 0:
         rows["shared"] = torch.zeros(
@@ -259,6 +267,7 @@ def build_mergekit_moe(
                 "architecture": fmt.architecture,
                 "dtype": dtype_name(out_dtype),
                 "seed": options.seed,
+                "shared_tensors": options.shared_tensors or "base_model",
             },
             sections={
                 "Experts": "\n".join(
