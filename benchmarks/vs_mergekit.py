@@ -133,7 +133,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)  # the table stays one line per row in a log file too
     zoo, bin_dir = Path(options.zoo).expanduser(), Path(options.mergekit_bin)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
     env["HF_HUB_OFFLINE"] = "1"
@@ -145,11 +145,13 @@ def main() -> None:
         check=True,
     ).stdout.split()
     labels = {
-        "ties": f"TIES density 0.5, {len(EXPERTS)} SmolLM2-135M experts, fp32",
-        "slerp": "slerp t 0.5, 2 SmolLM2-135M experts, fp32",
-        "moe": f"mergekit-moe: Mixtral of {len(EXPERTS)} experts, gate_mode hidden, fp32",
+        "ties": f"TIES d=0.5, {len(EXPERTS)} experts",
+        "slerp": "slerp t=0.5, 2 experts",
+        "moe": f"moe: Mixtral of {len(EXPERTS)}, hidden",
     }
-    table = Table(title="mergekit 0.1.5 vs expertmerge on the same YAML (fresh process each, alternating)")
+    table = Table(
+        title="mergekit 0.1.5 vs expertmerge, SmolLM2-135M experts, fp32, same YAML (fresh process each, alternating)"
+    )
     for column in (
         "row",
         "mergekit wall",
