@@ -20,6 +20,7 @@ Integer/bool buffers are never merged. Tensors that are not merged are taken fro
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -417,11 +418,18 @@ def _vocab_size(config: Any) -> int | None:
 
 
 def tokenizer_json_ids(path: Path) -> tuple[Any, Any]:
-    """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id)."""
-    data = json.loads(path.read_text())
+    """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id).
+    Parsed once per file version: the base's file is compared with every expert's (2 MB for SmolLM2)."""
+    stat = Path(path).stat()
+    return _tokenizer_json_ids(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_json_ids(path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+    data = json.loads(Path(path).read_text())
     vocab = data.get("model", {}).get("vocab")
     added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens", []))
-    return json.dumps(vocab, sort_keys=True), added
+    return vocab, added
 
 
 def _default_name(source: str) -> list[str]:

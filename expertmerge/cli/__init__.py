@@ -20,6 +20,7 @@ USAGE = """usage: python -m expertmerge <command> [options]
 commands:
   fit        learn merge coefficients on calibration data (Expert Merging), export the merged model
   merge      training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) from a mergekit-style YAML
+  moe        fused MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) from a mergekit-moe YAML, read unchanged
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
   zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-COMMANDS = ("fit", "merge", "zoo", "evaluate", "export", "symphony")
+COMMANDS = ("fit", "merge", "moe", "symphony", "zoo", "evaluate", "export")
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -110,6 +111,10 @@ def _run(command: str, rest: list[str]) -> int:
         from expertmerge.cli.merge import merge_main
 
         return merge_main(rest)
+    if command == "moe":
+        from expertmerge.cli.moe import moe_main
+
+        return moe_main(rest)
     if command == "zoo":
         from expertmerge.cli.zoo import zoo_main
 

@@ -123,16 +123,18 @@ def build_moe_config(
     top_k: int = 2,
     *,
     shared_expert_size: int | None = None,
+    target: MoeFormat | None = None,
 ) -> Any:
     """The `transformers` config of the MoE made from `dense_config`'s family, with `num_experts` routed experts.
 
     Each routed expert has the dense FFN's width. `top_k` routed experts run per token; their weights are
     renormalised to sum to 1 in every format (Mixtral always does; Qwen formats get `norm_topk_prob=True`).
     `shared_expert_size` is the width of Qwen2-MoE's shared expert (default: the dense FFN width); other formats
-    have none and refuse it. Raises `ExpertMergeError` for an unsupported family or a dense setting the MoE format
+    have none and refuse it. `target` chooses another format than the family's own (mergekit-moe writes Qwen2-MoE
+    from Llama/Mistral sources too; their missing attention biases are then zeros). Raises `ExpertMergeError` for an unsupported family or a dense setting the MoE format
     cannot express (biases in the FFN or attention of a Llama, mixed sliding/full attention layers in Qwen3).
     """
-    fmt = moe_format_for(getattr(dense_config, "model_type", None))
+    fmt = target or moe_format_for(getattr(dense_config, "model_type", None))
     dense = dense_config.to_dict()
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ExpertMergeError(f"num_experts must be a positive integer, got {num_experts!r}.")

@@ -43,7 +43,7 @@ def _token_ids(path: str) -> Any:
     through `AutoTokenizer` can add a family's special tokens (a Qwen2 config adds `<|endoftext|>`)."""
     if (Path(path) / "tokenizer.json").is_file():
         vocab, added = tokenizer_json_ids(Path(path) / "tokenizer.json")
-        return {**json.loads(vocab), **{content: index for content, index in added}}
+        return {**(vocab or {}), **{content: index for content, index in added}}
     try:
         return AutoTokenizer.from_pretrained(path).get_vocab()
     except (OSError, ValueError, TypeError) as error:
