@@ -9,9 +9,10 @@ user can plan for a 70B model that is not downloaded. Each estimate is a sum of 
   disk), or a 1/D share (FSDP);
 - `merged tensors`: one fp32 copy of the learned tensors, built once per step and held through backward;
 - `activations`: what autograd saves for backward in a Llama-style decoder, per token and layer
-  `9 h + 4 I + heads + 2` fp32 values (each RMSNorm its input, the normalised output and the reciprocal RMS;
-  attention's q, repeated k and v, its output and log-sum-exp; o_proj's input; the MLP's gate, up, act(gate)
-  and product), checked against autograd's own saved tensors in the tests;
+  `4 h + 2 A + 2 KV + 4 I + heads + 2` fp32 values (h hidden, A = heads x head_dim, KV = kv_heads x head_dim,
+  I intermediate): each RMSNorm's input and output and its reciprocal RMS; attention's query and output,
+  k and v, the log-sum-exp; the MLP's gate, up, act(gate) and product. Frozen weights save no inputs. Fitted
+  to autograd's own saved tensors (`torch.autograd.graph.saved_tensors_hooks`) and checked in the tests;
 - `loss over the logits`: logits, their log-softmax and the gradient, `3 x batch x length x vocab` fp32;
 - `teacher pass` (host memory, during the set-up: the teachers run on the CPU before the fit): the base and
   one expert in fp32, their no-grad logits, and the task vectors when they are held in memory;
@@ -92,9 +93,11 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
     hidden = int(config.hidden_size)
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     layers = int(config.num_hidden_layers)
-    per_token = layers * (9 * hidden + 4 * inter + heads + 2) + 2 * hidden + 1  # + final norm
-    return 4 * batch_size * seq_len * per_token
+    per_layer = 4 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter + heads + 2
+    return 4 * batch_size * seq_len * layers * per_layer
 
 
 def logit_bytes(config: Any, batch_size: int, seq_len: int) -> int:
