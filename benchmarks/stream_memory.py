@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "task vectors",
         "held MB",
         "peak MB",
-        "peak / 2-expert peak",
+        f"peak / {min(args.experts)}-expert peak",
         "plan MB",
         "plan / peak",
     ):
