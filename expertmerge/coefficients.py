@@ -8,7 +8,7 @@ trained). Coefficients are `sigmoid(logit)`, so they always lie in (0, 1).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,29 @@ def chunk_sizes(rows: int, chunks: int) -> list[int]:
     return [base + 1 if i < extra else base for i in range(chunks)]
 
 
+def _weighted_sum(
+    base: torch.Tensor, row_coefficients: torch.Tensor, task_vectors: torch.Tensor
+) -> torch.Tensor:
+    # row_coefficients: [N, rows] fp32; task_vectors: [N, rows, ...] (bf16 or fp32); base: [rows, ...]
+    view = (row_coefficients.shape[1],) + (1,) * (base.dim() - 1)
+    merged = base.to(torch.float32, copy=True)
+    for k in range(task_vectors.shape[0]):
+        # one fused multiply-add reading bf16 directly: no fp32 copy of tau_k and no product tensor
+        merged.addcmul_(task_vectors[k], row_coefficients[k].view(view))
+    return merged
+
+
+def _coefficient_grads(grad_merged: torch.Tensor, task_vectors: torch.Tensor) -> torch.Tensor:
+    """d loss / d c[k, row] = <d loss / d theta[row], tau[k, row]>, one expert at a time: [N, rows]."""
+    rows = grad_merged.shape[0]
+    flat_grad = grad_merged.reshape(rows, -1)
+    grads = [
+        torch.linalg.vecdot(flat_grad, task_vectors[k].reshape(rows, -1).to(torch.float32))
+        for k in range(task_vectors.shape[0])
+    ]
+    return torch.stack(grads)
+
+
 class _WeightedSum(torch.autograd.Function):
     """base + sum_k c[k, row] * tau[k, row, ...] without keeping fp32 copies of the task vectors alive.
 
@@ -38,25 +61,27 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base: torch.Tensor, row_coefficients: torch.Tensor, task_vectors: torch.Tensor):
-        # row_coefficients: [N, rows] fp32; task_vectors: [N, rows, ...] (bf16 or fp32); base: [rows, ...]
-        view = (row_coefficients.shape[1],) + (1,) * (base.dim() - 1)
-        merged = base.to(torch.float32, copy=True)
-        for k in range(task_vectors.shape[0]):
-            # one fused multiply-add reading bf16 directly: no fp32 copy of tau_k and no product tensor
-            merged.addcmul_(task_vectors[k], row_coefficients[k].view(view))
         ctx.save_for_backward(task_vectors)
-        return merged
+        return _weighted_sum(base, row_coefficients, task_vectors)
 
     @staticmethod
     def backward(ctx, grad_merged: torch.Tensor):
         (task_vectors,) = ctx.saved_tensors
-        rows = grad_merged.shape[0]
-        flat_grad = grad_merged.reshape(rows, -1)
-        grads = [
-            torch.linalg.vecdot(flat_grad, task_vectors[k].reshape(rows, -1).to(torch.float32))
-            for k in range(task_vectors.shape[0])
-        ]
-        return None, torch.stack(grads), None
+        return None, _coefficient_grads(grad_merged, task_vectors), None
+
+
+class _StreamedWeightedSum(torch.autograd.Function):
+    """The same sum over task vectors that are read, not held: `read()` gives them in forward and again in
+    backward (`streaming.StreamedTaskVectors`), so no step keeps a reference to them in between."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, row_coefficients: torch.Tensor, read: Callable[[], torch.Tensor]):
+        ctx.read = read
+        return _weighted_sum(base, row_coefficients, read())
+
+    @staticmethod
+    def backward(ctx, grad_merged: torch.Tensor):
+        return None, _coefficient_grads(grad_merged, ctx.read()), None
 
 
 class MergeCoefficients(nn.Module):
@@ -165,8 +190,15 @@ class MergeCoefficients(nn.Module):
             return values.expand(-1, int(sizes.sum()))
         return torch.repeat_interleave(values, sizes.to(values.device), dim=1)
 
-    def merged_tensor(self, index: int, base: torch.Tensor, task_vectors: torch.Tensor) -> torch.Tensor:
-        """theta_p = theta0_p + sum_k c[k, p] * tau[k, p]  (fp32)."""
+    def merged_tensor(
+        self, index: int, base: torch.Tensor, task_vectors: torch.Tensor | Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """theta_p = theta0_p + sum_k c[k, p] * tau[k, p]  (fp32).
+
+        `task_vectors` is `[N, rows, ...]`, or a function that reads it (streamed: read again in backward).
+        """
+        if callable(task_vectors):
+            return _StreamedWeightedSum.apply(base, self.row_coefficients(index), task_vectors)
         return _WeightedSum.apply(base, self.row_coefficients(index), task_vectors)
 
     def regularizer(self) -> torch.Tensor:
@@ -216,9 +248,22 @@ class TaskVectors(nn.Module):
             self.register_buffer(
                 f"t{index}", torch.zeros((num_experts, *shape), dtype=dtype), persistent=False
             )
+        self._count = len(shapes)
+
+    def __len__(self) -> int:
+        return self._count
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
         return getattr(self, f"t{index}")
+
+    def shape(self, index: int) -> torch.Size:
+        return self[index].shape
+
+    def for_merge(self, index: int) -> torch.Tensor:
+        """What `MergeCoefficients.merged_tensor` takes: the resident tensor itself."""
+        return self[index]
 
 
 DEFAULT_LEARN_INCLUDE = (r"\.\d+\.",)  # tensors inside repeated blocks: layers.3., h.3., blocks.3.

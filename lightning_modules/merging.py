@@ -23,6 +23,7 @@ from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1
 from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
 from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
+from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
 from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
 from expertmerge.validation import check_merging_options, weights
 
@@ -48,6 +49,11 @@ class ExpertMergingModule(pl.LightningModule):
         learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
         logit_topk: the teacher's logits are cached as the top k plus the log-sum-exp; null caches full logits.
         task_vector_dtype: storage dtype of the task vectors (the merge itself is computed in fp32).
+        task_vectors: `resident` holds every expert's task vectors on the compute device; `streamed` keeps
+            them in a store and brings them to the device one decoder layer at a time (memory that does not
+            grow with the number of experts; same coefficients; `expertmerge/streaming.py`).
+        task_vector_store: where streamed task vectors live: `host` memory (pinned with CUDA), `disk` (a
+            safetensors file in the cache), or `auto` (host when CUDA is present, else disk).
         lr: learning rate of the coefficient logits (Adam).
         scheduler: learning-rate schedule over the fit's steps.
         warmup_steps: linear warm-up steps before the schedule.
@@ -90,6 +96,8 @@ class ExpertMergingModule(pl.LightningModule):
         learn_matrices_only: bool = True,
         logit_topk: int | None = 64,
         task_vector_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        task_vectors: Literal["resident", "streamed"] = "resident",
+        task_vector_store: Literal["auto", "host", "disk"] = "auto",
         lr: float = 0.1,
         scheduler: Literal["cosine", "constant"] = "cosine",
         warmup_steps: int = 0,
@@ -118,7 +126,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the coefficients only
         self.model: nn.Module | None = None
         self.coefficients: MergeCoefficients | None = None
-        self.task_vectors: TaskVectors | None = None
+        self.task_vectors: TaskVectors | StreamedTaskVectors | None = None
         self.targets: dict[tuple[str, str], TeacherTargets] = {}
         self.teacher_stats = TeacherStats()
         self.task_names: list[str] = []
@@ -198,10 +206,22 @@ class ExpertMergingModule(pl.LightningModule):
             )
         num_experts = len(self.expert_names)
         dtype = _DTYPES[hp.task_vector_dtype]
-        self.task_vectors = TaskVectors([params[n].shape for n in self.coefficient_names], num_experts, dtype)
+        streamed = hp.task_vectors == "streamed"
+        shapes = [params[n].shape for n in self.coefficient_names]
+        self.task_vectors = None if streamed else TaskVectors(shapes, num_experts, dtype)
         self.ffn_vectors = TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
         # Task vectors first: a broken (NaN/Inf) expert fails here, before its teacher targets are computed.
         self._read_task_vectors(pool, model)
+        if streamed:
+            keys = pool.parameter_keys(model)
+            self.task_vectors = streamed_task_vectors(
+                pool,
+                [keys[n] for n in self.coefficient_names],
+                self.coefficient_names,
+                [(num_experts, *shape) for shape in shapes],
+                dtype,
+                hp.task_vector_store,
+            )
         self.targets, self.teacher_stats = teacher_targets(
             datamodule,
             pool.expert_dirs,
@@ -231,14 +251,17 @@ class ExpertMergingModule(pl.LightningModule):
         alpha = (
             torch.as_tensor(self.hparams.alpha0, dtype=torch.float32).flatten().expand(len(self.expert_names))
         )
-        buffers = {name: self.task_vectors[i] for i, name in enumerate(self.coefficient_names)}
+        learned = set(self.coefficient_names)  # streamed: their task vectors go to the store, not here
+        buffers = {}
+        if self.task_vectors is not None:
+            buffers = {name: self.task_vectors[i] for i, name in enumerate(self.coefficient_names)}
         buffers.update({name: self.ffn_vectors[i] for i, name in enumerate(self.ffn_names)})
         keys = pool.parameter_keys(model)
         for name, parameter in model.named_parameters():
             if name in buffers:
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], buffers[name].dtype)):
                     buffers[name][k].copy_(tau)
-            else:
+            elif name not in learned:
                 delta = torch.zeros_like(parameter)
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
                     delta.add_(tau, alpha=float(alpha[k]))
@@ -288,7 +311,9 @@ class ExpertMergingModule(pl.LightningModule):
         for index, name in enumerate(self.coefficient_names):
             base = self.model.get_parameter(name)
             if coefficients is None:
-                merged[name] = self.coefficients.merged_tensor(index, base, self.task_vectors[index])
+                merged[name] = self.coefficients.merged_tensor(
+                    index, base, self.task_vectors.for_merge(index)
+                )
             else:
                 tau = self.task_vectors[index]
                 row_c = coefficients(index).to(base.device)
@@ -349,9 +374,9 @@ class ExpertMergingModule(pl.LightningModule):
         """
         hp = self.hparams
         budget = len(self.coefficient_names) if hp.chunk_budget is None else int(hp.chunk_budget)
-        taus = [self.task_vectors[i] for i in range(len(self.coefficient_names))]
+        taus = self.task_vectors  # a sequence: streamed ones are read layer by layer, not all at once
         allocation = chunk_allocation(stage1_values, self.coefficient_names, taus, budget, hp.chunk_kappa)
-        device = self.task_vectors[0].device
+        device = self.coefficients.alpha0.device
         self.stage1_values = {name: value.detach().float().cpu() for name, value in stage1_values.items()}
         self.chunk_allocation = allocation
         self.coefficients = MergeCoefficients(

@@ -19,10 +19,11 @@ USAGE = """usage: python -m expertmerge <command> [options]
 
 commands:
   fit        learn merge coefficients on calibration data (Expert Merging), export the merged model
-  merge      training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) from a mergekit-style YAML
+  merge      training-free merge from a mergekit YAML, read unchanged (all 20 of mergekit's methods, slices, tokenizers)
   moe        fused MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) from a mergekit-moe YAML, read unchanged
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
+  plan       per-device memory of a fit (resident, streamed, FSDP) from config.json alone: does it fit?
   zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
   symphony   one MoE (or dense model) from experts pretrained apart, with no shared base (Symphony-MoE)
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-COMMANDS = ("fit", "merge", "moe", "symphony", "zoo", "evaluate", "export")
+COMMANDS = ("fit", "merge", "moe", "symphony", "zoo", "evaluate", "export", "plan")
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -127,6 +128,10 @@ def _run(command: str, rest: list[str]) -> int:
         from expertmerge.cli.evaluate import evaluate_main
 
         return evaluate_main(rest)
+    if command == "plan":
+        from expertmerge.cli.plan import plan_main
+
+        return plan_main(rest)
     from expertmerge.cli.export import export_main
 
     return export_main(rest)

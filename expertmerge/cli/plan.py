@@ -1,0 +1,86 @@
+"""`python -m expertmerge plan --config C.yaml [--devices 8 --device_memory 80GB]`: will this fit fit?
+
+Reads the fit config (model.base's `config.json` only: no weights are read or needed), builds the model on the
+meta device and prints what each strategy needs per device (`expertmerge/plan.py`) and whether it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from expertmerge.errors import ExpertMergeError
+from expertmerge.io.folder import human_bytes
+from expertmerge.io.writer import parse_size
+from expertmerge.plan import STRATEGIES, describe, fits, inputs_from_fit_config, plan, to_json
+
+
+def plan_table(estimates: dict, devices: int, device_memory: int, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("per device")
+    for strategy in STRATEGIES:
+        label = f"fsdp ({devices} devices)" if strategy == "fsdp" else strategy
+        table.add_column(label, justify="right")
+    parts = list(estimates["resident"].parts)
+    for part in parts:
+        table.add_row(part, *(human_bytes(estimates[s].parts[part]) for s in STRATEGIES))
+    table.add_row("[bold]fit step[/]", *(f"[bold]{human_bytes(estimates[s].total)}[/]" for s in STRATEGIES))
+    table.add_row("training-free merge", *(human_bytes(estimates[s].training_free_merge) for s in STRATEGIES))
+    table.add_row("off the device (host / disk)", *(human_bytes(estimates[s].host) for s in STRATEGIES))
+    table.add_row(
+        "set-up on the host (teachers)", *(human_bytes(estimates[s].teacher_pass) for s in STRATEGIES)
+    )
+    verdicts = []
+    for strategy in STRATEGIES:
+        usable = devices if strategy == "fsdp" else 1
+        ok = fits(estimates[strategy], device_memory) and (strategy != "fsdp" or devices > 1)
+        verdicts.append(
+            ("[green]fits[/]" if ok else "[red]does not fit[/]")
+            + f" on {usable} x {human_bytes(device_memory)}"
+        )
+    table.add_row("[bold]verdict[/]", *verdicts)
+    return table
+
+
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m expertmerge plan",
+        description="Estimate per-device memory of a fit (resident, streamed, FSDP) from config.json alone.",
+    )
+    parser.add_argument("--config", required=True, help="fit config YAML (model.base, model.experts, data.*)")
+    parser.add_argument("--devices", type=int, default=1, help="devices for the FSDP column (default 1)")
+    parser.add_argument("--device_memory", default="80GB", help="memory of one device, e.g. 24GB, 80GB")
+    parser.add_argument("--experts", type=int, default=None, help="plan for this many experts instead")
+    parser.add_argument(
+        "--model_config", default=None, help="a config.json (or folder) instead of model.base's"
+    )
+    parser.add_argument("--batch_size", type=int, default=None, help="instead of data.batch_size")
+    parser.add_argument("--max_length", type=int, default=None, help="instead of data.max_length")
+    parser.add_argument("--json", action="store_true", help="print the estimates as JSON (bytes)")
+    options = parser.parse_args(argv)
+    if options.devices < 1:
+        raise ExpertMergeError(f"plan: --devices must be at least 1, got {options.devices}.")
+    device_memory = parse_size(options.device_memory)
+    if device_memory <= 0:
+        raise ExpertMergeError(f"plan: --device_memory must be positive, got {options.device_memory!r}.")
+    inputs = inputs_from_fit_config(options.config, options.model_config)
+    if options.experts is not None:
+        inputs.num_experts = options.experts
+    if options.batch_size is not None:
+        inputs.batch_size = options.batch_size
+    if options.max_length is not None:
+        inputs.seq_len = options.max_length
+    model, learned, estimates = plan(inputs, options.devices)
+    if options.json:
+        print(to_json(estimates))
+        return 0
+    info = describe(model)
+    title = (
+        f"plan: {info['type']} {info['parameters'] / 1e9:.2f}B parameters, {info['layers']} layers, "
+        f"{len(learned)} learned tensors, {inputs.num_experts} experts; batch {inputs.batch_size} x "
+        f"{inputs.seq_len} tokens"
+    )
+    Console(width=140).print(plan_table(estimates, options.devices, device_memory, title))
+    return 0
