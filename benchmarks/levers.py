@@ -57,6 +57,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mu=0.1": {"model.mu": 0.1},
     "hidden=normalized_mse": {"model.hidden_loss": "normalized_mse"},
     "hidden=normalized_mse,mu=0.3": {"model.hidden_loss": "normalized_mse", "model.mu": 0.3},
+    "hidden=normalized_mse,mu=0.1": {"model.hidden_loss": "normalized_mse", "model.mu": 0.1},
     "hidden=normalized_mse,mu=3": {"model.hidden_loss": "normalized_mse", "model.mu": 3.0},
     "hidden=cosine": {"model.hidden_loss": "cosine"},
     # 2. objective
@@ -77,6 +78,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "alpha0=0.7": {"model.alpha0": 0.7},
     # 5. which tensors
     "fixed tensors at base": {"model.fixed_tensors": "base"},
+    # the combined recipe of configs/quality.yaml, as overrides of the demo
+    "quality": {
+        "model.hidden_loss": "normalized_mse",
+        "model.mu": 0.1,
+        "trainer.max_steps": "x3",
+        "data.samples_per_task": "x2",
+    },
 }
 
 
