@@ -90,6 +90,27 @@ def hidden_mse_loss(
     return masked_mean((student_hidden.float() - teacher_hidden.float()).pow(2), mask)
 
 
+def hidden_loss(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor, kind: str = "mse"
+) -> torch.Tensor:
+    """The hidden-state alignment term, over real tokens.
+
+    `mse`: plain mean squared error, whose size follows the model's hidden-state norm (about 30 on
+    SmolLM2's middle layer against a logit KL of about 0.2), so `mu` means something different per model.
+    `normalized_mse`: the MSE divided by the teacher state's mean square (a relative error, 1 for a zero
+    student, whatever the model's scale). `cosine`: mean of 1 - cos(student, teacher) per token (direction only).
+    """
+    if kind == "mse":
+        return hidden_mse_loss(student_hidden, teacher_hidden, mask)
+    if kind == "normalized_mse":
+        scale = masked_mean(teacher_hidden.float().pow(2), mask).detach().clamp_min(1e-12)
+        return hidden_mse_loss(student_hidden, teacher_hidden, mask) / scale
+    if kind == "cosine":
+        cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1, eps=1e-8)
+        return masked_mean(1.0 - cos, mask)
+    raise ValueError(f"unknown hidden loss {kind!r}: mse, normalized_mse or cosine")
+
+
 def next_token_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

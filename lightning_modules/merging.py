@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1_result
 from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
-from expertmerge.losses import hidden_mse_loss, kl_to_teacher, logit_kl_loss, teacher_top1
+from expertmerge.losses import hidden_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
 from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
 from expertmerge.validation import check_merging_options, weights
@@ -39,7 +39,10 @@ class ExpertMergingModule(pl.LightningModule):
         alpha0: start value of every coefficient (one, or one per expert in `experts` order); also where
             the tensors without learned coefficients are merged (task arithmetic at alpha0).
         gamma: weight of the regulariser `mean |c - start|`.
-        mu: weight of the hidden-state MSE relative to the logit KL.
+        mu: weight of the hidden-state term relative to the logit KL.
+        hidden_loss: the hidden-state term: `mse` (plain, its size follows the model's hidden-state norm),
+            `normalized_mse` (MSE over the teacher state's mean square: a relative error, the same scale on
+            every model) or `cosine` (1 - cosine similarity per token).
         temperature: T of the T^2 * KL(expert || merged) logit loss.
         hidden_layers: indices into the model's `hidden_states` (0 = embeddings) aligned by MSE;
             default: the middle layer.
@@ -47,6 +50,9 @@ class ExpertMergingModule(pl.LightningModule):
         learn_include: regexes; tensors whose name matches one get learned coefficients.
         learn_exclude: regexes; matching tensors are merged at alpha0 instead.
         learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
+        fixed_tensors: where the tensors without learned coefficients go: task arithmetic at `alpha0`, or
+            kept at the `base` (the official code's choice; matters for experts that changed embeddings,
+            norms or lm_head, i.e. full fine-tunes).
         logit_topk: the teacher's logits are cached as the top k plus the log-sum-exp; null caches full logits.
         task_vector_dtype: storage dtype of the task vectors (the merge itself is computed in fp32).
         task_vectors: `resident` holds every expert's task vectors on the compute device; `streamed` keeps
@@ -88,12 +94,14 @@ class ExpertMergingModule(pl.LightningModule):
         alpha0: float | list[float] = 0.3,
         gamma: float = 0.05,
         mu: float = 1.0,
+        hidden_loss: Literal["mse", "normalized_mse", "cosine"] = "mse",
         temperature: float = 1.0,
         hidden_layers: list[int] | None = None,
         task_weights: dict[str, float] | None = None,
         learn_include: list[str] | None = None,
         learn_exclude: list[str] | None = None,
         learn_matrices_only: bool = True,
+        fixed_tensors: Literal["alpha0", "base"] = "alpha0",
         logit_topk: int | None = 64,
         task_vector_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         task_vectors: Literal["resident", "streamed"] = "resident",
@@ -246,7 +254,8 @@ class ExpertMergingModule(pl.LightningModule):
         """tau_k = theta_k - theta_0 from the checkpoints, tensor by tensor (no expert model is built).
 
         Learned and FFN tensors keep theirs in the buffers; every other parameter is merged into the base
-        now, by task arithmetic at alpha0, so its task vectors are never held.
+        now, by task arithmetic at alpha0 (or left at the base, `fixed_tensors: base`), so its task vectors
+        are never held.
         """
         alpha = (
             torch.as_tensor(self.hparams.alpha0, dtype=torch.float32).flatten().expand(len(self.expert_names))
@@ -261,7 +270,7 @@ class ExpertMergingModule(pl.LightningModule):
             if name in buffers:
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], buffers[name].dtype)):
                     buffers[name][k].copy_(tau)
-            elif name not in learned:
+            elif name not in learned and self.hparams.fixed_tensors == "alpha0":
                 delta = torch.zeros_like(parameter)
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
                     delta.add_(tau, alpha=float(alpha[k]))
@@ -413,7 +422,9 @@ class ExpertMergingModule(pl.LightningModule):
         kl = logit_kl_loss(kl_tokens, mask, self.hparams.temperature)
         mse = torch.stack(
             [
-                hidden_mse_loss(out.hidden_states[layer], targets[f"hidden.{layer}"], mask)
+                hidden_loss(
+                    out.hidden_states[layer], targets[f"hidden.{layer}"], mask, self.hparams.hidden_loss
+                )
                 for layer in self.hidden_layers
             ]
         ).mean()

@@ -70,6 +70,21 @@ def test_exported_model_is_the_learned_merge(layerwise_fit: Path, tiny_zoo: Path
         assert (layerwise_fit / required).is_file(), required
 
 
+def test_fixed_tensors_base_keeps_unlearned_tensors_at_the_base(tiny_zoo: Path, tmp_path: Path) -> None:
+    from conftest import LEAN_FIT
+
+    out = fit(tmp_path, "at-base", "--model.fixed_tensors", "base", "--trainer.max_steps", "1", *LEAN_FIT)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_zoo / "base", dtype=torch.float32).state_dict()
+    expert = AutoModelForCausalLM.from_pretrained(tiny_zoo / "experts" / "arith", dtype=torch.float32)
+    for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        # the experts changed these tensors, yet the merge keeps the base's (the official code's choice)
+        assert float((expert.state_dict()[name] - base[name]).abs().max()) > 1e-4, name
+        torch.testing.assert_close(merged[name], base[name], atol=0, rtol=0)
+    learned = json.loads((out / "coefficients.json").read_text())["coefficients"]
+    assert any(float((merged[n] - base[n]).abs().max()) > 1e-4 for n in learned)
+
+
 def test_second_fit_reuses_teacher_targets_and_is_deterministic(
     layerwise_fit: Path, tmp_path: Path, capsys
 ) -> None:

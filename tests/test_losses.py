@@ -4,6 +4,7 @@ import torch
 
 from expertmerge.losses import (
     full_kl_per_token,
+    hidden_loss,
     hidden_mse_loss,
     logit_kl_loss,
     masked_mean,
@@ -79,3 +80,36 @@ def test_masked_mean_and_next_token_nll():
     nll, target_mask = next_token_nll(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[1, 1, 0]]))
     assert torch.allclose(nll, torch.full((1, 2), math.log(4)))
     assert target_mask.tolist() == [[1, 0]]
+
+
+def test_normalized_hidden_mse_does_not_depend_on_the_hidden_state_scale():
+    torch.manual_seed(5)
+    student, teacher = torch.randn(2, 6, 8), torch.randn(2, 6, 8) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    relative = hidden_loss(student, teacher, mask, "normalized_mse")
+    # the same relative error at 100x the norm (SmolLM2's middle layer vs a tiny model's) gives the same term
+    assert math.isclose(
+        float(hidden_loss(100 * student, 100 * teacher, mask, "normalized_mse")),
+        float(relative),
+        rel_tol=1e-5,
+    )
+    plain = hidden_mse_loss(student, teacher, mask)
+    expected = float(plain) / float((teacher**2)[mask.bool()].mean())
+    assert math.isclose(float(relative), expected, rel_tol=1e-5)
+    assert math.isclose(
+        float(hidden_loss(torch.zeros_like(teacher), teacher, mask, "normalized_mse")), 1.0, rel_tol=1e-5
+    )
+    assert float(hidden_loss(student, teacher, mask, "mse")) == float(plain)
+
+
+def test_cosine_hidden_loss_sees_direction_only_and_skips_padding():
+    torch.manual_seed(6)
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    loss = hidden_loss(student, teacher, mask, "cosine")
+    assert math.isclose(float(hidden_loss(7 * student, teacher, mask, "cosine")), float(loss), rel_tol=1e-5)
+    assert float(hidden_loss(teacher, teacher, mask, "cosine")) < 1e-6
+    assert math.isclose(float(hidden_loss(-teacher, teacher, mask, "cosine")), 2.0, rel_tol=1e-5)
+    changed = student.clone()
+    changed[0, 3:] = 1e3
+    assert math.isclose(float(hidden_loss(changed, teacher, mask, "cosine")), float(loss), rel_tol=1e-6)
