@@ -1,4 +1,4 @@
-"""`python -m expertmerge <command>`: fit / merge / evaluate / export / zoo, one thin module per command.
+"""`python -m expertmerge <command>`: fit / merge / evaluate / export / sweep / zoo, one thin module per command.
 
 `fit` is a LightningCLI (`--config`, `--model.*`, `--data.*`, `--trainer.*`, `--print_config`); the other
 commands are small argparse programs over the same library.
@@ -22,6 +22,7 @@ commands:
   merge      training-free merge (average, task_arithmetic, ties, dare_linear, dare_ties) from a mergekit-style YAML
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
+  sweep      fit once per weight of one task; plot each domain's gain and the general-text KL (tradeoff.png)
   zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
 
 `python -m expertmerge <command> --help` describes each command's options.
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-COMMANDS = ("fit", "merge", "zoo", "evaluate", "export")
+COMMANDS = ("fit", "merge", "zoo", "evaluate", "export", "sweep")
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -117,6 +118,10 @@ def _run(command: str, rest: list[str]) -> int:
         from expertmerge.cli.evaluate import evaluate_main
 
         return evaluate_main(rest)
+    if command == "sweep":
+        from expertmerge.cli.sweep import sweep_main
+
+        return sweep_main(rest)
     from expertmerge.cli.export import export_main
 
     return export_main(rest)
