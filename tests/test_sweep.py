@@ -65,9 +65,8 @@ def test_sweep_reuses_the_teacher_targets_and_trades_the_swept_domain_against_th
     assert high["kl_to_base"]["general"] > low["kl_to_base"]["general"]
     assert high["scores"]["sort"]["kl"] < low["scores"]["sort"]["kl"]
     # the gain is the documented formula of the stored perplexities
-    base, own, merge = (result[k]["sort"]["perplexity"] for k in ("base", "teachers")) + (
-        high["scores"]["sort"]["perplexity"],
-    )
+    base, own = result["base"]["sort"]["perplexity"], result["teachers"]["sort"]["perplexity"]
+    merge = high["scores"]["sort"]["perplexity"]
     expected = (math.log(base) - math.log(merge)) / (math.log(base) - math.log(own))
     assert high["gains"]["sort"] == pytest.approx(expected, rel=1e-9)
     rows = list(csv.DictReader((out / "sweep.csv").open()))
