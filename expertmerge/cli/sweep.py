@@ -112,7 +112,8 @@ def sweep_main(argv: Sequence[str]) -> int:
         point = SweepPoint(weight, held_out_scores(module), teacher_forwards() - forwards, seconds)
         points.append(complete_point(point, base, teachers, base_tasks))
         kl = ", ".join(f"{escape(name)} KL to base {value:.4f}" for name, value in point.base_kl.items())
-        console.print(f"  mean gain retained {point.mean_gain:+.3f}" + (f"; {kl}" if kl else ""))
+        gains = ", ".join(f"{escape(name)} {value:+.3f}" for name, value in point.gains.items())
+        console.print(f"  gain retained: {gains} (mean {point.mean_gain:+.3f})" + (f"; {kl}" if kl else ""))
     console.print(sweep_table(task, points, base_tasks))
 
     with atomic_output_dir(options.output_dir, options.force, inputs, command="sweep") as tmp:
