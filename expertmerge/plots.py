@@ -143,6 +143,7 @@ def plot_tradeoff(
     axes.set_ylabel("gain retained (1 = expert, 0 = base)")
     if all(w > 0 for w in weights):
         axes.set_xscale("log")
+        axes.minorticks_off()  # the weights themselves are the ticks
         axes.set_xticks(list(weights))
         axes.set_xticklabels([f"{w:g}" for w in weights])
     lines, labels = axes.get_legend_handles_labels()
