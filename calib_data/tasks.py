@@ -14,6 +14,9 @@ from typing import Any, Literal, get_args
 
 from expertmerge.errors import ExpertMergeError
 
+# A task whose `expert` is this name is taught by the base model itself (general text): the merge keeps what the
+# base could do while it learns the experts. Equal to `expertmerge.pool.BASE`, which no expert may be called.
+BASE_TEACHER = "base"
 MESSAGES_COLUMN = "messages"  # a chat-format column, used as-is with `chat_template: true`
 TxtSampleBy = Literal["line", "paragraph", "document"]
 
@@ -24,7 +27,9 @@ class TaskSpec:
 
     Args:
         name: task name, e.g. "math"; unique within the config.
-        expert: name of the expert (in the model's pool) whose behaviour this task's data calibrates.
+        expert: name of the expert (in the model's pool) whose behaviour this task's data calibrates, or
+            `base`: the base model is the teacher, e.g. on general text (`corpora://prose.jsonl`), so the
+            merge keeps the base's general ability; `model.task_weights` trades it against the experts.
         sources: one or more files or globs (.jsonl/.json/.txt/.parquet/.csv), `datasets.save_to_disk`
             folders, or hub dataset ids (passed to `datasets.load_dataset`; needs the hub or its local cache).
             Relative paths are taken from the current directory; `corpora://math_word_problems.jsonl` names a
@@ -63,6 +68,11 @@ class TaskSpec:
             self.sources = [self.sources]
         else:
             self.sources = list(self.sources)
+
+
+def base_task_names(tasks: Sequence[TaskSpec]) -> list[str]:
+    """The tasks taught by the base model (`expert: base`), in config order."""
+    return [task.name for task in tasks if task.expert == BASE_TEACHER]
 
 
 def check_count(key: str, value: Any, minimum: int) -> None:

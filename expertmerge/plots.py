@@ -1,4 +1,5 @@
-"""PNG pictures of a fit: coefficients per tensor and expert, importance and chunks per tensor.
+"""PNG pictures of a fit: coefficients per tensor and expert, importance and chunks per tensor; and of a
+sweep of one task's weight: the trade-off between the domains (`tradeoff.png`).
 
 A user looks at these rather than reads coefficients.json. matplotlib runs headless (Agg); a machine
 without matplotlib still gets every other output, with a note instead of the pictures.
@@ -120,3 +121,49 @@ def write_plots(module: Any, folder: Path) -> list[Path]:
             )
         )
     return [path for path in written if path is not None]
+
+
+def plot_tradeoff(
+    weights: Sequence[float],
+    gains: dict[str, Sequence[float]],
+    base_kl: dict[str, Sequence[float]],
+    swept: str,
+    path: Path,
+) -> Path | None:
+    """Each expert task's gain retained (left axis, solid) and each base task's KL to the base (right axis,
+    dashed) against the swept task's weight (log axis when every weight is positive)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for name, values in gains.items():
+        axes.plot(weights, values, marker="o", label=f"{name} gain" + (" (swept)" if name == swept else ""))
+    axes.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_xlabel(f"weight of task '{swept}' (model.task_weights)")
+    axes.set_ylabel("gain retained (1 = expert, 0 = base)")
+    if all(w > 0 for w in weights):
+        axes.set_xscale("log")
+        axes.minorticks_off()  # the weights themselves are the ticks
+        axes.set_xticks(list(weights))
+        axes.set_xticklabels([f"{w:g}" for w in weights])
+    lines, labels = axes.get_legend_handles_labels()
+    if base_kl:
+        right = axes.twinx()
+        for name, values in base_kl.items():
+            right.plot(
+                weights,
+                values,
+                marker="s",
+                linestyle="--",
+                color="black" if len(base_kl) == 1 else None,
+                label=f"{name}: KL to base",
+            )
+        right.set_ylabel("general text: KL(base || merge)")
+        more_lines, more_labels = right.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    axes.legend(lines, labels, fontsize=8, loc="best")
+    axes.set_title(f"Trade-off: sweep of the weight of '{swept}'")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

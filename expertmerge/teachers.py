@@ -33,6 +33,7 @@ from expertmerge.hashing import json_hash, model_content_hash
 from expertmerge.losses import next_token_nll
 from expertmerge.paths import cache_dir
 
+_FORWARDS = [0]  # teacher forward passes (batches) in this process: the sweep shows it reuses targets
 CACHE_FORMAT = 3  # 2: entries carry a checksum of their tensors; 3: the key names attention and versions
 
 
@@ -140,6 +141,7 @@ def compute_targets(
         ids = input_ids[start : start + settings.batch_size]
         mask = attention_mask[start : start + settings.batch_size]
         used = int(mask.sum(1).max())
+        _FORWARDS[0] += 1
         out = model(
             input_ids=ids[:, :used].to(device),
             attention_mask=mask[:, :used].to(device),
@@ -164,6 +166,25 @@ def compute_targets(
             pad = [0, 0] * (value.dim() - 2) + [0, length - used]
             chunks.setdefault(name, []).append(torch.nn.functional.pad(value.cpu(), pad))
     return TeacherTargets({name: torch.cat(parts) for name, parts in chunks.items()})
+
+
+def teacher_forwards() -> int:
+    """How many teacher batches this process has run through a model so far (cache hits run none)."""
+    return _FORWARDS[0]
+
+
+def teacher_dirs(
+    base_dir: str | os.PathLike, expert_dirs: Mapping[str, str | os.PathLike], tasks: Sequence[Any]
+) -> dict[str, str | os.PathLike]:
+    """The teachers of `tasks` for `teacher_targets`: the experts' folders, plus the base's under the name `base`
+    when a task names it (`expert: base`). The base is then one more teacher: loaded once, fresh from its folder
+    (never the fit's model, whose untrained tensors already hold the alpha0 merge), cached like an expert."""
+    from calib_data.tasks import BASE_TEACHER
+
+    dirs = dict(expert_dirs)
+    if any(task.expert == BASE_TEACHER for task in tasks):
+        dirs[BASE_TEACHER] = base_dir
+    return dirs
 
 
 @dataclass
@@ -205,6 +226,7 @@ def teacher_targets(
 ) -> tuple[dict[tuple[str, str], TeacherTargets], TeacherStats]:
     """Targets of every (task, split) from the task's own expert, one expert in memory at a time.
 
+    `expert_dirs` names the teachers (`teacher_dirs` adds the base for `expert: base` tasks).
     `datamodule` is set up (its tasks name their experts; `task_samples` and `fingerprint` give each split's
     padded samples and their hash). Experts are visited in `expert_dirs` order; an expert is loaded only if
     one of its entries misses the cache, and then computes exactly those entries. Cached entries are read

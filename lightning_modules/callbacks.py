@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from calib_data.tasks import BASE_TEACHER
 from expertmerge.evaluate import (
     TaskScores,
     expert_scores,
@@ -196,7 +197,7 @@ def export_dense(
                 "hidden_layers": module.hidden_layers,
                 "task_weights": hp.task_weights,
                 "tasks": {
-                    t: module.expert_names[k]
+                    t: BASE_TEACHER if k is None else module.expert_names[k]
                     for t, k in zip(module.task_names, module.task_experts, strict=True)
                 },
                 "learned_tensors": len(module.coefficient_names),
@@ -221,20 +222,33 @@ def moe_router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
     """[layers, experts, hidden] initial routers of the fused MoE, from the fit's calibration data (train split).
 
     The `hidden` router sees each expert's tasks through the learned backbone with that expert's FFN (oracle
-    routing), exactly as the exported MoE's routers will see them.
+    routing), exactly as the exported MoE's routers will see them. Tasks taught by the base (`expert: base`)
+    are the routed base expert's data (its row, the last); with the base as a shared expert (Qwen2-MoE, always
+    on) or no base expert they route nothing, and the base row, if any, is the experts' mean row.
     """
+    from expertmerge.moe import moe_format_for
     from expertmerge.moe.router_inputs import initial_router_rows, split_batches
 
-    tasks_per_expert: list[dict[str, list]] = [{} for _ in module.expert_names]
+    experts = len(module.expert_names)
+    routed_base = (
+        module.hparams.moe_include_base_expert
+        and None in module.task_experts
+        and not moe_format_for(getattr(module.model.config, "model_type", None)).shared_expert
+    )
+    groups: list[dict[str, list]] = [{} for _ in range(experts + int(routed_base))]
     for task, k in zip(module.task_names, module.task_experts, strict=True):
+        if k is None and not routed_base:
+            continue
         samples = module.datamodule.task_samples(task, "train")
-        tasks_per_expert[k][task] = split_batches(samples.input_ids, samples.attention_mask)
+        groups[experts if k is None else k][task] = split_batches(samples.input_ids, samples.attention_mask)
     return initial_router_rows(
         method,
         module.model,
-        tasks_per_expert,
-        forward=lambda k, ids, mask: module(ids, mask, output_hidden_states=False, oracle_expert=k),
-        names=module.expert_names,
+        groups,
+        forward=lambda k, ids, mask: module(
+            ids, mask, output_hidden_states=False, oracle_expert=BASE_TEACHER if k == experts else k
+        ),
+        names=[*module.expert_names, BASE_TEACHER][: len(groups)],
         seed=seed,
     )
 

@@ -19,12 +19,19 @@ from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
+from calib_data.tasks import BASE_TEACHER, base_task_names
 from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1_result
 from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
 from expertmerge.losses import hidden_loss, kl_to_teacher, logit_kl_loss, teacher_top1
 from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
-from expertmerge.teachers import TeacherSettings, TeacherStats, TeacherTargets, teacher_targets
+from expertmerge.teachers import (
+    TeacherSettings,
+    TeacherStats,
+    TeacherTargets,
+    teacher_dirs,
+    teacher_targets,
+)
 from expertmerge.validation import check_merging_options, weights
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -138,7 +145,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.targets: dict[tuple[str, str], TeacherTargets] = {}
         self.teacher_stats = TeacherStats()
         self.task_names: list[str] = []
-        self.task_experts: list[int] = []
+        self.task_experts: list[int | None] = []  # per task its expert's index; None: taught by the base
         self.coefficient_names: list[str] = []
         self.pool = None
         self.datamodule = None
@@ -159,12 +166,22 @@ class ExpertMergingModule(pl.LightningModule):
         hp = self.hparams
         pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
         pool.validate()
-        datamodule.check(self.expert_names)
+        datamodule.check([*self.expert_names, BASE_TEACHER])  # `expert: base`: the base teaches that task
         datamodule.setup("fit")
         self.pool, self.datamodule = pool, datamodule
         self.task_names = list(datamodule.task_names)
         task_experts = {spec.name: spec.expert for spec in datamodule.tasks}
-        self.task_experts = [self.expert_names.index(task_experts[t]) for t in self.task_names]
+        # None: a task taught by the base (its batches see the base FFN in MoE mode).
+        self.task_experts = [
+            None if task_experts[t] == BASE_TEACHER else self.expert_names.index(task_experts[t])
+            for t in self.task_names
+        ]
+        if hp.moe and None in self.task_experts and not hp.moe_include_base_expert:
+            raise ExpertMergeError(
+                f"model.moe: tasks {base_task_names(datamodule.tasks)} are taught by the base (`expert: base`), "
+                "but no MoE expert is the base FFN: set model.moe_include_base_expert true (their batches then "
+                "run through the base FFN) or drop those tasks."
+            )
         unknown = set(hp.task_weights or {}) - set(self.task_names)
         if unknown:
             raise ExpertMergeError(
@@ -232,7 +249,7 @@ class ExpertMergingModule(pl.LightningModule):
             )
         self.targets, self.teacher_stats = teacher_targets(
             datamodule,
-            pool.expert_dirs,
+            teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
             self.teacher_settings,
             expert_hashes=pool.content_hashes(),
             trust_remote_code=hp.trust_remote_code,
@@ -300,19 +317,23 @@ class ExpertMergingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ the merge
     def merged_parameters(
-        self, coefficients: Callable[[int], torch.Tensor] | None = None, oracle_expert: int | None = None
+        self,
+        coefficients: Callable[[int], torch.Tensor] | None = None,
+        oracle_expert: int | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """theta_p = theta0_p + sum_k c[k,p] tau[k,p] for every tensor with coefficients.
 
         `coefficients(index) -> [N, rows]` overrides the learned ones (e.g. alpha0 for task arithmetic).
-        In MoE mode the FFN tensors are expert `oracle_expert`'s own (oracle routing), or task arithmetic at
-        alpha0 when no expert is named (the dense view of the same merge).
+        In MoE mode the FFN tensors are expert `oracle_expert`'s own (oracle routing; `"base"`: the base FFN), or
+        task arithmetic at alpha0 when no expert is named (the dense view of the same merge).
         """
         assert self.model is not None and self.coefficients is not None
         merged = {}
         for index, name in enumerate(self.ffn_names):
             base, tau = self.model.get_parameter(name), self.ffn_vectors[index]
-            if oracle_expert is not None:
+            if oracle_expert == BASE_TEACHER:
+                merged[name] = base  # the base FFN, the MoE's generalist expert
+            elif oracle_expert is not None:
                 merged[name] = base + tau[oracle_expert].float()
             else:
                 alpha = self.coefficients.alpha0.to(base.device).view(-1, *([1] * (tau.dim() - 1)))
@@ -336,7 +357,7 @@ class ExpertMergingModule(pl.LightningModule):
         attention_mask: torch.Tensor,
         coefficients: Callable[[int], torch.Tensor] | None = None,
         output_hidden_states: bool = True,
-        oracle_expert: int | None = None,
+        oracle_expert: int | str | None = None,
     ) -> Any:
         return functional_call(
             self.model,
@@ -350,11 +371,13 @@ class ExpertMergingModule(pl.LightningModule):
             },
         )
 
-    def oracle_expert(self, task: str) -> int | None:
-        """In MoE mode, the expert whose FFN serves `task` (oracle routing); None for a dense merge."""
+    def oracle_expert(self, task: str) -> int | str | None:
+        """In MoE mode, the expert whose FFN serves `task` (oracle routing; `"base"` for a task the base
+        teaches); None for a dense merge."""
         if not self.hparams.moe:
             return None
-        return self.task_experts[self.task_names.index(task)]
+        expert = self.task_experts[self.task_names.index(task)]
+        return BASE_TEACHER if expert is None else expert
 
     def alpha0_coefficients(self, index: int) -> torch.Tensor:
         """Task arithmetic at alpha0, as per-row coefficients."""

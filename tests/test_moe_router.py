@@ -3,12 +3,16 @@ and router tuning (only the gates move, the KL to each task's own expert drops).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from moe_routing import forced_routing
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.moe import (
+    DegenerateRouterWarning,
+    add_generalist_row,
     calibrate_margin,
     expert_shared_tensors,
     gate_parameters,
@@ -22,6 +26,7 @@ from expertmerge.moe import (
     tune_router,
     write_moe_checkpoint,
 )
+from expertmerge.moe.router import own_expert_margins
 from expertmerge.pool import BASE, ExpertPool
 from expertmerge.teachers import TeacherTargets
 
@@ -65,19 +70,90 @@ def test_calibrate_margin_sets_each_layers_mean_margin_to_the_gap():
 
 
 def test_discriminant_rows_follow_the_low_variance_direction_that_separates_the_experts():
-    # Two experts whose means differ by 1 along both axes; axis 0 is noisy (variance 100), axis 1 quiet (1).
-    means = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]]]).expand(2, 1, 2).contiguous()  # [experts, layers=1, 2]
-    within = torch.tensor([[[100.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    # Two experts whose means differ by 1 along axes 0 and 1, with a large common part along axis 2 (as LLM
+    # hidden states have); axis 0 is noisy (variance 100), axes 1 and 2 quiet (1).
+    means = torch.tensor([[[0.0, 0.0, 4.0]], [[1.0, 1.0, 4.0]]])  # [experts, layers=1, hidden=3]
+    within = torch.diag(torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))[None]
     rows = router_from_discriminant(means, within, gap=3.0)
-    direction = torch.nn.functional.normalize(rows[0, 1] - rows[0, 0], dim=0)
-    ridge = 0.1 * 50.5  # shrinkage times the mean variance
-    expected = torch.nn.functional.normalize(torch.tensor([1 / (100 + ridge), 1 / (1 + ridge)]), dim=0)
-    torch.testing.assert_close(direction, expected.float(), atol=1e-6, rtol=0)
-    assert direction[1] > 0.99  # the quiet axis decides, though the means differ as much along the noisy one
-    logits = (means - means.mean(0))[:, 0] @ rows[0].T  # the margin is measured on the centred means
-    assert float(logits[1, 1] - logits[1, 0]) == pytest.approx(3.0, rel=1e-5)
+    difference = rows[0, 1] - rows[0, 0]
+    assert abs(float(difference[1])) > 10 * abs(float(difference[0]))  # the quiet axis decides
     diagonal = router_from_discriminant(means, torch.diagonal(within, dim1=1, dim2=2), gap=3.0)
     torch.testing.assert_close(diagonal, rows, atol=1e-6, rtol=1e-6)  # variances-only mode, same answer here
+
+
+def _margin_case(seed: int = 2, experts: int = 3, hidden: int = 6):
+    """Means with a large common offset (cosines ~0.98, as LLM router inputs have) and an anisotropic scatter."""
+    generator = torch.Generator().manual_seed(seed)
+    offset = 6.0 * torch.randn(hidden, generator=generator, dtype=torch.float64)
+    means = offset + torch.randn(experts, LAYERS, hidden, generator=generator, dtype=torch.float64)
+    factor = torch.randn(LAYERS, hidden, hidden, generator=generator, dtype=torch.float64)
+    within = factor @ factor.transpose(1, 2) + 0.5 * torch.eye(hidden, dtype=torch.float64)
+    return means, within
+
+
+def test_the_calibrated_margin_holds_on_the_uncentred_means_the_router_sees():
+    means, within = _margin_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateRouterWarning)  # the common offset makes the means parallel
+        rows = router_from_discriminant(means, within, gap=3.0)
+    margins = own_expert_margins(rows, means.float())  # [layers, classes, experts], no centring, no bias
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)
+    torch.testing.assert_close(margins[:, off_diagonal], torch.full((LAYERS, 6), 3.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(rows.sum(1), torch.zeros(LAYERS, 6), atol=1e-4, rtol=0)  # no common part
+    # The old initialisation (centred means, rows normalised one by one, margin scaled on the centred means)
+    # does not give these margins on what the router really sees: measured -19.1 to +26.5 logits here (a
+    # negative margin: the wrong expert wins on that mean).
+    centred = means - means.mean(0, keepdim=True)
+    old = []
+    for layer in range(LAYERS):
+        ridge = 0.1 * within[layer].diagonal().mean()
+        solve = torch.linalg.solve(
+            within[layer] + ridge * torch.eye(6, dtype=torch.float64), centred[:, layer].T
+        ).T
+        old.append(torch.nn.functional.normalize(solve, dim=1))
+    old_rows = calibrate_margin(torch.stack(old).float(), centred.float(), 3.0)
+    old_margins = own_expert_margins(old_rows, means.float())[:, off_diagonal]
+    assert float(old_margins.min()) < 0 < 10 < float(old_margins.max())
+
+
+def test_the_discriminant_rows_have_the_least_within_expert_logit_variance_among_rows_with_that_margin():
+    means, within = _margin_case(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateRouterWarning)
+        rows = router_from_discriminant(means, within, gap=3.0, shrinkage=0.0).double()
+    layer = 0
+    variance = torch.einsum("eh,hg,eg->", rows[layer], within[layer], rows[layer])
+    # Any other rows with the same margins: add directions orthogonal (in the metric) to every mean.
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        noise = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+        m = means[:, layer]
+        projector = torch.eye(6, dtype=torch.float64) - m.T @ torch.linalg.solve(m @ m.T, m)
+        other = rows[layer] + noise @ projector  # the same logits on every mean
+        torch.testing.assert_close(other @ m.T, rows[layer] @ m.T)
+        assert float(torch.einsum("eh,hg,eg->", other, within[layer], other)) > float(variance)
+
+
+def test_linearly_dependent_means_warn_that_the_margin_cannot_be_reached():
+    means = torch.tensor([[[1.0, 1.0]], [[2.0, 2.0]]])  # parallel: a bias-free router cannot separate them
+    with pytest.warns(DegenerateRouterWarning, match="linearly dependent"):
+        rows = router_from_discriminant(means, torch.eye(2).double()[None], gap=3.0)
+    assert torch.isfinite(rows).all()
+
+
+def test_a_generalist_row_gets_the_experts_mean_logit_on_every_input():
+    means, within = _margin_case(seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateRouterWarning)
+        rows = router_from_discriminant(means, within, gap=3.0)
+    with_base = add_generalist_row(rows)
+    assert with_base.shape == (LAYERS, 4, 6)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    logits = x @ with_base[0].T
+    torch.testing.assert_close(logits[:, 3], logits[:, :3].mean(1), atol=1e-5, rtol=0)
+    # on each expert's mean: own first, the generalist second (by 3 / 3 = 1 logit over each other expert)
+    margins = own_expert_margins(with_base, means.float())
+    torch.testing.assert_close(margins[:, :, 3], torch.full((LAYERS, 3), 2.0), atol=1e-3, rtol=0)
 
 
 def test_discriminant_refuses_statistics_of_the_wrong_shape_or_with_nan():

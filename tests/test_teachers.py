@@ -222,3 +222,87 @@ def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
         datamodule, {n: p for n, p in experts.items() if n != "gamma"}, settings, ("eval",)
     )
     assert (stats.computed, stats.reused) == (0, 2) and set(targets) == {("task0", "eval"), ("task1", "eval")}
+
+
+# ------------------------------------------------------------------------- `expert: base` (the base teaches)
+def with_base_task(config: Path, **model: object) -> Path:
+    """`config` plus a task taught by the base (`expert: base`) on texts of its own, and extra model keys."""
+    spec = yaml.safe_load(config.read_text())
+    generator = torch.Generator().manual_seed(7)
+    rows = [
+        {"text": " ".join(f"w{int(i)}" for i in torch.randint(4, 64, (10,), generator=generator))}
+        for _ in range(12)
+    ]
+    path = config.parent / "general.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec["data"]["tasks"].append({"name": "general", "expert": "base", "sources": [str(path)]})
+    spec["model"].update(model)
+    out = config.with_name("fit-base-task.yaml")
+    out.write_text(yaml.safe_dump(spec))
+    return out
+
+
+def test_a_base_task_is_taught_by_the_base_once_cached_and_fits_layer_and_chunk_wise(
+    tiny_models, private_cache: Path, tmp_path: Path, model_loads: list[Path], capsys
+) -> None:
+    from expertmerge.cli.fit import configured
+    from expertmerge.teachers import teacher_forwards
+
+    config = with_base_task(
+        write_config(tmp_path, tiny_models.base, tiny_models.experts), chunking=True, stage2_steps=2
+    )
+    forwards = teacher_forwards()
+    assert run_fit(config, tmp_path / "cold") == 0
+    # the base: once for the merge, once as the teacher of 'general' (both of its splits)
+    assert model_loads.count(tiny_models.base.resolve()) == 2
+    out = capsys.readouterr().out
+    assert "8 / 0" in out and "chunk" in out  # 4 tasks x 2 splits computed; stage 2 ran
+    assert teacher_forwards() - forwards == 8  # one batch per (task, split) here
+    card = (tmp_path / "cold" / "README.md").read_text()
+    assert "general" in card
+
+    # Read back through the one teacher API: all 8 from the cache (no forward), 'general' = the base's logits.
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.teachers import teacher_dirs, teacher_targets
+
+    _, datamodule = configured(str(config), [])
+    datamodule.setup("fit")
+    pool = ExpertPool(str(tiny_models.base), {n: str(p) for n, p in tiny_models.experts.items()})
+    forwards = teacher_forwards()
+    targets, stats = teacher_targets(
+        datamodule,
+        teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
+        TeacherSettings(hidden_layers=(1,)),  # the fit's: the middle layer, top-64 logits
+        expert_hashes=pool.content_hashes(),
+    )
+    assert (stats.computed, stats.reused, teacher_forwards() - forwards) == (0, 8, 0)
+    samples = datamodule.task_samples("general", "eval")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models.base), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = base(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits
+    real = samples.attention_mask.bool()
+    cached = targets[("general", "eval")].tensors["topk_values"]
+    torch.testing.assert_close(cached[real], logits.topk(64, dim=-1).values[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_base_task_in_the_fused_moe_runs_through_the_base_ffn_or_is_refused_without_one(
+    tiny_models, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_models.base, tiny_models.experts)
+    refused = with_base_task(config, moe=True)
+    assert run_fit(refused, tmp_path / "refused") == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "['general']" in error and "model.moe_include_base_expert true" in error
+    assert not (tmp_path / "refused").exists()
+
+    accepted = with_base_task(config, moe=True, moe_include_base_expert=True, moe_top_k=2)
+    assert run_fit(accepted, tmp_path / "moe") == 0
+    from transformers import AutoModelForCausalLM
+
+    moe = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe-moe")).eval()
+    assert moe.config.num_local_experts == 4  # alpha, beta, gamma and the base FFN (routed, Mixtral)
+    gate = moe.model.layers[0].mlp.gate.weight
+    assert gate.shape[0] == 4
+    # The base row comes from the 'general' task's data (a class of its own), not the experts' mean row.
+    assert not torch.allclose(gate[3], gate[:3].mean(0), atol=1e-4)

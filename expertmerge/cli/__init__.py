@@ -1,4 +1,4 @@
-"""`python -m expertmerge <command>`: fit / merge / evaluate / export / zoo, one thin module per command.
+"""`python -m expertmerge <command>`: fit / merge / evaluate / export / sweep / zoo, one thin module per command.
 
 `fit` is a LightningCLI (`--config`, `--model.*`, `--data.*`, `--trainer.*`, `--print_config`); the other
 commands are small argparse programs over the same library.
@@ -24,6 +24,7 @@ commands:
   evaluate   score model folders against the experts on the held-out calibration samples of a fit config
   export     write the merged model of a saved fit checkpoint
   plan       per-device memory of a fit (resident, streamed, FSDP) from config.json alone: does it fit?
+  sweep      fit once per weight of one task; plot each domain's gain and the general-text KL (tradeoff.png)
   zoo        build (or locate) a registered demo zoo of a base model and experts (tiny, smollm2)
   symphony   one MoE (or dense model) from experts pretrained apart, with no shared base (Symphony-MoE)
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-COMMANDS = ("fit", "merge", "moe", "symphony", "zoo", "evaluate", "export", "plan")
+COMMANDS = ("fit", "merge", "moe", "symphony", "zoo", "evaluate", "export", "plan", "sweep")
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -132,6 +133,10 @@ def _run(command: str, rest: list[str]) -> int:
         from expertmerge.cli.plan import plan_main
 
         return plan_main(rest)
+    if command == "sweep":
+        from expertmerge.cli.sweep import sweep_main
+
+        return sweep_main(rest)
     from expertmerge.cli.export import export_main
 
     return export_main(rest)

@@ -35,10 +35,11 @@ def evaluate_main(argv: Sequence[str]) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from calib_data.tasks import BASE_TEACHER
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.paths import resolve_path
     from expertmerge.pool import ExpertPool, model_dir
-    from expertmerge.teachers import TeacherSettings, teacher_targets
+    from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge evaluate",
@@ -62,12 +63,12 @@ def evaluate_main(argv: Sequence[str]) -> int:
     named = {"base": resolve_path(hp.base), **given}
     pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
     pool.validate()
-    datamodule.check(module.expert_names)
+    datamodule.check([*module.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")
     settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
     targets, _ = teacher_targets(
         datamodule,
-        pool.expert_dirs,
+        teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
         settings,
         ("eval",),
         pool.content_hashes(),

@@ -77,7 +77,7 @@ def _router_rows(
     hidden: int,
     generalist: bool,
 ) -> list[torch.Tensor]:
-    """One `[num_routed, hidden]` fp32 matrix per layer; a missing generalist row is the experts' mean direction."""
+    """One `[num_routed, hidden]` fp32 matrix per layer; a missing generalist row is the experts' mean row."""
     if isinstance(router_weights, torch.Tensor):
         if router_weights.dim() != 3 or router_weights.shape[0] != num_layers:
             raise ExpertMergeError(
@@ -132,8 +132,8 @@ def write_moe_checkpoint(
             (e.g. a learned merge, or `expert_shared_tensors(pool, "alpha")`). Other names in a mapping are ignored.
         router_weights: `[layers, R, hidden]` or `{layer: [R, hidden]}`, row e for routed expert e. R is the number
             of experts, plus one when the base FFN is a routed expert (Mixtral/Qwen3 with `include_base_expert`);
-            there, R - 1 rows are accepted too and the base's row is the mean direction of the others, at their mean
-            norm.
+            there, R - 1 rows are accepted too and the base's row is the mean of the others (`add_generalist_row`: its
+            logit is the experts' mean logit on every token).
         top_k: routed experts per token (their weights renormalised to sum to 1).
         include_base_expert: add the base FFN as a generalist: Mixtral/Qwen3: one more routed expert (the last);
             Qwen2-MoE: the shared expert.

@@ -1,26 +1,25 @@
 """Router initialisation for the fused MoE: pure functions from calibration statistics to gate matrices.
 
-A router of layer l computes logits `x @ W_l.T` on the state `x` after layer l's post-attention norm. All
-initialisers return `[layers, experts, hidden]` (row e of layer l: expert e's gate row), rows of norm `scale`
-(the discriminant's are scaled by their margin instead). No I/O and no model here: the statistics come from
-`expertmerge.moe.router_inputs`.
+A router of layer l computes logits `x @ W_l.T` on the state `x` after layer l's post-attention norm; there is no
+bias. All initialisers return `[layers, experts, hidden]` (row e of layer l: expert e's gate row). No I/O and no
+model here: the statistics come from `expertmerge.moe.router_inputs`.
 
-- `hidden` (`router_from_hidden`): each task's mean of exactly that state (`router_input_statistics` in
-  `router_inputs`, run on the merged dense model with the shared tensors the MoE will have), normalised. A token is
-  sent to the experts whose task mean it points at most. The fit's `hidden` router goes one step further
-  (`router_from_discriminant`): it whitens the centred means by the pooled within-expert scatter (a linear
-  discriminant), so the rows separate the experts' tokens rather than merely point at their means, and
-  `calibrate_margin` scales each layer so a task's mean input prefers its own expert by `ROUTER_GAP` logits.
+- `hidden`, as the fit builds it (`router_from_discriminant`): from each expert's mean router input (uncentred,
+  exactly what the exported router sees, measured on the merged dense model with that expert's FFN) and the
+  pooled within-expert covariance, the rows that give every expert's mean input its own expert by exactly
+  `ROUTER_GAP` logits over each other expert, with the least within-expert variance of the logits
+  (`margin_rows`: a linear discriminant without bias). `router_from_hidden` is the plain variant: each task's
+  mean, normalised to norm `scale`; a token goes to the experts whose mean it points at most.
 - `cheap_embed` (`router_from_embeddings`): each task's mean token embedding (`mean_token_embeddings`), the same
-  for every layer; no forward pass at all.
+  for every layer, normalised; no forward pass at all.
 - `random` (`router_random`): seeded Gaussian rows, normalised.
 
-`center=True` subtracts the mean over tasks before normalising. Softmax and top-k ignore anything added to every
-row alike, so centering keeps the ranking of experts for a token and only sharpens it: the rows' common part
-(large in LLM hidden states) no longer takes up their unit norm.
+`center=True` (plain variants) subtracts the mean over tasks before normalising. Softmax and top-k ignore anything
+added to every row alike, so centering keeps the ranking of experts for a token and only sharpens it: the rows'
+common part (large in LLM hidden states) no longer takes up their unit norm.
 
 Rows of two experts that point the same way cannot be told apart by the router: `hidden` and `cheap_embed` warn
-(`DegenerateRouterWarning`) when the cosine of two tasks' (uncentered) means exceeds `threshold` in some layer.
+(`DegenerateRouterWarning`) when the cosine of two tasks' (uncentred) means exceeds `threshold` in some layer.
 """
 
 from __future__ import annotations
@@ -140,11 +139,17 @@ def router_random(
 
 
 def add_generalist_row(rows: torch.Tensor) -> torch.Tensor:
-    """Append a row for a generalist expert (e.g. the base FFN): the experts' mean direction, at their mean norm."""
+    """Append a row for a generalist expert (e.g. the base FFN) that has no calibration data of its own.
+
+    Its row is the mean of the experts' rows, so on every input its logit is the mean of the experts' logits:
+    never the first choice on an input that clearly prefers one expert, ahead of the experts that input does not
+    want. For the discriminant's rows (which sum to zero) that row is zero: on expert k's mean input the
+    generalist's logit 0 sits `gap (K-1)/K` below expert k's and `gap/K` above every other expert's, so with
+    top-2 routing the generalist is the second choice there. (A task with `expert: base` gives the generalist
+    real data instead: it is then one more class of the discriminant.)
+    """
     _check_rows(rows)
-    direction = torch.nn.functional.normalize(torch.nn.functional.normalize(rows, dim=-1).mean(1), dim=-1)
-    norm = rows.norm(dim=-1).mean(1, keepdim=True)
-    return torch.cat([rows, (direction * norm)[:, None]], dim=1)
+    return torch.cat([rows, rows.mean(1, keepdim=True)], dim=1)
 
 
 def _check_rows(rows: torch.Tensor) -> None:
@@ -206,6 +211,60 @@ def calibrate_margin(rows: torch.Tensor, means: torch.Tensor, gap: float = ROUTE
     return torch.stack(scaled)
 
 
+def own_expert_margins(rows: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Per layer, how far each class mean prefers its own expert: `[layers, classes, experts]`.
+
+    `rows`: `[layers, experts, hidden]`; `means`: `[classes, layers, hidden]`, class c's own expert being expert c
+    (the first `classes` experts; a generalist row after them counts as one of the others). Entry `[l, c, e]` is
+    the logit of expert c minus that of expert e on mean c, exactly as the exported router computes it (no
+    centring, no bias); the diagonal is 0.
+    """
+    _check_rows(rows)
+    classes = means.shape[0]
+    logits = torch.einsum("clh,leh->lce", means.to(rows.dtype), rows)  # [layers, classes, experts]
+    own = logits[:, torch.arange(classes), torch.arange(classes)]
+    return own[:, :, None] - logits
+
+
+@torch.no_grad()
+def margin_rows(
+    means: torch.Tensor, metric: torch.Tensor, gap: float = ROUTER_GAP
+) -> tuple[torch.Tensor, float]:
+    """One layer's discriminant rows: least within-class logit variance, margin `gap` on the uncentred means.
+
+    `means`: `[experts, hidden]`, row k the mean router input of expert k's tokens, as the exported router sees
+    it; `metric`: `[hidden, hidden]` (or `[hidden]`, a diagonal) positive definite, the regularised pooled
+    within-expert covariance A. The router has no bias, so the rows W must satisfy on the means themselves
+
+        (W mu_k)_k - (W mu_k)_e = gap   for every expert e != k,
+
+    and among all such W we take the one whose logits vary least within the experts' token clouds,
+    `min sum_e w_e^T A w_e`. A part common to all rows only shifts every logit of a token alike (softmax and
+    top-k ignore it) and costs variance, so the optimum has `sum_e w_e = 0`; the constraints then read
+    `W M^T = gap * C` with `C = I - 11^T / K` (own logit `gap (K-1)/K`, every other `-gap/K`), and the least-A-norm
+    solution row by row is
+
+        W = gap * C (M A^-1 M^T)^-1 M A^-1,
+
+    rows in the span of the whitened means A^-1 mu_k (Fisher's discriminant directions). A mean that is a linear
+    combination of the others (e.g. two parallel means, or a zero mean) cannot get its margin from a bias-free
+    router: the pseudo-inverse then gives the least-squares compromise, and the returned residual (the largest
+    absolute error of the margins, in logits) says how far it is off; 0 up to rounding otherwise.
+    """
+    means = means.double()
+    experts = means.shape[0]
+    if metric.dim() == 1:
+        whitened = means / metric.double()  # M A^-1
+    else:
+        whitened = torch.linalg.solve(metric.double(), means.T).T
+    gram = means @ whitened.T  # M A^-1 M^T, [K, K], symmetric positive semi-definite
+    centring = torch.eye(experts, dtype=torch.float64) - 1.0 / experts
+    inverse = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10)
+    rows = gap * centring @ inverse @ whitened
+    residual = float((rows @ means.T - gap * centring).abs().max()) if experts > 1 else 0.0
+    return rows, residual
+
+
 @torch.no_grad()
 def router_from_discriminant(
     means: torch.Tensor,
@@ -216,14 +275,17 @@ def router_from_discriminant(
     threshold: float = DEGENERATE_COSINE,
     names: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """`hidden` init of the fit: whitened class means (a linear discriminant), margin-calibrated.
+    """`hidden` init of the fit: per layer, `margin_rows` of the experts' mean router inputs.
 
-    `means`: per-expert mean router inputs `[experts, layers, hidden]`; `within`: the pooled within-expert scatter
-    `[layers, hidden, hidden]`, or `[layers, hidden]` (variances only, for wide models). Row e of layer l is
-    `(S_l + shrinkage * mean variance * I)^-1 (mu_e - mean_f mu_f)`, normalised, then each layer is scaled by
-    `calibrate_margin(gap)`. Whitening matters when tasks share most of their hidden-state mass: the rows then
-    point along the directions that tell the experts' tokens apart, not at their (nearly parallel) means.
-    Warns when two experts' uncentered means are nearly parallel (see module docs).
+    `means`: per-expert mean router inputs `[experts, layers, hidden]` (uncentred: what the router sees);
+    `within`: the pooled within-expert scatter `[layers, hidden, hidden]`, or `[layers, hidden]` (variances only,
+    for wide models). The metric is `A = S + shrinkage * mean variance * I` (a ridge, so that directions the
+    calibration tokens never vary along do not get infinite weight). Each expert's mean input then prefers its
+    own expert over every other one by exactly `gap` logits, with the exported router's bias-free logits `W x`,
+    and the rows are those of least within-expert logit variance (see `margin_rows`), so the margin is large
+    relative to how much the tokens of one expert spread. Rows of one layer sum to zero. Warns when two experts'
+    uncentred means are nearly parallel (see module docs), and when some layer cannot reach the margin (means
+    linearly dependent).
     """
     if means.dim() != 3:
         raise ExpertMergeError(f"means must be [experts, layers, hidden], got {list(means.shape)}.")
@@ -232,20 +294,23 @@ def router_from_discriminant(
         raise ExpertMergeError(
             f"within must be [layers={layers}, hidden={hidden}(, hidden)], got {list(within.shape)}."
         )
-    means = means.to(torch.float32)
     if not (torch.isfinite(means).all() and torch.isfinite(within).all()):
         raise ExpertMergeError("Router statistics hold NaN or Inf.")
-    warn_if_degenerate(means.transpose(0, 1), threshold, names)
-    centred = means - means.mean(0, keepdim=True)
-    rows = []
+    warn_if_degenerate(means.float().transpose(0, 1), threshold, names)
+    rows, worst = [], (0.0, 0)
     for layer in range(layers):
         scatter = within[layer].double()
-        target = centred[:, layer].double()
-        if scatter.dim() == 1:
-            solve = target / (scatter + shrinkage * scatter.mean())
-        else:
-            ridge = shrinkage * scatter.diagonal().mean()
-            eye = torch.eye(hidden, dtype=scatter.dtype)
-            solve = torch.linalg.solve(scatter + ridge * eye, target.T).T
-        rows.append(solve / solve.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    return calibrate_margin(torch.stack(rows).float(), centred, gap)
+        variance = scatter if scatter.dim() == 1 else scatter.diagonal()
+        ridge = shrinkage * variance.mean().clamp_min(1e-12)
+        metric = scatter + ridge if scatter.dim() == 1 else scatter + ridge * torch.eye(hidden).double()
+        layer_rows, residual = margin_rows(means[:, layer], metric, gap)
+        rows.append(layer_rows)
+        worst = max(worst, (residual, layer))
+    if worst[0] > 1e-3 * gap:
+        warnings.warn(
+            f"Router layer {worst[1]}: the experts' mean inputs are linearly dependent, so no bias-free router "
+            f"gives each its own expert by {gap:g} logits (off by up to {worst[0]:.3g}); router tuning can help.",
+            DegenerateRouterWarning,
+            stacklevel=2,
+        )
+    return torch.stack(rows).float()

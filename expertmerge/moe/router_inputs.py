@@ -215,7 +215,8 @@ def initial_router_rows(
 
     `tasks_per_expert[e]`: expert e's calibration batches, per task. `hidden` runs each expert's batches through
     `forward(e, input_ids, attention_mask)` (the shared backbone with expert e's FFN; default `model`), pools its
-    tasks' tokens and builds the margin-calibrated linear discriminant (`router_from_discriminant`);
+    tasks' tokens and builds the bias-free discriminant whose rows give each expert's mean input (uncentred) its
+    own expert by `ROUTER_GAP` logits (`router_from_discriminant`);
     `cheap_embed` averages the task means of `model`'s input embeddings (centred rows); `random` is seeded.
     """
     if method not in ROUTER_METHODS:
