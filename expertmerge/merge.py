@@ -420,7 +420,7 @@ def run_merge(
     folders = [*sources, *(inputs.folder(m) for m in sources)]
     estimate = sum(t.nbytes for t in planned)
     with atomic_output_dir(out, force, folders, estimate, command="merge") as tmp:
-        with _progress(console, progress) as bar:
+        with tensor_progress(console, progress) as bar:
             task = bar.add_task("merging", total=len(planned), tensor="")
             written = write_safetensors(
                 tmp,
@@ -488,11 +488,12 @@ def run_merge(
     return summary
 
 
-def _progress(console: Any, enabled: bool) -> Any:
+def tensor_progress(console: Any, enabled: bool, label: str = "merge") -> Any:
+    """The bar of a command that writes tensor by tensor (`merge`, `moe`): count, time, the current tensor."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("[bold]merge"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

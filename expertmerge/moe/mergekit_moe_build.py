@@ -21,6 +21,7 @@ from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, natural_key, parse_dtype
 from expertmerge.io.support import copy_support_files
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
+from expertmerge.merge import tensor_progress
 from expertmerge.moe.formats import (
     QWEN2_MOE,
     build_moe_config,
@@ -239,7 +240,7 @@ def build_mergekit_moe(
     inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
     estimate = sum(entry.nbytes for entry in entries)
     with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
-        with _progress(console, progress) as bar:
+        with tensor_progress(console, progress, "moe") as bar:
             task = bar.add_task("moe", total=len(entries), tensor="")
             written = write_safetensors(
                 tmp,
@@ -297,19 +298,4 @@ def build_mergekit_moe(
         output_bytes=output_bytes,
         wall_seconds=time.perf_counter() - started,
         notes=[*notes, *pool.notes],
-    )
-
-
-def _progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]moe"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[tensor]}", style="dim"),
-        console=console,
-        disable=not enabled,
-        transient=True,
     )
