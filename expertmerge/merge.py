@@ -26,9 +26,8 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
-from expertmerge.io.support import copy_support_files, write_config
+from expertmerge.io.support import TOKENIZER_FILES, copy_support_files, write_config
 from expertmerge.io.tokenizer import (
-    TOKENIZER_FILES,
     Vocabulary,
     build_vocabulary,
     chat_template_text,

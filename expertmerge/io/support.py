@@ -11,8 +11,9 @@ import torch
 
 from expertmerge.io.reader import dtype_name
 
-# Copied from the base next to the weights: tokenizer, chat template, generation settings, processor.
-SUPPORT_FILES = (
+# A saved tokenizer's files: what a tokenizer rewrite replaces (io/tokenizer.py removes the base's copies first,
+# so none is stale) and what is copied from the base next to the weights.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -23,9 +24,9 @@ SUPPORT_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-    "generation_config.json",
-    "preprocessor_config.json",
 )
+# Copied from the base next to the weights: tokenizer, chat template, generation settings, processor.
+SUPPORT_FILES = (*TOKENIZER_FILES, "generation_config.json", "preprocessor_config.json")
 
 
 def copy_support_files(base_dir: Path, target: Path, trust_remote_code: bool = False) -> list[str]:

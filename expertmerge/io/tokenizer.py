@@ -27,20 +27,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
-
-# Files a saved tokenizer replaces (the base's copies are removed first, so none is stale).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+from expertmerge.io.support import TOKENIZER_FILES
 
 # mergekit's named chat templates we write ourselves; others: paste the Jinja template, or `auto`.
 CHAT_TEMPLATES = {
