@@ -60,6 +60,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "hidden=normalized_mse,mu=0.1": {"model.hidden_loss": "normalized_mse", "model.mu": 0.1},
     "hidden=normalized_mse,mu=3": {"model.hidden_loss": "normalized_mse", "model.mu": 3.0},
     "hidden=cosine": {"model.hidden_loss": "cosine"},
+    # 1b. balance between tasks, and the calibration texts' own next tokens
+    "balance=start_kl": {"model.task_balance": "start_kl"},
+    "balance=start_kl,mu=0": {"model.task_balance": "start_kl", "model.mu": 0.0},
+    "ce=0.5": {"model.ce_weight": 0.5},
+    "ce=1": {"model.ce_weight": 1.0},
+    "ce=1,mu=0": {"model.ce_weight": 1.0, "model.mu": 0.0},
+    "balance=start_kl,ce=1": {"model.task_balance": "start_kl", "model.ce_weight": 1.0},
+    "balance=start_kl,ce=3": {"model.task_balance": "start_kl", "model.ce_weight": 3.0},
+    "balance=start_kl,ce=1,mu=0": {"model.task_balance": "start_kl", "model.ce_weight": 1.0, "model.mu": 0.0},
+    "balance=start_kl,steps x3": {"model.task_balance": "start_kl", "trainer.max_steps": "x3"},
+    "balance=start_kl,ce=1,steps x3": {
+        "model.task_balance": "start_kl",
+        "model.ce_weight": 1.0,
+        "trainer.max_steps": "x3",
+    },
     # 2. objective
     "topk=256": {"model.logit_topk": 256},
     "full-vocab KL": {"model.logit_topk": None},
@@ -287,6 +302,8 @@ def heldout_gains(zoo: str, exports: dict[str, Path], max_length: int) -> dict[s
 
 # what the in-process runner can change between fits without new data or new teacher targets
 IN_PROCESS_KEYS = {
+    "model.task_balance",
+    "model.ce_weight",
     "model.mu",
     "model.hidden_loss",
     "model.gamma",
@@ -302,6 +319,9 @@ def gains(scores: dict[str, Any], base: dict[str, Any], experts: dict[str, Any])
         / (math.log(base[t].perplexity) - math.log(experts[t].perplexity))
         for t in scores
     }
+
+
+IN_PROCESS_HPARAMS = ("mu", "hidden_loss", "gamma", "lr", "alpha0", "task_balance", "ce_weight")
 
 
 def run_in_process(
@@ -327,7 +347,7 @@ def run_in_process(
     module.prepare(datamodule)
     reference = evaluate_fit(module)  # base and experts once; their scores do not depend on the setting
     console.print(f"prepared in {time.perf_counter() - started:.0f} s")
-    defaults = {key: module.hparams[key] for key in ("mu", "hidden_loss", "gamma", "lr", "alpha0")}
+    defaults = {key: module.hparams[key] for key in IN_PROCESS_HPARAMS}
     for name in names:
         overrides = resolve(SETTINGS[name], settings)
         if set(overrides) - IN_PROCESS_KEYS:
@@ -339,6 +359,7 @@ def run_in_process(
         for key, value in {**defaults, **{k.split(".")[1]: v for k, v in overrides.items()}}.items():
             if key != "max_steps":
                 module.hparams[key] = value
+        module.task_scales = None  # task_balance: measured again at this setting's start point
         module.coefficients = MergeCoefficients(
             module.coefficient_names,
             [module.model.get_parameter(n).shape[0] for n in module.coefficient_names],

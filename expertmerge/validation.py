@@ -140,6 +140,7 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
     per_name("model.alpha0", hp["alpha0"], experts, lambda k, v: in_range(k, v, 0, 1, True, True), "experts")
     non_negative("model.gamma", hp["gamma"])
     non_negative("model.mu", hp["mu"])
+    non_negative("model.ce_weight", hp.get("ce_weight", 0.0))
     temperature("model.temperature", hp["temperature"])
     if hp["hidden_layers"] is not None:
         if not isinstance(hp["hidden_layers"], (list, tuple)):

@@ -23,7 +23,14 @@ from calib_data.tasks import BASE_TEACHER, base_task_names
 from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1_result
 from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
-from expertmerge.losses import hidden_loss, kl_to_teacher, logit_kl_loss, teacher_top1
+from expertmerge.losses import (
+    hidden_loss,
+    kl_to_teacher,
+    logit_kl_loss,
+    masked_mean,
+    next_token_nll,
+    teacher_top1,
+)
 from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
 from expertmerge.teachers import (
     TeacherSettings,
@@ -54,6 +61,12 @@ class ExpertMergingModule(pl.LightningModule):
         hidden_layers: indices into the model's `hidden_states` (0 = embeddings) aligned by MSE;
             default: the middle layer.
         task_weights: beta per task name (default 1 for every task); raise one to favour that task.
+        task_balance: `none`, or `start_kl`: each task's loss is divided by its KL at the start point (task
+            arithmetic at alpha0, measured once on the task's calibration samples; mean scale 1), so the fit
+            trades *relative* improvements between tasks, as the gain-retained metric does, instead of
+            spending everything on the task whose KL is largest.
+        ce_weight: weight of the language-modelling loss on the calibration texts' own next tokens (no labels:
+            the texts themselves), added to each task's alignment loss.
         learn_include: regexes; tensors whose name matches one get learned coefficients.
         learn_exclude: regexes; matching tensors are merged at alpha0 instead.
         learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
@@ -105,6 +118,8 @@ class ExpertMergingModule(pl.LightningModule):
         temperature: float = 1.0,
         hidden_layers: list[int] | None = None,
         task_weights: dict[str, float] | None = None,
+        task_balance: Literal["none", "start_kl"] = "none",
+        ce_weight: float = 0.0,
         learn_include: list[str] | None = None,
         learn_exclude: list[str] | None = None,
         learn_matrices_only: bool = True,
@@ -152,6 +167,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage = 1
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
+        self.task_scales: dict[str, float] | None = None  # task_balance: 1 / start KL, mean 1
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -426,6 +442,8 @@ class ExpertMergingModule(pl.LightningModule):
         return {name: values[:, i].detach().cpu() for i, name in enumerate(self.coefficient_names)}
 
     def on_train_start(self) -> None:
+        if self.hparams.task_balance != "none" and self.task_scales is None:
+            self.task_scales = self.start_task_scales()
         if self.stage == 2 and self.trainer.is_global_zero:
             Console().print(allocation_table(self.chunk_allocation))
 
@@ -454,7 +472,37 @@ class ExpertMergingModule(pl.LightningModule):
         agree = (out.logits.argmax(-1) == teacher_top1(targets)).float()
         real = mask.float()
         top1 = (agree * real).sum() / real.sum().clamp_min(1)
-        return {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}
+        parts = {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}
+        if self.hparams.ce_weight:
+            parts["ce"] = masked_mean(*next_token_nll(out.logits, ids, mask))
+        return parts
+
+    @torch.no_grad()
+    def start_task_scales(self) -> dict[str, float]:
+        """`task_balance: start_kl`: per task 1 / (its KL at the start point), scaled to mean 1. Measured on
+        every training sample of the task (the same on every rank), before the first step."""
+        kls = {}
+        size = max(1, int(self.hparams.teacher_batch_size))
+        for index, task in enumerate(self.task_names):
+            samples = self.datamodule.task_samples(task, "train")
+            total, tokens = 0.0, 0.0
+            for first in range(0, samples.input_ids.shape[0], size):
+                rows = torch.arange(first, min(first + size, samples.input_ids.shape[0]))
+                mask = samples.attention_mask[rows].to(self.device)
+                length = int(mask.sum(1).max())
+                batch = {
+                    "input_ids": samples.input_ids[rows, :length].to(self.device),
+                    "attention_mask": mask[:, :length],
+                    "task_index": index,
+                    "sample_index": rows,
+                }
+                count = float(batch["attention_mask"].sum())
+                total += float(self.task_losses(batch)["kl"]) * count
+                tokens += count
+            kls[task] = max(total / max(tokens, 1.0), 1e-6)
+        inverse = {task: 1.0 / kl for task, kl in kls.items()}
+        mean_inverse = sum(inverse.values()) / len(inverse)
+        return {task: value / mean_inverse for task, value in inverse.items()}
 
     def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         # A batch is one task's samples, or a round with one sub-batch per task (one step sees every task).
@@ -464,8 +512,12 @@ class ExpertMergingModule(pl.LightningModule):
         for task_batch in task_batches:
             task = self.task_names[int(task_batch["task_index"])]
             parts = self.task_losses(task_batch)
-            beta = float(weights.get(task, 1.0))
-            alignment = alignment + beta * (parts["kl"] + self.hparams.mu * parts["mse"])
+            beta = float(weights.get(task, 1.0)) * (self.task_scales or {}).get(task, 1.0)
+            task_loss = parts["kl"] + self.hparams.mu * parts["mse"]
+            if "ce" in parts:
+                task_loss = task_loss + self.hparams.ce_weight * parts["ce"]
+                self.log(f"train/ce/{task}", parts["ce"], batch_size=task_batch["input_ids"].shape[0])
+            alignment = alignment + beta * task_loss
             size = task_batch["input_ids"].shape[0]
             self.log(f"train/kl/{task}", parts["kl"], batch_size=size)
             self.log(f"train/mse/{task}", parts["mse"], batch_size=size)
@@ -540,6 +592,7 @@ class ExpertMergingModule(pl.LightningModule):
             "chunk_counts": self.coefficients.chunk_counts,
             "stage": self.stage,
             "stage1_values": self.stage1_values,
+            "task_scales": self.task_scales,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -556,6 +609,8 @@ class ExpertMergingModule(pl.LightningModule):
                 "The checkpoint's experts or merged tensors differ from this configuration; "
                 "resume with the config the checkpoint was made with."
             )
+        if saved.get("task_scales") is not None:
+            self.task_scales = saved["task_scales"]  # measured at the start point, not at the resumed one
         if self.coefficients is not None and saved.get("stage") == 2 and self.stage == 1:
             # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
             self.start_stage2(saved["stage1_values"])

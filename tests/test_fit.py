@@ -114,13 +114,25 @@ def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path:
 
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
-    # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be.
-    common = ("--model.scheduler", "constant", "--trainer.val_check_interval", "12")
+    # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be. With the
+    # task balance (its scales are measured at the start point and must come back from the checkpoint, not be
+    # measured again at the resumed coefficients) and the calibration texts' own next-token loss.
+    common = (
+        "--model.scheduler",
+        "constant",
+        "--trainer.val_check_interval",
+        "12",
+        "--model.task_balance",
+        "start_kl",
+        "--model.ce_weight",
+        "0.5",
+    )
     straight = fit(tmp_path, "straight", "--trainer.max_steps", "24", *common)
     fit(tmp_path, "first-half", "--trainer.max_steps", "12", *common)
     checkpoint = next((tmp_path / "first-half-logs").rglob("*.ckpt"))
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert all(key.startswith("coefficients.") for key in stored["state_dict"])  # no model weights inside
+    assert sum(stored["expertmerge"]["task_scales"].values()) == pytest.approx(3.0)
     resumed = fit(tmp_path, "resumed", "--trainer.max_steps", "24", "--ckpt_path", str(checkpoint), *common)
     assert all_coefficients(resumed) == pytest.approx(all_coefficients(straight), abs=1e-5)
 
@@ -227,3 +239,31 @@ def test_rounds_give_the_same_fit_as_accumulating_one_batch_per_task(
     """`data.rounds: true` puts one batch of every task in each step: no accumulate_grad_batches needed."""
     rounds = fit(tmp_path, "rounds", "--data.rounds", "true", "--trainer.accumulate_grad_batches", "1")
     assert all_coefficients(rounds) == pytest.approx(all_coefficients(layerwise_fit), abs=1e-5)
+
+
+def test_task_balance_divides_each_task_by_its_start_kl(tiny_zoo) -> None:
+    """`task_balance: start_kl`: scale_t = (1 / KL_t at the start) / mean over tasks, KL_t token-weighted over
+    all of the task's training samples (checked here in one batch per task, against the chunked pass)."""
+    from expertmerge.cli.fit import _fit_cli
+    from expertmerge.losses import kl_to_teacher
+
+    cli = _fit_cli(["--config", CONFIG, "--model.task_balance", "start_kl"], run=False)
+    module, datamodule = cli.model, cli.datamodule
+    module.prepare(datamodule)
+    module.hparams.teacher_batch_size = 5  # chunks that do not divide the sample count
+    scales = module.start_task_scales()
+    kls = {}
+    with torch.no_grad():
+        for task in module.task_names:
+            samples = datamodule.task_samples(task, "train")
+            ids, mask = samples.input_ids, samples.attention_mask
+            targets = module.targets[(task, "train")].rows(
+                torch.arange(ids.shape[0]), ids.shape[1], ids.device
+            )
+            per_token = kl_to_teacher(module(ids, mask).logits, targets)
+            kls[task] = float((per_token * mask).sum() / mask.sum())
+    inverse = {t: 1 / kl for t, kl in kls.items()}
+    expected = {t: v * len(inverse) / sum(inverse.values()) for t, v in inverse.items()}
+    assert scales == pytest.approx(expected, rel=1e-4)
+    assert sum(scales.values()) == pytest.approx(len(scales))
+    assert max(scales.values()) / min(scales.values()) > 1.1, scales  # the tiny tasks' start KLs differ
