@@ -166,3 +166,57 @@ def test_forced_to_one_expert_the_aligned_moe_reproduces_that_expert(run, tmp_pa
             got = moe(input_ids=ids, attention_mask=mask).logits[mask.bool()]
         want = original.eval()(input_ids=ids, attention_mask=mask).logits[mask.bool()].detach()
         assert (got - want).abs().max() <= 1e-4, expert
+
+
+def _random_qwen_expert(family: str, seed: int, folder: Path) -> Path:
+    """A tiny Qwen2 / Qwen3 of its own random init (no base shared with the other), with the diffinit
+    tokenizer: the format follows the experts' family."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.conftest import tiny_model_settings
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_zoo("diffinit") / "tokenizer")
+    settings = tiny_model_settings(vocab_size=len(tokenizer), max_position_embeddings=128)
+    torch.manual_seed(seed)
+    if family == "qwen2":  # q/k/v biases: the heads permutation moves them, the rotation leaves them
+        model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    else:  # per-head q/k norms, head_dim * heads != hidden
+        model = Qwen3ForCausalLM(Qwen3Config(**settings, head_dim=16))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"), [("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")]
+)
+def test_qwen_experts_give_a_qwen_moe_that_loads_generates_and_reproduces_an_aligned_expert(
+    family, architecture, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.symphony import backbone, router_rows, write_moe
+    from expertmerge.symphony_run import load_symphony_config, prepare
+    from tests.moe_routing import forced_routing
+
+    experts = {task: str(_random_qwen_expert(family, 7 + k, tmp_path / task)) for k, task in enumerate(TASKS)}
+    config = _config(experts=experts)
+    config["data"].update(samples_per_task=8, eval_samples_per_task=4, max_length=32)
+    run = prepare(load_symphony_config(config), progress=False)
+    run.align(residual=True, ffn=True, heads=True)
+    shared = backbone(run.pool, t=1.0)  # the code expert's own (aligned) attention, embeddings and head
+    write_moe(run.pool, tmp_path / "moe", shared, router_rows(run.pool, shared, run.batches_per_expert()))
+
+    moe, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert type(moe).__name__ == architecture
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    moe = moe.float().eval()
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert moe.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (1, 9)
+    original = AutoModelForCausalLM.from_pretrained(experts["code"], dtype=torch.float32).eval()
+    samples = run.datamodule.task_samples("code", "eval")
+    ids, mask = samples.input_ids, samples.attention_mask
+    with torch.no_grad(), forced_routing(moe, 1):
+        got = moe(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        want = original(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    assert (got - want).abs().max() <= 1e-4
