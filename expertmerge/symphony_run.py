@@ -176,6 +176,29 @@ class SymphonyRun:
         )
         return shared
 
+    def routers(
+        self, shared: dict[str, torch.Tensor], moe: MoeOptions, progress: bool = False
+    ) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Router rows over the backbone `shared`: as initialised (`init`) and, with `moe.router_tuning_steps`,
+        tuned (`tuned`); and the tuning's losses."""
+        rows = {"init": router_rows(self.pool, shared, self.batches_per_expert(), moe.router)}
+        losses: list[float] = []
+        if moe.router_tuning_steps:
+            rows["tuned"], losses = tuned_router_rows(
+                self.pool,
+                shared,
+                rows["init"],
+                self.datamodule.train_dataloader(),
+                self.targets,
+                self.task_names,
+                top_k=moe.top_k,
+                steps=moe.router_tuning_steps,
+                lr=moe.router_lr,
+                balance=moe.balance,
+                progress=progress,
+            )
+        return rows, losses
+
     def score_moe(
         self,
         options: BackboneOptions | None = None,
@@ -191,20 +214,8 @@ class SymphonyRun:
         from transformers import AutoModelForCausalLM
 
         shared = self.shared_backbone(options)
-        rows = router_rows(self.pool, shared, self.batches_per_expert(), router)
-        candidates = {"init": rows}
-        if tuning_steps:
-            candidates["tuned"], _ = tuned_router_rows(
-                self.pool,
-                shared,
-                rows,
-                self.datamodule.train_dataloader(),
-                self.targets,
-                self.task_names,
-                top_k=top_k,
-                steps=tuning_steps,
-                lr=lr,
-            )
+        moe = MoeOptions(top_k=top_k, router=router, router_tuning_steps=tuning_steps, router_lr=lr)
+        candidates, _ = self.routers(shared, moe)
         scores = {}
         for name, matrix in candidates.items():
             with tempfile.TemporaryDirectory(prefix="symphony-score-") as scratch:
@@ -293,23 +304,9 @@ def run_symphony(
     pool, losses = run.pool, []
     if config.output == "moe":
         shared = run.shared_backbone(config.backbone, progress)
-        rows = router_rows(pool, shared, run.batches_per_expert(), config.moe.router)
-        method = config.moe.router
-        if config.moe.router_tuning_steps:
-            rows, losses = tuned_router_rows(
-                pool,
-                shared,
-                rows,
-                run.datamodule.train_dataloader(),
-                run.targets,
-                run.task_names,
-                top_k=config.moe.top_k,
-                steps=config.moe.router_tuning_steps,
-                lr=config.moe.router_lr,
-                balance=config.moe.balance,
-                progress=progress,
-            )
-            method = f"{method}+tuned"
+        candidates, losses = run.routers(shared, config.moe, progress)
+        rows = candidates.get("tuned", candidates["init"])
+        method = config.moe.router + ("+tuned" if "tuned" in candidates else "")
         used = config.backbone.model_dump(
             exclude={"learned"} if config.backbone.method != "learned" else {"t"}
         )
@@ -329,7 +326,7 @@ def run_symphony(
         alignment=run.reports,
         router_losses=losses,
         wall_seconds=time.perf_counter() - started,
-        backbone={"method": config.backbone.method, **run.backbone_report},
+        backbone={"method": config.backbone.method, **run.backbone_report} if config.output == "moe" else {},
     )
 
 

@@ -52,20 +52,36 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
+ROUTER_STEPS = 20  # router tuning as the product ships it (configs/symphony_diffinit.yaml tunes 30 steps)
+
+
 def test_moe_with_alignment_beats_moe_without_which_beats_the_dense_average(run):
     run.pool.alignments = {}
     dense_average = _mean(run.score_dense())
-    unaligned = _mean(run.score_moe()["init"])
+    unaligned = _mean(run.score_moe(tuning_steps=ROUTER_STEPS)["tuned"])
     run.align(residual=True, ffn=True)
-    aligned = _mean(run.score_moe()["init"])
+    aligned = _mean(run.score_moe(tuning_steps=ROUTER_STEPS)["tuned"])
     report = run.reports["code"]
     assert report["residual_cosine_after"] > report["residual_cosine_before"] + 0.5
     assert report["ffn_correlation_after"] > report["ffn_correlation_before"] + 0.2
-    # Held-out KL of each task to its own expert, mean over tasks (measured: 0.49 < 0.80 < 0.89). The last
-    # margin is thin: with all three diffinit experts the unaligned MoE is even worse than the dense average
-    # (its experts read a residual stream in a basis they were never trained on; benchmarks/SYMPHONY.md).
-    assert aligned < 0.7 * unaligned, (aligned, unaligned, dense_average)
-    assert unaligned < 0.95 * dense_average, (aligned, unaligned, dense_average)
+    # Held-out KL of each task to its own expert, mean over tasks, routers tuned (measured 0.45 < 0.67 <
+    # 0.89). With the routers as initialised the unaligned MoE's margin over the dense average is thin here
+    # (0.81) and with three experts it is worse than the average (benchmarks/SYMPHONY.md).
+    assert aligned < 0.8 * unaligned, (aligned, unaligned, dense_average)
+    assert unaligned < 0.85 * dense_average, (aligned, unaligned, dense_average)
+
+
+def test_learned_backbone_beats_the_slerp_backbone(run):
+    """Our learned merge of the aligned experts (oracle routing) against the paper's layer-aware SLERP."""
+    from expertmerge.symphony_run import BackboneOptions
+
+    run.align(residual=True, ffn=True)
+    slerp = _mean(run.score_moe()["init"])
+    learned = _mean(run.score_moe(BackboneOptions(method="learned", learned={"steps": 30}))["init"])
+    fit = run.backbone_report
+    assert fit["steps"] == 30 and fit["learned_tensors"] == 2 * 4 + 2  # q, k, v, o of 2 layers; embed, head
+    assert fit["loss_last"] < fit["loss_first"]
+    assert learned < 0.9 * slerp, (learned, slerp)  # measured 0.39 vs 0.47
 
 
 def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp_path):
@@ -74,7 +90,8 @@ def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp
     from expertmerge.cli import main
 
     config = tmp_path / "symphony.yaml"
-    config.write_text(json.dumps(_config(tmp_path, moe={"router_tuning_steps": 3})))
+    learned = {"method": "learned", "learned": {"steps": 2}}
+    config.write_text(json.dumps(_config(tmp_path, moe={"router_tuning_steps": 3}, backbone=learned)))
     assert main(["symphony", "--config", str(config), "--no-progress"]) == 0
     out = tmp_path / "out"
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -85,7 +102,7 @@ def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 9)
     card = (out / "README.md").read_text()
-    assert "symphony_reference" in card
+    assert "symphony_reference" in card and "learned" in card
 
 
 def test_dense_option_writes_a_dense_llama(tmp_path):
