@@ -3,9 +3,10 @@
     python benchmarks/symphony.py [--config configs/symphony_diffinit.yaml] [--steps 30] [--json out.json]
 
 Rows: dense average / SLERP and the MoE, each without alignment, with the FFN permutation only (the paper's
-alignment) and with the residual rotation + FFN permutation (ours); the MoE's backbone by SLERP, by linear
-average, or the reference's own (t = 0); the router as initialised (`hidden`) and after tuning. "reference"
-is the reference expert alone, for scale. Lower is better; the experts themselves score 0.
+alignment), the residual rotation only, both (ours), and both + attention heads; the MoE's backbone by SLERP
+(the paper's), learned with oracle routing (ours; `--learned-steps`), by linear average, or the reference's
+own (t = 0); the router as initialised (`hidden`) and after tuning. "reference" is the reference expert
+alone, for scale. Lower is better; the experts themselves score 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "symphony_diffinit.yaml"))
     parser.add_argument("--steps", type=int, default=30, help="router tuning steps of the tuned rows")
+    parser.add_argument(
+        "--learned-steps", type=int, default=60, help="optimiser steps of the learned backbone"
+    )
     parser.add_argument("--json", help="also write the numbers here")
     options = parser.parse_args()
 
@@ -32,7 +36,7 @@ def main() -> int:
     from rich.table import Table
 
     from expertmerge.symphony import dense_model
-    from expertmerge.symphony_run import load_symphony_config, prepare
+    from expertmerge.symphony_run import BackboneOptions, load_symphony_config, prepare
     from expertmerge.zoo_registry import register_zoo
     from expertmerge_zoos.diffinit import ZOO
 
@@ -41,7 +45,8 @@ def main() -> int:
     register_zoo("diffinit", ZOO)
     console = Console()
     started = time.perf_counter()
-    run = prepare(load_symphony_config(options.config), progress=False)
+    config = load_symphony_config(options.config)
+    run = prepare(config, progress=False)
     rows: dict[str, dict[str, float]] = {}
 
     def record(name: str, scores: dict[str, float]) -> None:
@@ -59,7 +64,9 @@ def main() -> int:
         "residual rotation + FFN permutation": (True, True),
         "residual + FFN + attention heads": (True, True, True),
     }
-    reports = {}
+    learned = config.backbone.learned.model_copy(update={"steps": options.learned_steps})
+    fit_default_tensors = learned.model_copy(update={"learn_include": [r"\.\d+\."]})
+    reports, fits = {}, {}
     for label, flags in settings.items():
         if flags is None:
             run.pool.alignments = {}
@@ -71,9 +78,20 @@ def main() -> int:
         moe = run.score_moe(tuning_steps=options.steps)
         record(f"MoE SLERP backbone, {label}, router init", moe["init"])
         record(f"MoE SLERP backbone, {label}, router tuned", moe["tuned"])
+        moe = run.score_moe(BackboneOptions(method="learned", learned=learned), tuning_steps=options.steps)
+        fits[label] = run.backbone_report
+        record(f"MoE learned backbone, {label}, router init", moe["init"])
+        record(f"MoE learned backbone, {label}, router tuned", moe["tuned"])
         if flags == (True, True):
-            record(f"MoE average backbone, {label}, router init", run.score_moe(method="average")["init"])
-            record(f"MoE reference backbone (t=0), {label}, router init", run.score_moe(t=0.0)["init"])
+            fit_default = BackboneOptions(method="learned", learned=fit_default_tensors)
+            moe = run.score_moe(fit_default, tuning_steps=options.steps)
+            fits[f"{label}, block matrices only"] = run.backbone_report
+            record(f"MoE learned backbone (block matrices only), {label}, router init", moe["init"])
+            record(f"MoE learned backbone (block matrices only), {label}, router tuned", moe["tuned"])
+            average = BackboneOptions(method="average")
+            record(f"MoE average backbone, {label}, router init", run.score_moe(average)["init"])
+            own = BackboneOptions(method="slerp", t=0.0)
+            record(f"MoE reference backbone (t=0), {label}, router init", run.score_moe(own)["init"])
 
     table = Table(title="Symphony-MoE on the diffinit zoo: held-out KL to each task's own expert")
     tasks = run.task_names
@@ -88,9 +106,12 @@ def main() -> int:
     for label, per_expert in reports.items():
         for expert, report in per_expert.items():
             console.print(f"{label} / {expert}: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    for label, fit in fits.items():
+        console.print(f"learned backbone, {label}: " + json.dumps(fit))
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     if options.json:
-        Path(options.json).write_text(json.dumps({"rows": rows, "alignment": reports}, indent=1))
+        numbers = {"rows": rows, "alignment": reports, "learned_backbone": fits}
+        Path(options.json).write_text(json.dumps(numbers, indent=1))
     return 0
 
 

@@ -19,7 +19,6 @@ The flow (arXiv 2509.18542, with our residual alignment for models from differen
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ import torch
 
 from expertmerge.alignment import IDENTITY, Alignment, aligned_tensor, tensor_role
 from expertmerge.errors import ExpertMergeError
+from expertmerge.methods.spherical import slerp  # the registry's (mergekit's) slerp
 from expertmerge.moe.formats import split_dense_names
 from expertmerge.pool import BASE, ExpertPool
 
@@ -38,21 +38,6 @@ _SLERP_ROLES = ("qkv", "qkv_bias", "o")  # attention: SLERP; everything else sha
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation from `a` (t = 0) to `b` (t = 1) of two tensors seen as flat vectors.
-
-    Nearly parallel tensors (cosine above 0.9995) are interpolated linearly, where the angle is unstable.
-    (Kept here, tiny, until the methods registry has one; then dedupe.)
-    """
-    a32, b32 = a.double(), b.double()
-    cosine = float((a32 * b32).sum() / (a32.norm() * b32.norm()).clamp_min(eps))
-    if abs(cosine) > 0.9995:
-        return ((1 - t) * a32 + t * b32).to(a.dtype)
-    theta = math.acos(max(-1.0, min(1.0, cosine)))
-    first, second = math.sin((1 - t) * theta), math.sin(t * theta)
-    return ((first * a32 + second * b32) / math.sin(theta)).to(a.dtype)
-
-
 def layer_weight(t: float | Sequence[float], layer: int | None, layers: int) -> float:
     """The interpolation weight of `layer`: `t`, or a gradient over depth (mergekit-style list, linearly
     interpolated from layer 0 to the last); tensors outside the layers take the gradient's mean."""
@@ -80,7 +65,7 @@ def fuse(tensors: Sequence[torch.Tensor], t: float, spherical: bool) -> torch.Te
     merged = tensors[0]
     for k, tensor in enumerate(tensors[1:]):
         step = share / (own + (k + 1) * share)  # of the k + 2 tensors fused so far, this one's share
-        merged = slerp(merged, tensor, step) if spherical else (1 - step) * merged + step * tensor
+        merged = slerp(step, merged, tensor) if spherical else (1 - step) * merged + step * tensor
     return merged
 
 
@@ -145,28 +130,42 @@ class SymphonyPool(ExpertPool):
 
 
 # ------------------------------------------------------------------------------------------- backbone
+def _fused(
+    pool: SymphonyPool,
+    names: Sequence[str],
+    t: float | Sequence[float] | None,
+    spherical: Callable[[str, torch.Tensor], bool],
+) -> dict[str, torch.Tensor]:
+    """`names` fused over the aligned experts (reference first): by SLERP where `spherical(name, tensor)`,
+    else linearly; `t` the others' total weight (default: equal shares), or a gradient over depth."""
+    experts = [pool.reference, *(e for e in pool.expert_names if e != pool.reference)]
+    weight = (len(experts) - 1) / len(experts) if t is None else t
+    layers = split_dense_names(pool.tensor_names).num_layers
+    out = {}
+    for name in names:
+        tensors = [pool.expert_tensor(e, name, torch.float32) for e in experts]
+        if not tensors[0].is_floating_point():
+            out[name] = tensors[0]
+            continue
+        match = _LAYER.search(name)
+        step = layer_weight(weight, int(match[1]) if match else None, layers)
+        out[name] = fuse(tensors, step, spherical(name, tensors[0]))
+    return out
+
+
 def backbone(
     pool: SymphonyPool, t: float | Sequence[float] | None = None, method: str = "slerp"
 ) -> dict[str, torch.Tensor]:
     """The shared (non-FFN) tensors of the aligned experts, fused: attention by SLERP (`method: slerp`) or
-    linearly (`average`); embeddings, norms and head linearly. `t`: the other experts' total weight
-    (default: equal shares), or a per-depth gradient."""
+    linearly (`average`); embeddings, norms and head linearly. (`learned`: `expertmerge.symphony_learned`.)"""
     if method not in ("slerp", "average"):
         raise ExpertMergeError(f"backbone method '{method}' is not one of slerp, average.")
-    layout = split_dense_names(pool.tensor_names)
-    experts = [pool.reference, *(e for e in pool.expert_names if e != pool.reference)]
-    weight = (len(experts) - 1) / len(experts) if t is None else t
-    fused = {}
-    for name in layout.shared:
-        tensors = [pool.expert_tensor(e, name, torch.float32) for e in experts]
-        if not tensors[0].is_floating_point():
-            fused[name] = tensors[0]
-            continue
-        match = _LAYER.search(name)
-        step = layer_weight(weight, int(match[1]) if match else None, layout.num_layers)
-        spherical = method == "slerp" and tensor_role(name) in _SLERP_ROLES
-        fused[name] = fuse(tensors, step, spherical)
-    return fused
+    return _fused(
+        pool,
+        split_dense_names(pool.tensor_names).shared,
+        t,
+        lambda name, _: method == "slerp" and tensor_role(name) in _SLERP_ROLES,
+    )
 
 
 def dense(
@@ -176,17 +175,33 @@ def dense(
     (`slerp`) or linearly (`average`)."""
     if method not in ("slerp", "average"):
         raise ExpertMergeError(f"dense method '{method}' is not one of slerp, average.")
-    experts = [pool.reference, *(e for e in pool.expert_names if e != pool.reference)]
-    weight = (len(experts) - 1) / len(experts) if t is None else t
-    layers = split_dense_names(pool.tensor_names).num_layers
-    out = {}
-    for name in pool.tensor_names:
-        tensors = [pool.expert_tensor(e, name, torch.float32) for e in experts]
-        match = _LAYER.search(name)
-        step = layer_weight(weight, int(match[1]) if match else None, layers)
-        spherical = method == "slerp" and tensors[0].dim() >= 2
-        out[name] = fuse(tensors, step, spherical) if tensors[0].is_floating_point() else tensors[0]
-    return out
+    return _fused(pool, pool.tensor_names, t, lambda _, tensor: method == "slerp" and tensor.dim() >= 2)
+
+
+def write_dense_folder(
+    pool: SymphonyPool, folder: Path, tensor: Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
+) -> Path:
+    """A dense model of the pool's architecture into `folder` (created): every tensor from `tensor` (a mapping
+    or a function of the name, read one at a time), written by the one writer in the stored dtypes, with the
+    reference's config and tokenizer."""
+    from expertmerge.io.support import copy_support_files, write_config
+    from expertmerge.io.writer import PlannedTensor, write_safetensors
+
+    read = tensor.__getitem__ if isinstance(tensor, Mapping) else tensor
+    folder.mkdir(parents=True, exist_ok=True)
+    planned = [
+        PlannedTensor(
+            name,
+            pool.shape(name),
+            pool.stored_dtype(name),
+            lambda name=name: read(name).detach().to(pool.stored_dtype(name)),
+        )
+        for name in pool.tensor_names
+    ]
+    write_safetensors(folder, planned)
+    write_config(pool.base_dir, folder, pool.stored_dtype(pool.tensor_names[0]))
+    copy_support_files(pool.base_dir, folder, pool.trust_remote_code)
+    return folder
 
 
 def expert_ffn(pool: SymphonyPool, expert: str) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ data:                         # the fit's `data:` keys (calib_data.CalibrationDa
     - {name: code, expert: code, sources: [zoo://diffinit/data/code_calib.jsonl]}
 alignment: {residual: true, ffn: true, heads: false}
 backbone: {method: slerp, t: null}          # t: the others' total weight, or a list over depth
+# backbone: {method: learned, learned: {steps: 60, lr: 0.1}}   # learned with oracle routing (ours)
 output: moe                                 # moe | dense
 moe: {top_k: 2, router: hidden, router_tuning_steps: 40, router_lr: 0.01, balance: 0.01}
 dense: {method: average}                    # average | slerp (of all aligned tensors)
@@ -38,8 +39,10 @@ from expertmerge.symphony import (
     dense_model,
     router_rows,
     tuned_router_rows,
+    write_dense_folder,
     write_moe,
 )
+from expertmerge.symphony_learned import LearnedBackboneOptions, learned_backbone
 
 
 class _Strict(BaseModel):
@@ -53,8 +56,11 @@ class AlignmentOptions(_Strict):
 
 
 class BackboneOptions(_Strict):
-    method: Literal["slerp", "average"] = "slerp"
-    t: float | list[float] | None = None
+    # slerp / average: training-free fusion (the paper's layer-aware SLERP of attention); learned: our learned
+    # merge of the aligned experts relative to the reference, trained with oracle routing (`learned:` keys).
+    method: Literal["slerp", "average", "learned"] = "slerp"
+    t: float | list[float] | None = None  # slerp / average only
+    learned: LearnedBackboneOptions = LearnedBackboneOptions()
 
 
 class MoeOptions(_Strict):
@@ -120,6 +126,7 @@ class SymphonyRun:
     datamodule: Any
     targets: dict[tuple[str, str], Any]
     reports: dict[str, dict[str, float]] = field(default_factory=dict)
+    backbone_report: dict[str, Any] = field(default_factory=dict)  # the learned backbone's fit, if any
 
     @property
     def task_names(self) -> list[str]:
@@ -157,10 +164,44 @@ class SymphonyRun:
     def align(self, residual: bool = True, ffn: bool = True, heads: bool = False) -> None:
         self.reports = align(self.pool, self.calibration_batches(), residual=residual, ffn=ffn, heads=heads)
 
+    def shared_backbone(
+        self, options: BackboneOptions | None = None, progress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The shared tensors of the pool's experts as aligned now, fused as `options` say."""
+        options = options or BackboneOptions()
+        if options.method != "learned":
+            return backbone(self.pool, options.t, options.method)
+        shared, self.backbone_report = learned_backbone(
+            self.pool, self.datamodule, options.learned, progress=progress
+        )
+        return shared
+
+    def routers(
+        self, shared: dict[str, torch.Tensor], moe: MoeOptions, progress: bool = False
+    ) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Router rows over the backbone `shared`: as initialised (`init`) and, with `moe.router_tuning_steps`,
+        tuned (`tuned`); and the tuning's losses."""
+        rows = {"init": router_rows(self.pool, shared, self.batches_per_expert(), moe.router)}
+        losses: list[float] = []
+        if moe.router_tuning_steps:
+            rows["tuned"], losses = tuned_router_rows(
+                self.pool,
+                shared,
+                rows["init"],
+                self.datamodule.train_dataloader(),
+                self.targets,
+                self.task_names,
+                top_k=moe.top_k,
+                steps=moe.router_tuning_steps,
+                lr=moe.router_lr,
+                balance=moe.balance,
+                progress=progress,
+            )
+        return rows, losses
+
     def score_moe(
         self,
-        t: float | list[float] | None = None,
-        method: str = "slerp",
+        options: BackboneOptions | None = None,
         router: str = "hidden",
         tuning_steps: int = 0,
         top_k: int = 2,
@@ -172,21 +213,9 @@ class SymphonyRun:
 
         from transformers import AutoModelForCausalLM
 
-        shared = backbone(self.pool, t, method)
-        rows = router_rows(self.pool, shared, self.batches_per_expert(), router)
-        candidates = {"init": rows}
-        if tuning_steps:
-            candidates["tuned"], _ = tuned_router_rows(
-                self.pool,
-                shared,
-                rows,
-                self.datamodule.train_dataloader(),
-                self.targets,
-                self.task_names,
-                top_k=top_k,
-                steps=tuning_steps,
-                lr=lr,
-            )
+        shared = self.shared_backbone(options)
+        moe = MoeOptions(top_k=top_k, router=router, router_tuning_steps=tuning_steps, router_lr=lr)
+        candidates, _ = self.routers(shared, moe)
         scores = {}
         for name, matrix in candidates.items():
             with tempfile.TemporaryDirectory(prefix="symphony-score-") as scratch:
@@ -249,6 +278,7 @@ class SymphonySummary:
     alignment: dict[str, dict[str, float]]
     router_losses: list[float]
     wall_seconds: float
+    backbone: dict[str, Any] = field(default_factory=dict)  # method, and the learned fit's report
 
 
 def run_symphony(
@@ -260,7 +290,7 @@ def run_symphony(
     """Align the experts, fuse the backbone and write the MoE (or the dense model) to `out`, then score it."""
     from transformers import AutoModelForCausalLM
 
-    from expertmerge.io.folder import atomic_output_dir, check_output_dir
+    from expertmerge.io.folder import check_output_dir
 
     started = time.perf_counter()
     if not isinstance(config, SymphonyConfig):
@@ -273,30 +303,19 @@ def run_symphony(
     run.align(config.alignment.residual, config.alignment.ffn, config.alignment.heads)
     pool, losses = run.pool, []
     if config.output == "moe":
-        shared = backbone(pool, config.backbone.t, config.backbone.method)
-        rows = router_rows(pool, shared, run.batches_per_expert(), config.moe.router)
-        method = config.moe.router
-        if config.moe.router_tuning_steps:
-            rows, losses = tuned_router_rows(
-                pool,
-                shared,
-                rows,
-                run.datamodule.train_dataloader(),
-                run.targets,
-                run.task_names,
-                top_k=config.moe.top_k,
-                steps=config.moe.router_tuning_steps,
-                lr=config.moe.router_lr,
-                balance=config.moe.balance,
-                progress=progress,
-            )
-            method = f"{method}+tuned"
-        card = {"alignment": config.alignment.model_dump(), "backbone": config.backbone.model_dump()}
+        shared = run.shared_backbone(config.backbone, progress)
+        candidates, losses = run.routers(shared, config.moe, progress)
+        rows = candidates.get("tuned", candidates["init"])
+        method = config.moe.router + ("+tuned" if "tuned" in candidates else "")
+        used = config.backbone.model_dump(
+            exclude={"learned"} if config.backbone.method != "learned" else {"t"}
+        )
+        card = {"alignment": config.alignment.model_dump(), "backbone": used}
         write_moe(
             pool, out, shared, rows, top_k=config.moe.top_k, router_method=method, force=True, card=card
         )
     else:
-        write_dense(pool, out, dense(pool, config.dense.t, config.dense.method), atomic_output_dir)
+        write_dense(pool, out, dense(pool, config.dense.t, config.dense.method))
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     return SymphonySummary(
         output=Path(out),
@@ -307,20 +326,18 @@ def run_symphony(
         alignment=run.reports,
         router_losses=losses,
         wall_seconds=time.perf_counter() - started,
+        backbone={"method": config.backbone.method, **run.backbone_report} if config.output == "moe" else {},
     )
 
 
-def write_dense(pool: SymphonyPool, out: Path, tensors: dict[str, torch.Tensor], atomic: Any) -> None:
+def write_dense(pool: SymphonyPool, out: Path, tensors: dict[str, torch.Tensor]) -> None:
     """The dense model through the one writer into an atomic folder (config and tokenizer of the reference)."""
-    from expertmerge.io.support import copy_support_files, write_config
-    from expertmerge.io.writer import write_state_dict
+    from expertmerge.io.folder import atomic_output_dir
 
-    dtype = pool.stored_dtype(pool.tensor_names[0])
     estimate = sum(t.numel() * t.element_size() for t in tensors.values())
-    with atomic(out, True, [pool.base_dir, *pool.expert_dirs.values()], estimate, command="symphony") as tmp:
-        write_state_dict(tmp, tensors, dtype)
-        write_config(pool.base_dir, tmp, dtype)
-        copy_support_files(pool.base_dir, tmp)
+    inputs = [pool.base_dir, *pool.expert_dirs.values()]
+    with atomic_output_dir(out, True, inputs, estimate, command="symphony") as tmp:
+        write_dense_folder(pool, tmp, tensors)
 
 
 __all__ = [

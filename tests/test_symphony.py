@@ -52,20 +52,36 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
+ROUTER_STEPS = 20  # router tuning as the product ships it (configs/symphony_diffinit.yaml tunes 30 steps)
+
+
 def test_moe_with_alignment_beats_moe_without_which_beats_the_dense_average(run):
     run.pool.alignments = {}
     dense_average = _mean(run.score_dense())
-    unaligned = _mean(run.score_moe()["init"])
+    unaligned = _mean(run.score_moe(tuning_steps=ROUTER_STEPS)["tuned"])
     run.align(residual=True, ffn=True)
-    aligned = _mean(run.score_moe()["init"])
+    aligned = _mean(run.score_moe(tuning_steps=ROUTER_STEPS)["tuned"])
     report = run.reports["code"]
     assert report["residual_cosine_after"] > report["residual_cosine_before"] + 0.5
     assert report["ffn_correlation_after"] > report["ffn_correlation_before"] + 0.2
-    # Held-out KL of each task to its own expert, mean over tasks (measured: 0.49 < 0.80 < 0.89). The last
-    # margin is thin: with all three diffinit experts the unaligned MoE is even worse than the dense average
-    # (its experts read a residual stream in a basis they were never trained on; benchmarks/SYMPHONY.md).
-    assert aligned < 0.7 * unaligned, (aligned, unaligned, dense_average)
-    assert unaligned < 0.95 * dense_average, (aligned, unaligned, dense_average)
+    # Held-out KL of each task to its own expert, mean over tasks, routers tuned (measured 0.45 < 0.67 <
+    # 0.89). With the routers as initialised the unaligned MoE's margin over the dense average is thin here
+    # (0.81) and with three experts it is worse than the average (benchmarks/SYMPHONY.md).
+    assert aligned < 0.8 * unaligned, (aligned, unaligned, dense_average)
+    assert unaligned < 0.85 * dense_average, (aligned, unaligned, dense_average)
+
+
+def test_learned_backbone_beats_the_slerp_backbone(run):
+    """Our learned merge of the aligned experts (oracle routing) against the paper's layer-aware SLERP."""
+    from expertmerge.symphony_run import BackboneOptions
+
+    run.align(residual=True, ffn=True)
+    slerp = _mean(run.score_moe()["init"])
+    learned = _mean(run.score_moe(BackboneOptions(method="learned", learned={"steps": 30}))["init"])
+    fit = run.backbone_report
+    assert fit["steps"] == 30 and fit["learned_tensors"] == 2 * 4 + 2  # q, k, v, o of 2 layers; embed, head
+    assert fit["loss_last"] < fit["loss_first"]
+    assert learned < 0.9 * slerp, (learned, slerp)  # measured 0.39 vs 0.47
 
 
 def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp_path):
@@ -74,7 +90,8 @@ def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp
     from expertmerge.cli import main
 
     config = tmp_path / "symphony.yaml"
-    config.write_text(json.dumps(_config(tmp_path, moe={"router_tuning_steps": 3})))
+    learned = {"method": "learned", "learned": {"steps": 2}}
+    config.write_text(json.dumps(_config(tmp_path, moe={"router_tuning_steps": 3}, backbone=learned)))
     assert main(["symphony", "--config", str(config), "--no-progress"]) == 0
     out = tmp_path / "out"
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -85,7 +102,7 @@ def test_symphony_command_writes_a_moe_that_transformers_loads_and_generates(tmp
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 9)
     card = (out / "README.md").read_text()
-    assert "symphony_reference" in card
+    assert "symphony_reference" in card and "learned" in card
 
 
 def test_dense_option_writes_a_dense_llama(tmp_path):
@@ -166,3 +183,57 @@ def test_forced_to_one_expert_the_aligned_moe_reproduces_that_expert(run, tmp_pa
             got = moe(input_ids=ids, attention_mask=mask).logits[mask.bool()]
         want = original.eval()(input_ids=ids, attention_mask=mask).logits[mask.bool()].detach()
         assert (got - want).abs().max() <= 1e-4, expert
+
+
+def _random_qwen_expert(family: str, seed: int, folder: Path) -> Path:
+    """A tiny Qwen2 / Qwen3 of its own random init (no base shared with the other), with the diffinit
+    tokenizer: the format follows the experts' family."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.conftest import tiny_model_settings
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_zoo("diffinit") / "tokenizer")
+    settings = tiny_model_settings(vocab_size=len(tokenizer), max_position_embeddings=128)
+    torch.manual_seed(seed)
+    if family == "qwen2":  # q/k/v biases: the heads permutation moves them, the rotation leaves them
+        model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    else:  # per-head q/k norms, head_dim * heads != hidden
+        model = Qwen3ForCausalLM(Qwen3Config(**settings, head_dim=16))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"), [("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")]
+)
+def test_qwen_experts_give_a_qwen_moe_that_loads_generates_and_reproduces_an_aligned_expert(
+    family, architecture, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.symphony import backbone, router_rows, write_moe
+    from expertmerge.symphony_run import load_symphony_config, prepare
+    from tests.moe_routing import forced_routing
+
+    experts = {task: str(_random_qwen_expert(family, 7 + k, tmp_path / task)) for k, task in enumerate(TASKS)}
+    config = _config(experts=experts)
+    config["data"].update(samples_per_task=8, eval_samples_per_task=4, max_length=32)
+    run = prepare(load_symphony_config(config), progress=False)
+    run.align(residual=True, ffn=True, heads=True)
+    shared = backbone(run.pool, t=1.0)  # the code expert's own (aligned) attention, embeddings and head
+    write_moe(run.pool, tmp_path / "moe", shared, router_rows(run.pool, shared, run.batches_per_expert()))
+
+    moe, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert type(moe).__name__ == architecture
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    moe = moe.float().eval()
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert moe.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (1, 9)
+    original = AutoModelForCausalLM.from_pretrained(experts["code"], dtype=torch.float32).eval()
+    samples = run.datamodule.task_samples("code", "eval")
+    ids, mask = samples.input_ids, samples.attention_mask
+    with torch.no_grad(), forced_routing(moe, 1):
+        got = moe(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        want = original(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    assert (got - want).abs().max() <= 1e-4

@@ -34,6 +34,15 @@ def summary_table(summary: SymphonySummary) -> Any:
                 f"{report['ffn_correlation_after']:.3f}"
             )
         table.add_row(f"aligned {expert}", "; ".join(parts) or "not aligned")
+    fit = summary.backbone
+    if fit.get("method") == "learned":
+        table.add_row(
+            "learned backbone",
+            f"{fit['steps']} steps over {fit['learned_tensors']} tensors, loss {fit['loss_first']:.4f} -> "
+            f"{fit['loss_last']:.4f}",
+        )
+    elif fit:
+        table.add_row("backbone", str(fit["method"]))
     if summary.router_losses:
         table.add_row(
             "router tuning",
