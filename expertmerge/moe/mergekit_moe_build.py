@@ -268,7 +268,14 @@ def build_mergekit_moe(
             write_model(folder, False)
 
         fitted = fit_router(
-            config, router_calibration, pool, donor_dir, tokenizer, mergekit_rows, write_scratch, progress=progress
+            config,
+            router_calibration,
+            pool,
+            donor_dir,
+            tokenizer,
+            mergekit_rows,
+            write_scratch,
+            progress=progress,
         )
         rows["routed"], router_label = fitted.rows, fitted.label
 

@@ -27,7 +27,7 @@ from expertmerge.moe.mergekit_moe import MergekitMoeConfig, RouterOptions, token
 from expertmerge.pool import ExpertPool
 
 # The datamodule settings `router.data` may set (the fit's `data:` keys other than `tasks` / `tokenizer`).
-DATA_KEYS = ("samples_per_task", "eval_samples_per_task", "max_length", "batch_size", "seed")
+DATA_KEYS = ("samples_per_task", "eval_samples_per_task", "max_length", "batch_size", "seed", "rounds")
 PROMPTS_TASK = "positive_prompts"
 
 
@@ -76,7 +76,9 @@ def calib_tasks(config: MergekitMoeConfig, options: RouterOptions, source: str) 
         try:
             tasks.append(TaskSpec(expert=f"expert{expert}", **entry))
         except TypeError as error:
-            raise ExpertMergeError(f"{where}: {error}; it takes the keys of a fit config's data.tasks.") from None
+            raise ExpertMergeError(
+                f"{where}: {error}; it takes the keys of a fit config's data.tasks."
+            ) from None
     unknown = sorted(set(options.data) - set(DATA_KEYS))
     if unknown:
         raise ExpertMergeError(
@@ -97,11 +99,13 @@ def calib_tasks(config: MergekitMoeConfig, options: RouterOptions, source: str) 
     return tasks
 
 
-def calibration_data(tasks: Sequence[Any], options: RouterOptions, tokenizer_dir: Path, names: list[str]) -> Any:
+def calibration_data(
+    tasks: Sequence[Any], options: RouterOptions, tokenizer_dir: Path, names: list[str]
+) -> Any:
     """The calibration datamodule (checked, set up) of `tasks`, tokenised with the base's tokenizer."""
-    from calib_data.datamodule import CalibrationDataModule
-
     import datasets
+
+    from calib_data.datamodule import CalibrationDataModule
 
     datamodule = CalibrationDataModule(list(tasks), tokenizer=str(tokenizer_dir), **options.data)
     datamodule.check(names)
@@ -129,7 +133,9 @@ def _set_rows(moe: torch.nn.Module, rows: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def heldout_kl(moe: torch.nn.Module, datamodule: Any, targets: Mapping[tuple[str, str], Any]) -> dict[str, float]:
+def heldout_kl(
+    moe: torch.nn.Module, datamodule: Any, targets: Mapping[tuple[str, str], Any]
+) -> dict[str, float]:
     """Per task, the mean KL(own expert || MoE) over its held-out texts' real tokens."""
     from expertmerge.evaluate import score_task
 
@@ -157,7 +163,9 @@ def _batches_per_expert(
         for spec in datamodule.tasks:
             samples = datamodule.task_samples(spec.name, "train")
             index = int(spec.expert.removeprefix("expert"))
-            per_expert[index][spec.name] = split_batches(samples.input_ids, samples.attention_mask, batch_size)
+            per_expert[index][spec.name] = split_batches(
+                samples.input_ids, samples.attention_mask, batch_size
+            )
     for index, expert in enumerate(config.experts):
         if not per_expert[index]:
             encoded = tokenize_prompts(expert.positive_prompts or [], tokenizer)
@@ -230,7 +238,9 @@ def fit_router(
     if options.init == "discriminant":
         with warnings.catch_warnings():  # degenerate rows are reported by the build's own check
             warnings.simplefilter("ignore")
-            rows = discriminant_rows(pool, donor_dir, _batches_per_expert(config, datamodule, tokenizer, batch_size))
+            rows = discriminant_rows(
+                pool, donor_dir, _batches_per_expert(config, datamodule, tokenizer, batch_size)
+            )
         label = "fitted to calibration data (discriminant)"
     else:
         rows = mergekit_rows.clone()
@@ -241,7 +251,9 @@ def fit_router(
 
     taught = {task.expert for task in tasks}
     teachers = {name: pool.expert_dirs[name] for name in names if name in taught}
-    targets, _ = teacher_targets(datamodule, teachers, TeacherSettings(hidden_layers=()), splits=("train", "eval"))
+    targets, _ = teacher_targets(
+        datamodule, teachers, TeacherSettings(hidden_layers=()), splits=("train", "eval")
+    )
     with tempfile.TemporaryDirectory(prefix="expertmerge-moe-router-") as scratch:
         write_scratch(fitted.rows, Path(scratch) / "moe")
         moe = AutoModelForCausalLM.from_pretrained(str(Path(scratch) / "moe"), dtype=torch.float32).eval()
