@@ -256,18 +256,14 @@ def test_opt_in_shared_tensors_come_from_the_named_model(clowncar: Path, tmp_pat
 
 
 # ------------------------------------------------------------------------- opt-in router fitted to calib data
-ROUTER_CALIB = [
-    {"expert": 0, "sources": ["corpora://prose.jsonl"]},  # the base expert: general text
-    {"expert": "zoo://tiny/experts/arith", "sources": ["zoo://tiny/data/arith_calib.jsonl"]},
-    {"expert": 2, "sources": ["zoo://tiny/data/reverse_calib.jsonl"]},
-    {"expert": 3, "sources": ["zoo://tiny/data/sort_calib.jsonl"]},
-]
-ROUTER_DATA = {"samples_per_task": 24, "eval_samples_per_task": 8, "max_length": 64, "batch_size": 8}
+CLOWNCAR_ROUTER = (
+    ROOT / "configs" / "mergekit_moe_clowncar_router.yaml"
+)  # the docs example + expertmerge.router
 
 
 def _router_config(**router) -> dict:
-    config = yaml.safe_load(CLOWNCAR.read_text())
-    config["expertmerge"] = {"router": {"calib": ROUTER_CALIB, "data": ROUTER_DATA, **router}}
+    config = yaml.safe_load(CLOWNCAR_ROUTER.read_text())
+    config["expertmerge"]["router"].update(router)
     return config
 
 
@@ -316,7 +312,10 @@ def test_router_fitted_and_tuned_on_calibration_data_beats_mergekit_gates_on_hel
     """
     from expertmerge.moe.mergekit_moe_router import router_data
 
-    config = parse_moe_config(_router_config(tune_steps=30))
+    config = parse_moe_config(_router_config())
+    assert {k: v for k, v in _router_config().items() if k != "expertmerge"} == yaml.safe_load(
+        CLOWNCAR.read_text()
+    )
     out = tmp_path / "moe"
     summary = build_mergekit_moe(config, out, progress=False)
     assert summary.router == "fitted to calibration data (discriminant), tuned 30 steps"
@@ -346,7 +345,12 @@ def test_router_key_mistakes_name_the_key() -> None:
     with pytest.raises(ExpertMergeError, match=r"router.calib\[1\].expert is 'zoo://nope'"):
         build_mergekit_moe(
             parse_moe_config(
-                _router_config(calib=[ROUTER_CALIB[0], {"expert": "zoo://nope", "sources": ["x.jsonl"]}])
+                _router_config(
+                    calib=[
+                        {"expert": 0, "sources": ["x.jsonl"]},
+                        {"expert": "zoo://nope", "sources": ["x.jsonl"]},
+                    ]
+                )
             ),
             "/tmp/never-written",
             progress=False,

@@ -175,6 +175,27 @@ def _batches_per_expert(
     return per_expert
 
 
+class _FfnOfOneExpert(Sequence):
+    """Expert e's FFN tensors (fp32), read when first asked for; only the latest expert's stay in memory, since
+    the router statistics run every batch of one expert before the next expert's."""
+
+    def __init__(self, pool: ExpertPool, count: int) -> None:
+        self.pool, self.count = pool, count
+        self.index: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, expert: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        from expertmerge.symphony import expert_ffn
+
+        if expert != self.index:
+            self.tensors = {}  # the previous expert's FFN is freed before the next is read
+            self.tensors, self.index = expert_ffn(self.pool, f"expert{expert}"), expert
+        return self.tensors
+
+
 def discriminant_rows(
     pool: ExpertPool, donor_dir: Path, batches_per_expert: Sequence[Mapping[str, Sequence[Any]]]
 ) -> torch.Tensor:
@@ -182,10 +203,10 @@ def discriminant_rows(
     from transformers import AutoModelForCausalLM
 
     from expertmerge.moe.router_inputs import initial_router_rows
-    from expertmerge.symphony import expert_ffn, moe_forward
+    from expertmerge.symphony import moe_forward
 
     model = AutoModelForCausalLM.from_pretrained(str(donor_dir), dtype=torch.float32).eval()
-    ffns = [expert_ffn(pool, f"expert{i}") for i in range(len(batches_per_expert))]
+    ffns = _FfnOfOneExpert(pool, len(batches_per_expert))
     names = [f"expert{i}" for i in range(len(batches_per_expert))]
     try:
         return initial_router_rows(
