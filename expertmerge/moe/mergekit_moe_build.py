@@ -278,6 +278,7 @@ def build_mergekit_moe(
             progress=progress,
         )
         rows["routed"], router_label = fitted.rows, fitted.label
+        notes += fitted.notes
 
     inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
     estimate = sum(entry.nbytes for entry in entries)

@@ -24,6 +24,7 @@ import torch
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.moe.mergekit_moe import MergekitMoeConfig, RouterOptions, tokenize_prompts
+from expertmerge.moe.router import DegenerateRouterWarning
 from expertmerge.pool import ExpertPool
 
 # The datamodule settings `router.data` may set (the fit's `data:` keys other than `tasks` / `tokenizer`).
@@ -39,6 +40,7 @@ class FittedRouter:
     label: str
     heldout_kl: dict[str, dict[str, float]] = field(default_factory=dict)  # router -> task -> KL
     losses: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. two experts' texts look alike at some router
 
     def mean_kl(self, router: str) -> float:
         scores = self.heldout_kl[router]
@@ -257,16 +259,17 @@ def fit_router(
     names = [f"expert{i}" for i in range(len(config.experts))]
     batch_size = int(options.data.get("batch_size", 8))
     if options.init == "discriminant":
-        with warnings.catch_warnings():  # degenerate rows are reported by the build's own check
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:  # become notes of the summary
+            warnings.simplefilter("always")
             rows = discriminant_rows(
                 pool, donor_dir, _batches_per_expert(config, datamodule, tokenizer, batch_size)
             )
         label = "fitted to calibration data (discriminant)"
+        notes = [str(w.message) for w in caught if issubclass(w.category, DegenerateRouterWarning)]
     else:
-        rows = mergekit_rows.clone()
+        rows, notes = mergekit_rows.clone(), []
         label = f"mergekit's gate_mode {config.gate_mode}"
-    fitted = FittedRouter(rows.float(), label)
+    fitted = FittedRouter(rows.float(), label, notes=notes)
     if datamodule is None:
         return fitted
 
