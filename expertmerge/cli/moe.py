@@ -22,6 +22,11 @@ def summary_table(summary: Any, peak_rss: int) -> Any:
     if summary.shared_expert:
         table.add_row("shared expert", summary.shared_expert)
     table.add_row("gate mode", summary.gate_mode)
+    if summary.router:
+        table.add_row("router", summary.router)
+    if summary.router_kl:
+        scores = " -> ".join(f"{name} {kl:.4f}" for name, kl in summary.router_kl.items())
+        table.add_row("held-out KL", f"{scores} (to each text's own expert, mean over tasks)")
     table.add_row(
         "output",
         f"{summary.output} ({human_bytes(summary.output_bytes)}, {summary.num_tensors} tensors, "

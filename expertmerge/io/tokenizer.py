@@ -29,12 +29,60 @@ import torch
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.support import TOKENIZER_FILES
 
-# mergekit's named chat templates we write ourselves; others: paste the Jinja template, or `auto`.
+# The chat templates mergekit bundles (`chat_template: <name>`), written here: each renders its family's format.
+# mergekit's own files render stray whitespace under transformers' Jinja settings (llama3: a newline after every
+# <|eot_id|>; alpaca: a leading blank line without a system message; exaone: its source's indentation); these
+# render the formats themselves. Any other template: paste the Jinja text, or `auto`.
 CHAT_TEMPLATES = {
+    "alpaca": (
+        "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}"
+        "{%- if system %}{{ system[-1]['content'] | trim }}{% endif -%}"
+        "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
+        "{%- set headers = {'user': '### Instruction:', 'user_context': '### Input:', 'assistant': '### Response:'} -%}"
+        "{%- for message in turns if message['role'] in headers -%}"
+        "{%- if system or not loop.first %}{{ '\n\n' }}{% endif -%}"
+        "{{ headers[message['role']] + '\n' + message['content'] | trim }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and (turns | length == 0 or turns[-1]['role'] != 'assistant') -%}"
+        "{{ ('\n\n' if system or turns else '') + '### Response:\n' }}"
+        "{%- endif -%}"
+    ),
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
         "{% endif %}"
+    ),
+    "exaone": (
+        "{%- if messages and messages[0]['role'] != 'system' %}{{ '[|system|][|endofturn|]\n' }}{% endif -%}"
+        "{%- for message in messages -%}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{{ '\n' if message['role'] == 'user' else '[|endofturn|]\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt %}{{ '[|assistant|]' }}{% endif -%}"
+    ),
+    "llama3": (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+        "'<|eot_id|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif -%}"
+    ),
+    "mistral": (
+        "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+        "{%- set turns = messages[1:] if has_system else messages -%}"
+        "{{- bos_token -}}"
+        "{%- for message in turns -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('After an optional system message, roles must alternate user/assistant/user/...') }}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- set system = messages[0]['content'] + '\n\n' if loop.first and turns is not sameas messages else '' -%}"
+        "{{ ' [INST] ' + system + message['content'] + ' [/INST]' }}"
+        "{%- else -%}"
+        "{{ ' ' + message['content'] + eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
     ),
 }
 
@@ -267,8 +315,8 @@ def check_chat_template(name: str) -> None:
     """`auto`, a template we ship, or a Jinja template itself (mergekit's test: a `{` and 20+ characters)."""
     if name != "auto" and name not in CHAT_TEMPLATES and ("{" not in name or len(name) < 20):
         raise ExpertMergeError(
-            f"{name!r} is not a template we ship ({', '.join([*CHAT_TEMPLATES, 'auto'])}); paste the Jinja "
-            "template itself (mergekit's alpaca, llama3, mistral and exaone are not bundled)."
+            f"{name!r} is not a chat template name ({', '.join([*CHAT_TEMPLATES, 'auto'])}); paste the Jinja "
+            "template itself."
         )
 
 

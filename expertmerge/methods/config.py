@@ -14,7 +14,7 @@ slices:                            # layer ranges: same-range merges, or passthr
 dtype: bfloat16                    # the precision inputs are read in (mergekit's meaning)
 out_dtype: float32                 # the output's dtype (default: dtype, else the base's stored dtype)
 tokenizer_source: base             # base | union | <model>; or tokenizer: {source, tokens, pad_to_multiple_of}
-chat_template: auto                # auto (the most common among the models) | chatml | a Jinja template
+chat_template: auto                # auto (the most common among the models) | alpaca, chatml, exaone, llama3, mistral | a Jinja template
 random_seed: 0                     # random drop masks (`seed` is accepted too)
 ```
 

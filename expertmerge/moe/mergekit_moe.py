@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.moe.formats import (
@@ -80,6 +80,31 @@ class MoeExpert(BaseModel):
         return value
 
 
+class RouterOptions(BaseModel):
+    """`expertmerge: {router: ...}`: routers fitted to calibration data (and tuned) instead of mergekit's gates.
+
+    - `calib`: calibration texts per expert: each entry is a `fit` config's `data.tasks` entry (`sources`,
+      `text_field`, `template`, `chat_template`, ...; `name` optional) whose `expert` is the expert's index in
+      `experts` or its `source_model`. An expert without one is represented by its `positive_prompts`.
+    - `data`: the fit's `data:` settings for those texts (`samples_per_task`, `eval_samples_per_task`,
+      `max_length`, `batch_size`, `seed`); the held-out part is never fitted on and scores the routers.
+    - `init`: `discriminant` (the rows `fit`'s fused-MoE export starts from: per layer, the bias-free linear
+      discriminant of what each expert's texts look like at the router, run through the shared tensors with that
+      expert's FFN) or `gate_mode` (mergekit's rows for the config's `gate_mode`).
+    - `tune_steps`: then train only the routers this many Adam steps (`lr`, `balance`: the load-balancing
+      weight) against each text's own expert's logits (KL, teacher targets cached); needs `calib` texts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    calib: list[dict[str, Any]] = []
+    data: dict[str, Any] = {}
+    init: Literal["discriminant", "gate_mode"] = "discriminant"
+    tune_steps: int = Field(0, ge=0)
+    lr: float = Field(0.01, gt=0)
+    balance: float = Field(0.01, ge=0)
+
+
 class ExpertMergeOptions(BaseModel):
     """Our opt-in keys (`expertmerge:` block); nothing here changes a plain mergekit config's result.
 
@@ -89,12 +114,15 @@ class ExpertMergeOptions(BaseModel):
       (embeddings, attention, norms, head) the MoE takes instead of `base_model`'s: e.g. the dense export of a
       learned merge of these experts (`python -m expertmerge fit`, or `merge`). Its hidden states (or embeddings)
       then make the gates too, since they are what the MoE's routers will see.
+    - `router`: routers fitted to calibration data and tuned (`RouterOptions`); the shared expert's gate (Qwen2-MoE)
+      stays mergekit's.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int | None = None
     shared_tensors: str | None = None
+    router: RouterOptions | None = None
 
 
 class MergekitMoeConfig(BaseModel):
@@ -175,9 +203,11 @@ def parse_moe_config(data: Any, source: str = "config", allow_all_same: bool = F
         where = _error_location(first)
         if first["type"] == "extra_forbidden":
             if first["loc"][0] == "expertmerge":
-                allowed = ", ".join(ExpertMergeOptions.model_fields)
+                block, fields = "the expertmerge block", ExpertMergeOptions.model_fields
+                if len(first["loc"]) > 2 and first["loc"][1] == "router":
+                    block, fields = "expertmerge.router", RouterOptions.model_fields
                 raise ExpertMergeError(
-                    f"{source}: key '{where}' is not supported; the expertmerge block takes {allowed}."
+                    f"{source}: key '{where}' is not supported; {block} takes {', '.join(fields)}."
                 ) from None
             allowed = ", ".join(
                 MergekitMoeConfig.model_fields if len(first["loc"]) == 1 else MoeExpert.model_fields

@@ -40,6 +40,7 @@ from expertmerge.moe.mergekit_moe import (
     moe_tokenizer,
     select_format,
 )
+from expertmerge.moe.mergekit_moe_router import fit_router, router_data
 from expertmerge.pool import BASE, ExpertPool
 
 
@@ -60,6 +61,8 @@ class MoeBuildSummary:
     output_bytes: int
     wall_seconds: float
     notes: list[str] = field(default_factory=list)
+    router: str = ""  # which routers were written ("mergekit's gate_mode hidden", "fitted ..., tuned ...")
+    router_kl: dict[str, float] = field(default_factory=dict)  # router -> mean held-out KL to the own expert
 
 
 def _output_dtype(config: MergekitMoeConfig, pool: ExpertPool, first_ffn: str, source: str) -> torch.dtype:
@@ -120,6 +123,7 @@ def build_mergekit_moe(
         sources.append(config.options.shared_tensors)
     pool = ExpertPool(config.base_model, names)
     pool.validate()
+    router_calibration = router_data(config, pool.base_dir, source)  # checked before any long work
     model_types = [pool.raw_config(m).get("model_type") for m in (BASE, *names) if m != "shared_tensors"]
     fmt = select_format(config, model_types, source)
 
@@ -224,33 +228,62 @@ def build_mergekit_moe(
     if config.options.seed is not None:
         torch.manual_seed(config.options.seed)
     donor_dir = pool.base_dir if donor == BASE else pool.expert_dirs[donor]
-    gates = gate_rows(config, donor_dir, moe_tokenizer(pool.base_dir), pool, donor)
+    tokenizer = moe_tokenizer(pool.base_dir)
+    gates = gate_rows(config, donor_dir, tokenizer, pool, donor)
     rows["routed"], rows["shared"] = gates[:, :num_experts], gates[:, num_experts:]
     if fmt is QWEN2_MOE and rows["shared"].shape[1] == 0:
         rows["shared"] = torch.zeros(
             gates.shape[0], 1, hidden
         )  # random gates without shared prompts: mergekit fails
     degenerate = degenerate_layers(gates)
-    if degenerate:
+    fitted_router = config.options.router is not None and config.options.router.init == "discriminant"
+    if degenerate and not fitted_router:
         notes.append(
             f"layers {degenerate} have degenerate gates (condition number > 5): prompts may be too similar, some "
             "experts will be underused"
         )
 
-    inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
-    estimate = sum(entry.nbytes for entry in entries)
-    with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
-        with tensor_progress(console, progress, "moe") as bar:
+    def write_model(folder: Path, show: bool) -> Any:
+        """Weights, config and tokenizer files into `folder` (the final atomic folder, or a scratch one)."""
+        with tensor_progress(console, show, "moe") as bar:
             task = bar.add_task("moe", total=len(entries), tensor="")
             written = write_safetensors(
-                tmp,
+                folder,
                 entries,
                 max_shard,
                 on_start=lambda name: bar.update(task, tensor=name),
                 on_written=lambda name: bar.advance(task),
             )
-        moe_config.save_pretrained(tmp)
-        copy_support_files(pool.base_dir, tmp)
+        moe_config.save_pretrained(folder)
+        copy_support_files(pool.base_dir, folder)
+        return written
+
+    router_label, fitted = f"mergekit's gate_mode {config.gate_mode}", None
+    if config.options.router is not None:  # ours: routers fitted to calibration data (and tuned)
+        mergekit_rows = rows["routed"].float()
+
+        def write_scratch(candidate: torch.Tensor, folder: Path) -> None:
+            rows["routed"] = candidate
+            folder.mkdir(parents=True)
+            write_model(folder, False)
+
+        fitted = fit_router(
+            config,
+            router_calibration,
+            pool,
+            donor_dir,
+            tokenizer,
+            mergekit_rows,
+            write_scratch,
+            progress=progress,
+        )
+        rows["routed"], router_label = fitted.rows, fitted.label
+        notes += fitted.notes
+
+    inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
+    estimate = sum(entry.nbytes for entry in entries)
+    with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
+        written = write_model(tmp, progress)
         if config_text is not None:
             (tmp / CONFIG_COPY).write_text(config_text)
         hashes = pool.content_hashes()
@@ -269,6 +302,7 @@ def build_mergekit_moe(
                 "dtype": dtype_name(out_dtype),
                 "seed": options.seed,
                 "shared_tensors": options.shared_tensors or "base_model",
+                **({"router": router_label} if fitted is not None else {}),
             },
             sections={
                 "Experts": "\n".join(
@@ -298,4 +332,6 @@ def build_mergekit_moe(
         output_bytes=output_bytes,
         wall_seconds=time.perf_counter() - started,
         notes=[*notes, *pool.notes],
+        router=router_label,
+        router_kl={name: fitted.mean_kl(name) for name in fitted.heldout_kl} if fitted is not None else {},
     )
