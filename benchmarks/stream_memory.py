@@ -11,6 +11,12 @@ and needs, whatever the set-up did. On the CPU the compute device's memory is th
 streamed rows use the disk store (`model.task_vector_store: auto`): the process holds the base, one merged
 copy of the learned tensors, activations and two decoder layers of task vectors, whatever N is.
 
+The children run with `MALLOC_MMAP_THRESHOLD_=131072` (unless `--glibc-default`): glibc then maps every block
+over 128 KiB on its own and unmaps it when freed, so the RSS follows the live tensors. With glibc's default
+(a threshold that rises to 32 MiB after the first large free) freed tensors stay in the heap and the next
+step does not fit into the holes: on SmolLM2 the second step's peak was 544 MiB above the first's with the
+same live tensors, which the planner (live tensors only, what a GPU's allocator holds) cannot predict.
+
 "plan MB" is `expertmerge.plan`'s estimate of the same quantity (base + task vectors on the device + merged
 copy + activations + the loss over the logits), for the comparison the planner promises (within 15%).
 
@@ -103,6 +109,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(spec["threads"]))
+    if not spec.get("glibc_default"):
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # RSS follows live tensors (module docstring)
     process = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
     )
@@ -124,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (RSS keeps freed heap)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples_per_task=args.batch_size,
                 batch_size=args.batch_size,
                 max_length=max_length,
+                glibc_default=args.glibc_default,
             )
             result = run_child(spec)
             rows.append({"experts": experts, "mode": mode, **result})

@@ -3,10 +3,11 @@
 The model is built on the meta device (`from_config` under `torch.device("meta")`: shapes, no weights), so a
 user can plan for a 70B model that is not downloaded. Each estimate is a sum of named parts, in bytes:
 
-- `base`: the base model's parameters in fp32 (the fit loads it so; the coefficient maths is fp32);
+- `base`: the base model's parameters in fp32 (the fit loads it so; the coefficient maths is fp32), the
+  learned tensors in `model.base_dtype` (bf16 halves them);
 - `task vectors`: tau[k, p] of the learned tensors in `task_vector_dtype` on the device: all N experts
   (resident), or the two largest neighbouring decoder layers (streamed; the rest waits in host memory or on
-  disk), or a 1/D share (FSDP);
+  disk), or a 1/D share plus two gathered layers (FSDP, which shards the learned tensors' base the same way);
 - `merged tensors`: one fp32 copy of the learned tensors, built once per step and held through backward;
 - `activations`: what autograd saves for backward in a Llama-style decoder, per token and layer
   `4 h + 2 A + 2 KV + 4 I + heads + 2` fp32 values (h hidden, A = heads x head_dim, KV = kv_heads x head_dim,
@@ -115,13 +116,17 @@ def estimate_fit(
     task_vector_dtype: str = "bfloat16",
     devices: int = 1,
     teacher_batch_size: int | None = None,
+    base_dtype: str = "float32",
 ) -> dict[str, Estimate]:
     """Per-device estimates of a fit of `model` (real or meta) with `num_experts` experts, by strategy."""
     params = dict(model.named_parameters())
     config = model.config
     size = _DTYPE_BYTES[task_vector_dtype]
-    base = _bytes(list(params.values()), 4)
     learned_tensors = [params[n] for n in learned]
+    learned_ids = {id(p) for p in learned_tensors}
+    # the learned tensors in `base_dtype` (model.base_dtype), the rest of the base in fp32
+    learned_base = _bytes(learned_tensors, _DTYPE_BYTES[base_dtype])
+    base = _bytes([p for p in params.values() if id(p) not in learned_ids], 4) + learned_base
     merged = _bytes(learned_tensors, 4)
     vectors = num_experts * _bytes(learned_tensors, size)
     layers: dict[str, int] = {}
@@ -137,7 +142,10 @@ def estimate_fit(
     # targets of the batch: top-k logits + log-sum-exp, and the hidden states aligned by MSE
     topk = logit_topk or int(config.vocab_size)
     targets = batch_size * seq_len * (8 * topk + 4 + 4 * hidden_layers * int(config.hidden_size))
-    teacher = base + logit_bytes(config, teacher_batch_size or batch_size, seq_len) // 3 * 2
+    teacher = (
+        _bytes(list(params.values()), 4)
+        + logit_bytes(config, teacher_batch_size or batch_size, seq_len) // 3 * 2
+    )
     largest = max(p.numel() for p in params.values())
     training_free = 4 * largest * (num_experts + 4)
     common = {"activations": activations, "loss over the logits": logits, "teacher targets": targets}
@@ -154,13 +162,16 @@ def estimate_fit(
             host=vectors,
         ),
     }
+    # FSDP (`expertmerge/fsdp.py`): the learned tensors' base and task vectors are sharded 1/D; up to two
+    # decoder layers are gathered in full at a time (the one merging and the one FSDP prefetches); every rank
+    # builds all merged tensors and holds the rest of the base (embeddings, norms, lm_head) whole.
     shard = max(1, devices)
-    layer_fp32 = 4 * max(sizes, default=0)  # one decoder layer gathered at a time
+    gathered = 2 * max(sizes, default=0)
     result["fsdp"] = Estimate(
         {
-            "base": base // shard + layer_fp32,
-            "task vectors": vectors // shard + num_experts * max(sizes, default=0) * size,
-            "merged tensors": merged // shard + layer_fp32,
+            "base": base - learned_base + learned_base // shard + _DTYPE_BYTES[base_dtype] * gathered,
+            "task vectors": vectors // shard + num_experts * gathered * size,
+            "merged tensors": merged,
             **common,
         },
         teacher_pass=teacher + base + vectors,
@@ -180,6 +191,7 @@ class PlanInputs:
     logit_topk: int | None = 64
     hidden_layers: int = 1
     task_vector_dtype: str = "bfloat16"
+    base_dtype: str = "float32"
     teacher_batch_size: int = 8
     learn_include: list[str] | None = None
     learn_exclude: list[str] | None = None
@@ -216,6 +228,7 @@ def inputs_from_fit_config(path: str | Path, model_config: str | None = None) ->
         logit_topk=model.get("logit_topk", 64),
         hidden_layers=len(hidden) if hidden else 1,
         task_vector_dtype=str(model.get("task_vector_dtype", "bfloat16")),
+        base_dtype=str(model.get("base_dtype", "float32")),
         teacher_batch_size=int(model.get("teacher_batch_size", 8)),
         learn_include=model.get("learn_include"),
         learn_exclude=model.get("learn_exclude"),
@@ -249,6 +262,7 @@ def plan(inputs: PlanInputs, devices: int = 1) -> tuple[nn.Module, list[str], di
         inputs.task_vector_dtype,
         devices,
         inputs.teacher_batch_size,
+        inputs.base_dtype,
     )
     return model, learned, estimates
 

@@ -23,6 +23,15 @@ from calib_data.tasks import BASE_TEACHER, base_task_names
 from expertmerge.chunking import allocation_table, chunk_allocation, read_stage1_result
 from expertmerge.coefficients import MergeCoefficients, TaskVectors, learns_coefficients
 from expertmerge.errors import ExpertMergeError
+from expertmerge.fsdp import (
+    ShardedMerge,
+    all_reduce_gradients,
+    gather_to_resident,
+    is_layer_sharded,
+    set_parameter,
+    shard_learned,
+    sharded_merge,
+)
 from expertmerge.losses import (
     hidden_loss,
     kl_to_teacher,
@@ -75,6 +84,9 @@ class ExpertMergingModule(pl.LightningModule):
             norms or lm_head, i.e. full fine-tunes).
         logit_topk: the teacher's logits are cached as the top k plus the log-sum-exp; null caches full logits.
         task_vector_dtype: storage dtype of the task vectors (the merge itself is computed in fp32).
+        base_dtype: storage dtype of the base's learned tensors (the bulk of the model). `bfloat16` halves
+            them; each merged tensor is still computed in fp32 (the base tensor upcast as it is read) and the
+            forward runs in fp32, so a base checkpoint stored in bf16 gives the fp32 fit's coefficients.
         task_vectors: `resident` holds every expert's task vectors on the compute device; `streamed` keeps
             them in a store and brings them to the device one decoder layer at a time (memory that does not
             grow with the number of experts; same coefficients; `expertmerge/streaming.py`).
@@ -126,6 +138,7 @@ class ExpertMergingModule(pl.LightningModule):
         fixed_tensors: Literal["alpha0", "base"] = "alpha0",
         logit_topk: int | None = 64,
         task_vector_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        base_dtype: Literal["float32", "bfloat16"] = "float32",
         task_vectors: Literal["resident", "streamed"] = "resident",
         task_vector_store: Literal["auto", "host", "disk"] = "auto",
         lr: float = 0.1,
@@ -156,7 +169,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the coefficients only
         self.model: nn.Module | None = None
         self.coefficients: MergeCoefficients | None = None
-        self.task_vectors: TaskVectors | StreamedTaskVectors | None = None
+        self.task_vectors: TaskVectors | StreamedTaskVectors | ShardedMerge | None = None
         self.targets: dict[tuple[str, str], TeacherTargets] = {}
         self.teacher_stats = TeacherStats()
         self.task_names: list[str] = []
@@ -248,9 +261,17 @@ class ExpertMergingModule(pl.LightningModule):
         num_experts = len(self.expert_names)
         dtype = _DTYPES[hp.task_vector_dtype]
         streamed = hp.task_vectors == "streamed"
+        sharded = is_layer_sharded(self._trainer)
+        if streamed and sharded:
+            raise ExpertMergeError(
+                "model.task_vectors: streamed and trainer.strategy: fsdp do not combine (FSDP already spreads "
+                "the task vectors over the ranks); set model.task_vectors resident or use another strategy."
+            )
         shapes = [params[n].shape for n in self.coefficient_names]
-        self.task_vectors = None if streamed else TaskVectors(shapes, num_experts, dtype)
+        self.task_vectors = None if streamed or sharded else TaskVectors(shapes, num_experts, dtype)
         self.ffn_vectors = TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
+        rows = [params[n].shape[0] for n in self.coefficient_names]
+        del params  # the learned base tensors may be replaced below (bf16, FSDP shards): hold no old copy
         # Task vectors first: a broken (NaN/Inf) expert fails here, before its teacher targets are computed.
         self._read_task_vectors(pool, model)
         if streamed:
@@ -263,6 +284,12 @@ class ExpertMergingModule(pl.LightningModule):
                 dtype,
                 hp.task_vector_store,
             )
+        if hp.base_dtype != "float32":
+            with torch.no_grad():
+                for name in self.coefficient_names:
+                    set_parameter(model, name, model.get_parameter(name).detach().to(_DTYPES[hp.base_dtype]))
+        if sharded:
+            self.task_vectors = shard_learned(self, pool, model, dtype)
         self.targets, self.teacher_stats = teacher_targets(
             datamodule,
             teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
@@ -274,7 +301,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.model = model
         self.coefficients = MergeCoefficients(
             self.coefficient_names,
-            [params[n].shape[0] for n in self.coefficient_names],
+            rows,
             num_experts,
             alpha0=hp.alpha0,
         )
@@ -308,6 +335,18 @@ class ExpertMergingModule(pl.LightningModule):
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
                     delta.add_(tau, alpha=float(alpha[k]))
                 parameter.add_(delta)
+
+    @property
+    def layer_sharded(self) -> bool:
+        return isinstance(self.task_vectors, ShardedMerge)
+
+    def gather_to_resident(self, keep: bool) -> None:
+        """Undo the FSDP sharding layer by layer (every rank calls it); ranks with `keep` get the resident form."""
+        gather_to_resident(self, keep)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.layer_sharded:  # no DDP wrapper under FSDP: average the replicated coefficients' gradients
+            all_reduce_gradients(list(self.coefficients.parameters()))
 
     @property
     def teacher_settings(self) -> TeacherSettings:
@@ -354,6 +393,9 @@ class ExpertMergingModule(pl.LightningModule):
             else:
                 alpha = self.coefficients.alpha0.to(base.device).view(-1, *([1] * (tau.dim() - 1)))
                 merged[name] = base + (tau.float() * alpha).sum(0)
+        if self.layer_sharded:
+            merged.update(sharded_merge(self, coefficients))
+            return merged
         for index, name in enumerate(self.coefficient_names):
             base = self.model.get_parameter(name)
             if coefficients is None:

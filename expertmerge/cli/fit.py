@@ -127,6 +127,10 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 isinstance(c, ProgressBar) for c in callbacks
             ):
                 callbacks.append(StepProgressBar())
+            if {**config, **kwargs}.get("strategy") == "fsdp" and isinstance(self.model, ExpertMergingModule):
+                from expertmerge.fsdp import LayerShardedStrategy
+
+                kwargs = {**kwargs, "strategy": LayerShardedStrategy()}  # Lightning's fsdp refuses the CPU
             return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
         def before_fit(self) -> None:
@@ -153,6 +157,10 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 trainers = [self.trainer]
                 self.trainer.fit(model, **kwargs)
             trainer = trainers[-1]
+            if not trainer.interrupted and getattr(model, "layer_sharded", False):
+                # FSDP: every rank takes part in gathering the sharded tensors back; rank 0 keeps them
+                model.to(trainer.strategy.root_device)
+                model.gather_to_resident(keep=trainer.is_global_zero)
             if trainer.interrupted or not trainer.is_global_zero:
                 return
             # Lightning hands the module back on the CPU; the evaluation and exports run where the fit ran.
