@@ -111,35 +111,65 @@ def test_ddp_on_two_cpu_processes_learns_the_single_process_coefficients(tiny_zo
     assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE
 
 
-def test_ddp_with_chunking_learns_the_single_process_coefficients_in_both_stages(
-    tiny_zoo, tmp_path: Path
+CHUNKING = ("--model.chunking", "true", "--model.stage2_steps", "4", "--trainer.accelerator", "cpu")
+
+
+@pytest.fixture(scope="module")
+def single_chunked(tiny_zoo, tmp_path_factory) -> tuple[Path, dict]:
+    """The one-process Expert Merging++ fit both 2-rank strategies are compared with (run once)."""
+    tmp = tmp_path_factory.mktemp("single-chunked")
+    saved = fit_in_subprocess(
+        tmp, "single", *CHUNKING, "--trainer.devices", "1", "--trainer.accumulate_grad_batches", "6"
+    )
+    return tmp / "single", saved
+
+
+def exported(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_learn_the_single_process_coefficients_in_both_stages(
+    strategy: str, single_chunked: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    # Stage 2 is a second Trainer: its DDP reducer must hold the chunk-wise coefficients, not stage 1's.
-    chunking = ("--model.chunking", "true", "--model.stage2_steps", "4", "--trainer.accelerator", "cpu")
-    ddp = fit_in_subprocess(
+    """ddp: stage 2 is a second Trainer, its reducer must hold the chunk-wise coefficients, not stage 1's.
+    fsdp: the learned tensors' base and task vectors are sharded by decoder layer over the ranks
+    (`expertmerge/fsdp.py`), the coefficients replicated with averaged gradients, and the export is gathered
+    layer by layer on rank 0 and written by the one writer: compared tensor by tensor."""
+    single_folder, single = single_chunked
+    ranked = fit_in_subprocess(
         tmp_path,
-        "ddp",
-        *chunking,
+        strategy,
+        *CHUNKING,
         "--trainer.strategy",
-        "ddp",
+        strategy,
         "--trainer.devices",
         "2",
         "--trainer.accumulate_grad_batches",
         "3",
     )
-    single = fit_in_subprocess(
-        tmp_path, "single", *chunking, "--trainer.devices", "1", "--trainer.accumulate_grad_batches", "6"
-    )
-    # stage 1: the allocation is computed from the layer-wise result, so equal importances mean equal stage 1
+    # stage 1: the allocation is computed from the layer-wise result (and, under fsdp, from the task vectors
+    # gathered back from the shards), so equal importances mean equal stage 1
     allocations = [
-        json.loads((tmp_path / n / "chunk_allocation.json").read_text()) for n in ("ddp", "single")
+        json.loads((folder / "chunk_allocation.json").read_text())
+        for folder in (tmp_path / strategy, single_folder)
     ]
     importances = [[t["importance"] for _, t in sorted(a["tensors"].items())] for a in allocations]
     assert importances[0] == pytest.approx(importances[1], abs=TOLERANCE)
     assert allocations[0]["total_chunks"] == allocations[1]["total_chunks"] > 0
     # stage 2: the chunk-wise coefficients
-    ddp_values, single_values = flat(ddp), flat(single)
-    assert ddp["chunk_counts"] == single["chunk_counts"]
-    assert len(ddp_values) == len(single_values) >= 42  # chunk-wise: about the layer-wise count (budget)
-    assert ddp_values == pytest.approx(single_values, abs=TOLERANCE)
+    ranked_values, single_values = flat(ranked), flat(single)
+    assert ranked["chunk_counts"] == single["chunk_counts"]
+    assert len(ranked_values) == len(single_values) >= 42  # chunk-wise: about the layer-wise count (budget)
+    assert ranked_values == pytest.approx(single_values, abs=TOLERANCE)
     assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE
+    if strategy == "fsdp":
+        ours, theirs = exported(tmp_path / strategy), exported(single_folder)
+        assert sorted(ours) == sorted(theirs) and len(ours) > 14
+        worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
+        assert worst <= 1e-6
