@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from rich.table import Table
@@ -98,3 +99,31 @@ def scores_table(title: str, rows: Mapping[str, Mapping[str, TaskScores]], tasks
 
 def scores_to_json(rows: Mapping[str, Mapping[str, TaskScores]]) -> dict[str, dict[str, dict[str, float]]]:
     return {model: {task: asdict(s) for task, s in per_task.items()} for model, per_task in rows.items()}
+
+
+def score_model_tasks(
+    model: torch.nn.Module,
+    datamodule: Any,
+    targets: Any,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> dict[str, TaskScores]:
+    """Per task of `datamodule`, a causal LM's scores against its teacher on the held-out (eval) samples:
+    `targets[(task, "eval")]` are the teacher's cached rows (the fused MoE, mergekit-moe and Symphony use it)."""
+    model.eval()
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    scores = {}
+    for task in datamodule.task_names:
+        samples = datamodule.task_samples(task, "eval")
+        scores[task] = score_task(
+            forward,
+            samples.input_ids,
+            samples.attention_mask,
+            targets[(task, "eval")],
+            temperature,
+            device=device,
+        )
+    return scores

@@ -232,19 +232,9 @@ class SymphonyRun:
     @torch.no_grad()
     def heldout_kl(self, model: Any) -> dict[str, float]:
         """Per task, the mean KL(own expert || model) over the held-out (eval) samples' real tokens."""
-        from expertmerge.evaluate import score_task
+        from expertmerge.evaluate import score_model_tasks
 
-        model.eval()
-
-        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-        scores = {}
-        for task in self.task_names:
-            samples = self.datamodule.task_samples(task, "eval")
-            targets = self.targets[(task, "eval")]
-            scores[task] = score_task(forward, samples.input_ids, samples.attention_mask, targets).kl
-        return scores
+        return {t: scores.kl for t, scores in score_model_tasks(model, self.datamodule, self.targets).items()}
 
 
 def prepare(config: SymphonyConfig, progress: bool = True) -> SymphonyRun:

@@ -17,6 +17,7 @@ from expertmerge.evaluate import (
     TaskScores,
     expert_scores,
     mean_scores,
+    score_model_tasks,
     score_task,
     scores_to_json,
 )
@@ -254,19 +255,9 @@ def moe_router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
 
 
 def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
-    datamodule = module.datamodule
-    result = {}
-    for task in module.task_names:
-        samples = datamodule.task_samples(task, "eval")
-        result[task] = score_task(
-            lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
-            samples.input_ids,
-            samples.attention_mask,
-            module.targets[(task, "eval")],
-            module.hparams.temperature,
-            device=module.device,
-        )
-    return result
+    return score_model_tasks(
+        model, module.datamodule, module.targets, module.hparams.temperature, device=module.device
+    )
 
 
 def export_moe(

@@ -139,19 +139,9 @@ def heldout_kl(
     moe: torch.nn.Module, datamodule: Any, targets: Mapping[tuple[str, str], Any]
 ) -> dict[str, float]:
     """Per task, the mean KL(own expert || MoE) over its held-out texts' real tokens."""
-    from expertmerge.evaluate import score_task
+    from expertmerge.evaluate import score_model_tasks
 
-    moe.eval()
-    scores = {}
-    for task in datamodule.task_names:
-        samples = datamodule.task_samples(task, "eval")
-        scores[task] = score_task(
-            lambda ids, mask: moe(input_ids=ids, attention_mask=mask, use_cache=False).logits,
-            samples.input_ids,
-            samples.attention_mask,
-            targets[(task, "eval")],
-        ).kl
-    return scores
+    return {task: scores.kl for task, scores in score_model_tasks(moe, datamodule, targets).items()}
 
 
 def _batches_per_expert(
