@@ -366,6 +366,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ("fused MoE", "--fused-moe"),
     ):
         parser.add_argument(flag, type=Path, dest=row, help=f"use this exported model as the {row} row")
+    parser.add_argument(
+        "--add-row", action="append", default=[], metavar="LABEL=PATH",
+        help="also score this exported model as a row (e.g. a fit with other settings); repeatable",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     options, fit_overrides = parser.parse_known_args(argv)  # the rest goes to `fit`, e.g. --model.lr=0.05
     options.fit_overrides = fit_overrides
@@ -374,6 +378,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
+    extra_rows = {}
+    for extra in options.add_row:  # checked before any long work
+        label, _, path = extra.partition("=")
+        if not label or not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--add-row {extra!r}: expected LABEL=FOLDER of an exported model (with config.json)")
+        extra_rows[label] = Path(path)
     wanted = [r for r in (options.rows or MERGE_ROWS) if r not in options.skip]
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -439,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             models[row] = (
                 given if given is not None else expert_merging(config, work, row, options.fit_overrides)
             )
+    models.update(extra_rows)
     if "sequence MoE" in wanted:
         seq_path = sequence_moe(folder, tasks, work)
 
