@@ -50,7 +50,8 @@ CONFIGS = {"tiny": REPO / "configs" / "fit_tiny.yaml", "smollm2": REPO / "config
 # name -> overrides (flat `section.key: value`) on top of the zoo's config. Only one lever moves per row,
 # except the combined rows at the end, which put the winners together.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {},  # the shipped defaults (mu 0, ce_weight 1 since session 7)
+    "old default": {"model.mu": 1.0, "model.ce_weight": 0.0},  # before session 7 (rows named "default" then)
     # 1. loss balance
     "mu=0": {"model.mu": 0.0},
     "mu=0.01": {"model.mu": 0.01},
@@ -95,8 +96,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "fixed tensors at base": {"model.fixed_tensors": "base"},
     # the combined recipe of configs/quality.yaml, as overrides of the demo
     "quality": {
-        "model.hidden_loss": "normalized_mse",
-        "model.mu": 0.1,
         "trainer.max_steps": "x3",
         "data.samples_per_task": "x2",
     },

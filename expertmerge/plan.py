@@ -226,7 +226,8 @@ def inputs_from_fit_config(path: str | Path, model_config: str | None = None) ->
         batch_size=int(data.get("batch_size", 8)),
         seq_len=int(data.get("max_length", 512)),
         logit_topk=model.get("logit_topk", 64),
-        hidden_layers=len(hidden) if hidden else 1,
+        # the module's rule: the middle layer when the hidden term is on (mu > 0), none when it is off
+        hidden_layers=len(hidden) if hidden is not None else (1 if float(model.get("mu", 0.0)) else 0),
         task_vector_dtype=str(model.get("task_vector_dtype", "bfloat16")),
         base_dtype=str(model.get("base_dtype", "float32")),
         teacher_batch_size=int(model.get("teacher_batch_size", 8)),

@@ -111,7 +111,16 @@ def test_ddp_on_two_cpu_processes_learns_the_single_process_coefficients(tiny_zo
     assert max(abs(v - 0.3) for v in single_values) > 1000 * TOLERANCE
 
 
-CHUNKING = ("--model.chunking", "true", "--model.stage2_steps", "4", "--trainer.accelerator", "cpu")
+# The hidden-state term on (mu 1) and the text loss off: with the shipped objective (KL + text loss, no hidden
+# term) one stage-2 chunk of this tiny fit has a gradient at rounding level, and Adam's first step (lr * sign of
+# the gradient) sends it opposite ways when the six batch gradients are summed in another order (DDP: two ranks
+# of three, averaged; one process: six): 0.04 apart after stage 2 while stage 1 stays identical. That is the
+# optimiser amplifying float rounding, not a difference in what the ranks compute; this objective has no such
+# chunk, so the comparison stays exact.
+CHUNKING = (
+    "--model.chunking", "true", "--model.stage2_steps", "4", "--trainer.accelerator", "cpu",
+    "--model.mu", "1", "--model.ce_weight", "0",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

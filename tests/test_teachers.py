@@ -273,7 +273,7 @@ def test_a_base_task_is_taught_by_the_base_once_cached_and_fits_layer_and_chunk_
     targets, stats = teacher_targets(
         datamodule,
         teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
-        TeacherSettings(hidden_layers=(1,)),  # the fit's: the middle layer, top-64 logits
+        TeacherSettings(hidden_layers=()),  # the fit's: no hidden states (mu 0), top-64 logits
         expert_hashes=pool.content_hashes(),
     )
     assert (stats.computed, stats.reused, teacher_forwards() - forwards) == (0, 8, 0)
