@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def aligned_hidden_layers(hidden_layers: list[int] | None, mu: float, num_layers: int) -> list[int]:
+    """The `hidden_states` indices the hidden-state term aligns: the ones given, else the middle layer when the
+    term is on (`mu` > 0) and none when it is off (then no hidden targets are cached)."""
+    if hidden_layers is not None:
+        return list(hidden_layers)
+    return [num_layers // 2] if mu else []
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` [B, L, ...] over the positions where `mask` [B, L] is 1."""
     mask = mask.to(values.dtype)

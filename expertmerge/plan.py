@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.losses import aligned_hidden_layers
 
 STRATEGIES = ("resident", "streamed", "fsdp")
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -219,15 +220,17 @@ def inputs_from_fit_config(path: str | Path, model_config: str | None = None) ->
             folder = Path(resolve_path(base))
         model_config = str(folder)
     experts = model.get("experts") or {}
-    hidden = model.get("hidden_layers")
+    config = read_config(model_config)
+    hidden = aligned_hidden_layers(
+        model.get("hidden_layers"), float(model.get("mu", 0.0)), int(config.num_hidden_layers)
+    )
     return PlanInputs(
-        config=read_config(model_config),
+        config=config,
         num_experts=len(experts),
         batch_size=int(data.get("batch_size", 8)),
         seq_len=int(data.get("max_length", 512)),
         logit_topk=model.get("logit_topk", 64),
-        # the module's rule: the middle layer when the hidden term is on (mu > 0), none when it is off
-        hidden_layers=len(hidden) if hidden is not None else (1 if float(model.get("mu", 0.0)) else 0),
+        hidden_layers=len(hidden),
         task_vector_dtype=str(model.get("task_vector_dtype", "bfloat16")),
         base_dtype=str(model.get("base_dtype", "float32")),
         teacher_batch_size=int(model.get("teacher_batch_size", 8)),

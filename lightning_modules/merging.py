@@ -33,6 +33,7 @@ from expertmerge.fsdp import (
     sharded_merge,
 )
 from expertmerge.losses import (
+    aligned_hidden_layers,
     hidden_loss,
     kl_to_teacher,
     logit_kl_loss,
@@ -222,10 +223,7 @@ class ExpertMergingModule(pl.LightningModule):
 
         model = self._load(pool.base_dir)
         num_layers = int(getattr(model.config, "num_hidden_layers", 2))
-        if hp.hidden_layers is not None:
-            self.hidden_layers = list(hp.hidden_layers)
-        else:  # the middle layer, or none at all when the hidden term is off (no hidden targets cached)
-            self.hidden_layers = [num_layers // 2] if hp.mu else []
+        self.hidden_layers = aligned_hidden_layers(hp.hidden_layers, hp.mu, num_layers)
         for layer in self.hidden_layers:
             if not -num_layers - 1 <= layer <= num_layers:
                 raise ExpertMergeError(
