@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     for extra in options.add_row:  # checked before any long work
         label, _, path = extra.partition("=")
         if not label or not (Path(path) / "config.json").is_file():
-            raise SystemExit(f"--add-row {extra!r}: expected LABEL=FOLDER of an exported model (with config.json)")
+            raise SystemExit(
+                f"--add-row {extra!r}: expected LABEL=FOLDER of an exported model (with config.json)"
+            )
         extra_rows[label] = Path(path)
     wanted = [r for r in (options.rows or MERGE_ROWS) if r not in options.skip]
     import transformers
@@ -416,15 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Path] = {"base": folder / "base"}
     models.update({f"expert {t}": folder / "experts" / t for t in tasks})
     configs = merge_configs(folder, tasks, options)
-    sweeps: dict[str, dict[float, str]] = {}  # method -> lambda -> model name
+    sweeps: dict[str, list[str]] = {}  # method -> its lambda-sweep model names (not table rows)
     for name in TRAINING_FREE:
         if name in wanted:
             models[name] = work / re.sub(r"\W+", "-", name.lower())
             timings[name] = run_training_free(configs[name], models[name])
         if "oracle" in wanted and name != "average":
-            sweeps[name] = {1.0: name}
+            sweeps[name] = []
             for value in options.lambdas:
                 key = f"{name} (lambda {value:g})"
+                sweeps[name].append(key)
                 config = {
                     **configs[name],
                     "parameters": {**configs[name].get("parameters", {}), "lambda": value},
@@ -477,10 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     # the oracle rows: the lambda with the best mean gain on these very held-out texts
-    rows_order = [m for m in models if " (lambda " not in m]
+    swept = {key for keys in sweeps.values() for key in keys}
+    rows_order = [m for m in models if m not in swept]  # an --add-row label may say "lambda" too
     oracle_rows: dict[str, str] = {}
-    for method, _ in sweeps.items():
-        candidates = [method] + [m for m in models if m.startswith(f"{method} (lambda ")]
+    for method, keys in sweeps.items():
+        candidates = [method, *keys]
         best = max(candidates, key=lambda m: sum(gains(m).values()))
         value = 1.0 if best == method else float(best.split("lambda ")[1].rstrip(")"))
         label = f"{method} (oracle lambda {value:g})"
