@@ -158,7 +158,7 @@ def reset_coefficients(module: Any) -> None:
     module.stage, module.stage1_values, module.chunk_allocation = 1, None, None
     rows = [module.task_vectors[i].shape[1] for i in range(len(module.coefficient_names))]
     module.coefficients = MergeCoefficients(
-        module.coefficient_names, rows, len(module.expert_names), alpha0=hp.alpha0
+        module.coefficient_names, rows, len(module.expert_names), alpha0=module.start_alpha
     ).to(module.task_vectors[0].device)
     if hp.stage1_result:
         module.start_stage2(

@@ -138,6 +138,14 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
     """Every numeric option of `ExpertMergingModule` (its constructor arguments), before any work."""
     experts = list(hp["experts"])
     per_name("model.alpha0", hp["alpha0"], experts, lambda k, v: in_range(k, v, 0, 1, True, True), "experts")
+    search = hp.get("alpha0_search")
+    if search is not None:
+        if not isinstance(search, (list, tuple)) or not search:
+            raise ExpertMergeError(
+                f"model.alpha0_search must be a non-empty list of start values in (0, 1), got {_shown(search)}."
+            )
+        for index, value in enumerate(search):
+            in_range(f"model.alpha0_search[{index}]", value, 0, 1, True, True)
     non_negative("model.gamma", hp["gamma"])
     non_negative("model.mu", hp["mu"])
     non_negative("model.ce_weight", hp.get("ce_weight", 0.0))

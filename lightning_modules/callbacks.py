@@ -152,7 +152,7 @@ def export_dense(
         copy_support_files(pool.base_dir, tmp)
         coefficients = {
             "experts": module.expert_names,
-            "alpha0": module.hparams.alpha0,
+            "alpha0": module.start_alpha,  # alpha0_search: the value it chose
             "chunk_counts": dict(
                 zip(module.coefficient_names, module.coefficients.chunk_counts, strict=True)
             ),
@@ -191,7 +191,8 @@ def export_dense(
             base=(pool.base_source, hashes["base"]),
             experts={name: (pool.expert_sources[name], hashes[name]) for name in module.expert_names},
             parameters={
-                "alpha0": hp.alpha0,
+                "alpha0": module.start_alpha,
+                "alpha0_search": module.start_scores or None,
                 "gamma": hp.gamma,
                 "mu": hp.mu,
                 "temperature": hp.temperature,
@@ -276,7 +277,7 @@ def export_moe(
     parameters = {
         "router_tuning_steps": hp.router_tuning_steps,
         "shared_tensors": "learned coefficients with oracle routing (expertmerge fit, model.moe)",
-        "alpha0": hp.alpha0,
+        "alpha0": module.start_alpha,
         "gamma": hp.gamma,
     }
     write_moe_checkpoint(

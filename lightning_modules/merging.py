@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
@@ -62,6 +64,11 @@ class ExpertMergingModule(pl.LightningModule):
         experts: expert name -> folder. Tasks in the data config name these experts.
         alpha0: start value of every coefficient (one, or one per expert in `experts` order); also where
             the tensors without learned coefficients are merged (task arithmetic at alpha0).
+        alpha0_search: candidate start values; when given, alpha0 is the one whose task arithmetic (every
+            coefficient and every tensor without coefficients at that value) has the lowest fit objective
+            (KL, plus the hidden and text terms the fit uses, task weights applied) on the training
+            calibration samples, measured once after the teacher pass (no labels, no held-out data).
+            Replaces alpha0; the value chosen is in the summary table and `coefficients.json`.
         gamma: weight of the regulariser `mean |c - start|`.
         mu: weight of the hidden-state term relative to the logit KL. 0 (the default) aligns the logits only
             and caches no hidden states (benchmarks/LEVERS.md: no hidden-term setting beat the KL alone).
@@ -127,6 +134,7 @@ class ExpertMergingModule(pl.LightningModule):
         base: str,
         experts: dict[str, str],
         alpha0: float | list[float] = 0.3,
+        alpha0_search: list[float] | None = None,
         gamma: float = 0.05,
         mu: float = 0.0,
         hidden_loss: Literal["mse", "normalized_mse", "cosine"] = "mse",
@@ -184,6 +192,11 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
         self.task_scales: dict[str, float] | None = None  # task_balance: 1 / start KL, mean 1
+        self.start_alpha: float | list[float] = alpha0  # the start actually used (alpha0_search's choice)
+        self.start_scores: dict[float, float] = {}  # alpha0_search: candidate -> calibration objective
+        self._fixed_deltas: dict[
+            str, torch.Tensor
+        ] = {}  # alpha0_search: sum of task vectors, unlearned tensors
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -302,11 +315,13 @@ class ExpertMergingModule(pl.LightningModule):
         )
         gc.collect()
         self.model = model
+        if hp.alpha0_search:
+            self.start_alpha = self.search_alpha0(hp.alpha0_search, rows)
         self.coefficients = MergeCoefficients(
             self.coefficient_names,
             rows,
             num_experts,
-            alpha0=hp.alpha0,
+            alpha0=self.start_alpha,
         )
         if hp.stage1_result:
             self.start_stage2(read_stage1_result(hp.stage1_result, self.expert_names, self.coefficient_names))
@@ -336,8 +351,12 @@ class ExpertMergingModule(pl.LightningModule):
             elif name not in learned and self.hparams.fixed_tensors == "alpha0":
                 delta = torch.zeros_like(parameter)
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
-                    delta.add_(tau, alpha=float(alpha[k]))
-                parameter.add_(delta)
+                    delta.add_(tau, alpha=1.0 if self.hparams.alpha0_search else float(alpha[k]))
+                if self.hparams.alpha0_search:  # merged once the start value is chosen
+                    if bool(delta.any()):
+                        self._fixed_deltas[name] = delta
+                else:
+                    parameter.add_(delta)
 
     @property
     def layer_sharded(self) -> bool:
@@ -476,7 +495,7 @@ class ExpertMergingModule(pl.LightningModule):
             self.coefficient_names,
             [info["rows"] for info in allocation["tensors"].values()],
             len(self.expert_names),
-            alpha0=self.hparams.alpha0,
+            alpha0=self.start_alpha,
             chunks={name: info["chunks"] for name, info in allocation["tensors"].items()},
             start={name: value.view(-1, 1) for name, value in self.stage1_values.items()},
         ).to(device)
@@ -522,14 +541,15 @@ class ExpertMergingModule(pl.LightningModule):
         return parts
 
     @torch.no_grad()
-    def start_task_scales(self) -> dict[str, float]:
-        """`task_balance: start_kl`: per task 1 / (its KL at the start point), scaled to mean 1. Measured on
-        every training sample of the task (the same on every rank), before the first step."""
-        kls = {}
+    def start_losses(self) -> dict[str, dict[str, float]]:
+        """Per task its loss terms (token-weighted means) for the current coefficients over every training
+        calibration sample of the task (the same on every rank)."""
+        means = {}
         size = max(1, int(self.hparams.teacher_batch_size))
         for index, task in enumerate(self.task_names):
             samples = self.datamodule.task_samples(task, "train")
-            total, tokens = 0.0, 0.0
+            totals: dict[str, float] = {}
+            tokens = 0.0
             for first in range(0, samples.input_ids.shape[0], size):
                 rows = torch.arange(first, min(first + size, samples.input_ids.shape[0]))
                 mask = samples.attention_mask[rows].to(self.device)
@@ -541,9 +561,61 @@ class ExpertMergingModule(pl.LightningModule):
                     "sample_index": rows,
                 }
                 count = float(batch["attention_mask"].sum())
-                total += float(self.task_losses(batch)["kl"]) * count
+                for part, value in self.task_losses(batch).items():
+                    if part != "kl_tokens":
+                        totals[part] = totals.get(part, 0.0) + float(value) * count
                 tokens += count
-            kls[task] = max(total / max(tokens, 1.0), 1e-6)
+            means[task] = {part: total / max(tokens, 1.0) for part, total in totals.items()}
+        return means
+
+    def task_objective(self, parts: dict[str, Any]) -> Any:
+        """One task's alignment loss from its terms: KL + mu * hidden term + ce_weight * text loss."""
+        loss = parts["kl"] + self.hparams.mu * parts["mse"]
+        if "ce" in parts:
+            loss = loss + self.hparams.ce_weight * parts["ce"]
+        return loss
+
+    @torch.no_grad()
+    def search_alpha0(self, candidates: list[float], rows: list[int]) -> float:
+        """`alpha0_search`: the candidate whose task arithmetic has the lowest fit objective on the training
+        calibration samples (task weights applied); the tensors without coefficients are merged at it."""
+        weights = self.hparams.task_weights or {}
+        applied = 0.0
+        with Progress(transient=True) as progress:
+            bar = progress.add_task("start search (task arithmetic)", total=len(candidates))
+            for value in candidates:
+                self._shift_fixed(value - applied)
+                applied = value
+                self.coefficients = MergeCoefficients(
+                    self.coefficient_names, rows, len(self.expert_names), alpha0=value
+                )
+                losses = self.start_losses()
+                total = sum(float(weights.get(t, 1.0)) * self.task_objective(losses[t]) for t in losses)
+                self.start_scores[float(value)] = total / sum(float(weights.get(t, 1.0)) for t in losses)
+                progress.advance(bar)
+        best = min(self.start_scores, key=self.start_scores.__getitem__)
+        self._shift_fixed(best - applied)
+        self._fixed_deltas = {}
+        self.coefficients = None
+        if self._trainer is None or self.trainer.is_global_zero:
+            table = Table(title="start search: task arithmetic on the training calibration samples")
+            table.add_column("alpha0", justify="right")
+            table.add_column("objective", justify="right")
+            for value, score in self.start_scores.items():
+                table.add_row(f"{value:g}" + (" (chosen)" if value == best else ""), f"{score:.4f}")
+            Console().print(table)
+        return best
+
+    @torch.no_grad()
+    def _shift_fixed(self, step: float) -> None:
+        """Move the tensors without coefficients along their summed task vectors by `step`."""
+        for name, delta in self._fixed_deltas.items():
+            self.model.get_parameter(name).add_(delta, alpha=step)
+
+    def start_task_scales(self) -> dict[str, float]:
+        """`task_balance: start_kl`: per task 1 / (its KL at the start point), scaled to mean 1. Measured on
+        every training sample of the task (the same on every rank), before the first step."""
+        kls = {task: max(parts["kl"], 1e-6) for task, parts in self.start_losses().items()}
         inverse = {task: 1.0 / kl for task, kl in kls.items()}
         mean_inverse = sum(inverse.values()) / len(inverse)
         return {task: value / mean_inverse for task, value in inverse.items()}
@@ -557,9 +629,8 @@ class ExpertMergingModule(pl.LightningModule):
             task = self.task_names[int(task_batch["task_index"])]
             parts = self.task_losses(task_batch)
             beta = float(weights.get(task, 1.0)) * (self.task_scales or {}).get(task, 1.0)
-            task_loss = parts["kl"] + self.hparams.mu * parts["mse"]
+            task_loss = self.task_objective(parts)
             if "ce" in parts:
-                task_loss = task_loss + self.hparams.ce_weight * parts["ce"]
                 self.log(f"train/ce/{task}", parts["ce"], batch_size=task_batch["input_ids"].shape[0])
             alignment = alignment + beta * task_loss
             size = task_batch["input_ids"].shape[0]

@@ -267,3 +267,40 @@ def test_task_balance_divides_each_task_by_its_start_kl(tiny_zoo) -> None:
     assert scales == pytest.approx(expected, rel=1e-4)
     assert sum(scales.values()) == pytest.approx(len(scales))
     assert max(scales.values()) / min(scales.values()) > 1.1, scales  # the tiny tasks' start KLs differ
+
+
+def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_objective(tiny_zoo) -> None:
+    """`alpha0_search`: each candidate's recorded objective is that of a module prepared at that fixed alpha0
+    (learned coefficients and the unlearned tensors, which full fine-tunes change, at the value); the lowest
+    one is the start, and the unlearned tensors are left merged at it."""
+    from expertmerge.cli.fit import _fit_cli
+
+    def objective(module) -> float:
+        losses = module.start_losses()
+        return sum(float(module.task_objective(parts)) for parts in losses.values()) / len(losses)
+
+    def prepared(*overrides: str):
+        cli = _fit_cli(["--config", CONFIG, *overrides], run=False)
+        cli.model.prepare(cli.datamodule)
+        return cli.model
+
+    candidates = [0.1, 0.3, 0.6]
+    searched = prepared("--model.alpha0_search", json.dumps(candidates))
+    assert list(searched.start_scores) == candidates
+    best = min(candidates, key=searched.start_scores.__getitem__)
+    assert searched.start_alpha == best
+    assert float(searched.coefficients.alpha0[0]) == pytest.approx(best)
+    assert objective(searched) == pytest.approx(searched.start_scores[best], rel=1e-5)
+    fixed = {}
+    for value in candidates:
+        fixed[value] = prepared("--model.alpha0", str(value))
+        assert objective(fixed[value]) == pytest.approx(searched.start_scores[value], rel=1e-5)
+    spread = max(searched.start_scores.values()) - min(searched.start_scores.values())
+    assert spread > 1e-3, searched.start_scores  # the candidates really differ on the tiny zoo
+    other = dict(fixed[next(v for v in candidates if v != best)].model.named_parameters())
+    at_best = dict(fixed[best].model.named_parameters())
+    unlearned = [n for n in at_best if n not in searched.coefficient_names]
+    for name in unlearned:
+        torch.testing.assert_close(searched.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6)
+    # some unlearned tensor has a task vector (full fine-tunes), so the fold at the chosen value was exercised
+    assert any(not torch.equal(at_best[name], other[name]) for name in unlearned)
