@@ -76,6 +76,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "model.ce_weight": 1.0,
         "trainer.max_steps": "x3",
     },
+    # 1c. the fit's objective as the gain retained per task (session 8)
+    "balance=expert_gain": {"model.task_balance": "expert_gain"},
+    "balance=expert_gain,ce=3": {"model.task_balance": "expert_gain", "model.ce_weight": 3.0},
+    "balance=expert_gain,ce=0": {"model.task_balance": "expert_gain", "model.ce_weight": 0.0},
+    "balance=expert_gain,steps x3": {"model.task_balance": "expert_gain", "trainer.max_steps": "x3"},
+    "ce=3": {"model.ce_weight": 3.0},
+    "ce=10": {"model.ce_weight": 10.0},
+    "steps x3": {"trainer.max_steps": "x3"},
     # 2. objective
     "topk=256": {"model.logit_topk": 256},
     "full-vocab KL": {"model.logit_topk": None},
@@ -344,6 +352,14 @@ def run_in_process(
     datamodule = CalibrationDataModule(tokenizer=settings["model"]["base"], **settings["data"])
     started = time.perf_counter()
     module.prepare(datamodule)
+    if not module.base_nll:  # task_balance expert_gain needs the pure base's NLL per task (zoo B: folded tensors)
+        from expertmerge.teachers import mean_next_token_nll
+
+        base_model = module._load(module.pool.base_dir)
+        module.base_nll = {
+            t: mean_next_token_nll(base_model, datamodule.task_samples(t, "train")) for t in module.task_names
+        }
+        del base_model
     reference = evaluate_fit(module)  # base and experts once; their scores do not depend on the setting
     console.print(f"prepared in {time.perf_counter() - started:.0f} s")
     defaults = {key: module.hparams[key] for key in IN_PROCESS_HPARAMS}

@@ -127,3 +127,17 @@ def next_token_nll(
     nll = -log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     target_mask = mask[:, 1:] * mask[:, :-1]
     return nll, target_mask
+
+
+def expert_gain_scales(gains: Mapping[str, float | None], floor: float = 0.1) -> dict[str, float]:
+    """Per-task loss scales that make the fit's objective the gain retained per task: 1 / gain_t, where gain_t
+    is the task's expert's improvement over the base (nats per token), scaled to mean 1 over the expert
+    tasks. A gain below `floor` x the largest counts as that (an expert barely better than the base, or worse,
+    must not take over the fit); tasks without an expert (None: the base teaches them) get 1."""
+    measured = {task: gain for task, gain in gains.items() if gain is not None}
+    if not measured:
+        return {task: 1.0 for task in gains}
+    largest = max(max(measured.values()), 1e-6)
+    inverse = {task: 1.0 / max(gain, floor * largest) for task, gain in measured.items()}
+    mean_inverse = sum(inverse.values()) / len(inverse)
+    return {task: inverse[task] / mean_inverse if task in inverse else 1.0 for task in gains}

@@ -168,6 +168,25 @@ def compute_targets(
     return TeacherTargets({name: torch.cat(parts) for name, parts in chunks.items()})
 
 
+@torch.no_grad()
+def mean_next_token_nll(model: nn.Module, samples: Any, batch_size: int = 8) -> float:
+    """A model's mean next-token NLL (nats per token, padding excluded) over padded samples
+    (`input_ids` / `attention_mask` [n, L]), in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for start in range(0, samples.input_ids.shape[0], max(1, batch_size)):
+        mask = samples.attention_mask[start : start + batch_size]
+        used = int(mask.sum(1).max())
+        ids = samples.input_ids[start : start + batch_size, :used].to(device)
+        mask = mask[:, :used].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        nll, target_mask = next_token_nll(logits, ids, mask)
+        total += float((nll * target_mask).sum())
+        count += float(target_mask.sum())
+    return total / max(count, 1.0)
+
+
 def teacher_forwards() -> int:
     """How many teacher batches this process has run through a model so far (cache hits run none)."""
     return _FORWARDS[0]

@@ -36,6 +36,7 @@ from expertmerge.fsdp import (
 )
 from expertmerge.losses import (
     aligned_hidden_layers,
+    expert_gain_scales,
     hidden_loss,
     kl_to_teacher,
     logit_kl_loss,
@@ -46,6 +47,7 @@ from expertmerge.losses import (
 from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
 from expertmerge.teachers import (
     TeacherSettings,
+    mean_next_token_nll,
     TeacherStats,
     TeacherTargets,
     teacher_dirs,
@@ -79,10 +81,13 @@ class ExpertMergingModule(pl.LightningModule):
         hidden_layers: indices into the model's `hidden_states` (0 = embeddings) aligned by MSE;
             default: the middle layer when `mu` > 0, none when `mu` is 0.
         task_weights: beta per task name (default 1 for every task); raise one to favour that task.
-        task_balance: `none`, or `start_kl`: each task's loss is divided by its KL at the start point (task
+        task_balance: `none`; `start_kl`: each task's loss is divided by its KL at the start point (task
             arithmetic at alpha0, measured once on the task's calibration samples; mean scale 1), so the fit
-            trades *relative* improvements between tasks, as the gain-retained metric does, instead of
-            spending everything on the task whose KL is largest.
+            trades *relative* improvements between tasks instead of spending everything on the task whose KL
+            is largest; `expert_gain`: each task's loss is divided by its expert's gain on the task's
+            calibration texts (base NLL minus expert NLL, nats per token, measured once; mean scale 1), so
+            the fit's objective is the gain retained per task, the quantity the merge is judged by. Tasks
+            taught by the base keep scale 1; a gain under a tenth of the largest counts as that tenth.
         ce_weight: weight of the language-modelling loss on the calibration texts' own next tokens (no labels:
             the texts themselves), added to each task's alignment loss. The default 1 (with `mu` 0) is the one
             setting measured to beat the KL alone on both SmolLM2 zoos' calibration data (LEVERS.md).
@@ -141,7 +146,7 @@ class ExpertMergingModule(pl.LightningModule):
         temperature: float = 1.0,
         hidden_layers: list[int] | None = None,
         task_weights: dict[str, float] | None = None,
-        task_balance: Literal["none", "start_kl"] = "none",
+        task_balance: Literal["none", "start_kl", "expert_gain"] = "none",
         ce_weight: float = 1.0,
         learn_include: list[str] | None = None,
         learn_exclude: list[str] | None = None,
@@ -191,7 +196,8 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage = 1
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
-        self.task_scales: dict[str, float] | None = None  # task_balance: 1 / start KL, mean 1
+        self.task_scales: dict[str, float] | None = None  # task_balance: per-task scale, mean 1
+        self.base_nll: dict[str, float] = {}  # task_balance expert_gain: the base's NLL per task (train texts)
         self.start_alpha: float | list[float] = alpha0  # the start actually used (alpha0_search's choice)
         self.start_scores: dict[float, float] = {}  # alpha0_search: candidate -> calibration objective
         self._fixed_deltas: dict[
@@ -245,6 +251,11 @@ class ExpertMergingModule(pl.LightningModule):
         self.hidden_layers = [layer % (num_layers + 1) for layer in self.hidden_layers]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        if hp.task_balance == "expert_gain":  # the pure base, before any tensor is merged into it
+            self.base_nll = {
+                task: mean_next_token_nll(model, datamodule.task_samples(task, "train"), hp.teacher_batch_size)
+                for task in self.task_names
+            }
         params = dict(model.named_parameters())
         self.ffn_names: list[str] = []
         if hp.moe:
@@ -613,12 +624,28 @@ class ExpertMergingModule(pl.LightningModule):
             self.model.get_parameter(name).add_(delta, alpha=step)
 
     def start_task_scales(self) -> dict[str, float]:
-        """`task_balance: start_kl`: per task 1 / (its KL at the start point), scaled to mean 1. Measured on
-        every training sample of the task (the same on every rank), before the first step."""
+        """Per task 1 / (its KL at the start point) (`start_kl`) or 1 / (its expert's gain over the base on its
+        calibration texts) (`expert_gain`), scaled to mean 1. Measured on every training sample of the task
+        (the same on every rank), before the first step."""
+        if self.hparams.task_balance == "expert_gain":
+            return expert_gain_scales(self.expert_gains())
         kls = {task: max(parts["kl"], 1e-6) for task, parts in self.start_losses().items()}
         inverse = {task: 1.0 / kl for task, kl in kls.items()}
         mean_inverse = sum(inverse.values()) / len(inverse)
         return {task: value / mean_inverse for task, value in inverse.items()}
+
+    def expert_gains(self) -> dict[str, float | None]:
+        """Per task its expert's gain over the base on the task's training calibration texts (nats per token,
+        base NLL minus the expert NLL cached with the teacher targets); None for tasks the base teaches."""
+        gains: dict[str, float | None] = {}
+        for task, expert in zip(self.task_names, self.task_experts, strict=True):
+            if expert is None:
+                gains[task] = None
+                continue
+            mask = self.datamodule.task_samples(task, "train").attention_mask
+            nll = self.targets[(task, "train")].tensors["nll"][:, : mask.shape[1]]
+            gains[task] = self.base_nll[task] - masked_mean(nll[:, :-1], mask[:, 1:] * mask[:, :-1]).item()
+        return gains
 
     def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         # A batch is one task's samples, or a round with one sub-batch per task (one step sees every task).

@@ -269,6 +269,44 @@ def test_task_balance_divides_each_task_by_its_start_kl(tiny_zoo) -> None:
     assert max(scales.values()) / min(scales.values()) > 1.1, scales  # the tiny tasks' start KLs differ
 
 
+def test_expert_gain_balance_divides_each_task_by_its_experts_gain_over_the_base(tiny_zoo) -> None:
+    """`task_balance: expert_gain`: scale_t = (1 / gain_t) / mean, gain_t = base NLL - expert NLL on the task's
+    training texts, each measured here by loading the real base and expert models (the tiny experts are full
+    fine-tunes, so the fit's own model already holds folded tensors and cannot stand in for the base)."""
+    from expertmerge.cli.fit import _fit_cli
+    from expertmerge.losses import next_token_nll
+
+    cli = _fit_cli(["--config", CONFIG, "--model.task_balance", "expert_gain"], run=False)
+    module, datamodule = cli.model, cli.datamodule
+    module.prepare(datamodule)
+    scales = module.start_task_scales()
+
+    def nll(folder: Path, task: str) -> float:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        samples = datamodule.task_samples(task, "train")
+        with torch.no_grad():
+            logits = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits
+        per_token, mask = next_token_nll(logits, samples.input_ids, samples.attention_mask)
+        return float((per_token * mask).sum() / mask.sum())
+
+    gains = {t: nll(tiny_zoo / "base", t) - nll(tiny_zoo / "experts" / t, t) for t in module.task_names}
+    assert module.expert_gains() == pytest.approx(gains, rel=1e-4, abs=1e-5)
+    assert all(g > 0.05 for g in gains.values()), gains  # each tiny expert really learned its task
+    inverse = {t: 1 / g for t, g in gains.items()}
+    expected = {t: v * len(inverse) / sum(inverse.values()) for t, v in inverse.items()}
+    assert scales == pytest.approx(expected, rel=1e-3)
+    assert max(scales.values()) / min(scales.values()) > 1.1, scales
+
+
+def test_expert_gain_scales_floor_tiny_gains_and_leave_base_tasks_at_one() -> None:
+    from expertmerge.losses import expert_gain_scales
+
+    scales = expert_gain_scales({"a": 1.0, "b": 0.5, "c": -0.2, "general": None})
+    # c's gain (worse than the base) counts as 0.1 x the largest: inverses 1, 2, 10 -> mean 13/3
+    assert scales == pytest.approx({"a": 3 / 13, "b": 6 / 13, "c": 30 / 13, "general": 1.0})
+    assert expert_gain_scales({"general": None}) == {"general": 1.0}
+
+
 def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_objective(tiny_zoo) -> None:
     """`alpha0_search`: each candidate's recorded objective is that of a module prepared at that fixed alpha0
     (learned coefficients and the unlearned tensors, which full fine-tunes change, at the value); the lowest
