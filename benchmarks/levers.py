@@ -352,7 +352,9 @@ def run_in_process(
     datamodule = CalibrationDataModule(tokenizer=settings["model"]["base"], **settings["data"])
     started = time.perf_counter()
     module.prepare(datamodule)
-    if not module.base_nll:  # task_balance expert_gain needs the pure base's NLL per task (zoo B: folded tensors)
+    if (
+        not module.base_nll
+    ):  # task_balance expert_gain needs the pure base's NLL per task (zoo B: folded tensors)
         from expertmerge.teachers import mean_next_token_nll
 
         base_model = module._load(module.pool.base_dir)

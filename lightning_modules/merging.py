@@ -47,9 +47,9 @@ from expertmerge.losses import (
 from expertmerge.streaming import StreamedTaskVectors, streamed_task_vectors
 from expertmerge.teachers import (
     TeacherSettings,
-    mean_next_token_nll,
     TeacherStats,
     TeacherTargets,
+    mean_next_token_nll,
     teacher_dirs,
     teacher_targets,
 )
@@ -197,7 +197,9 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
         self.task_scales: dict[str, float] | None = None  # task_balance: per-task scale, mean 1
-        self.base_nll: dict[str, float] = {}  # task_balance expert_gain: the base's NLL per task (train texts)
+        self.base_nll: dict[
+            str, float
+        ] = {}  # task_balance expert_gain: the base's NLL per task (train texts)
         self.start_alpha: float | list[float] = alpha0  # the start actually used (alpha0_search's choice)
         self.start_scores: dict[float, float] = {}  # alpha0_search: candidate -> calibration objective
         self._fixed_deltas: dict[
@@ -253,7 +255,9 @@ class ExpertMergingModule(pl.LightningModule):
             parameter.requires_grad_(False)
         if hp.task_balance == "expert_gain":  # the pure base, before any tensor is merged into it
             self.base_nll = {
-                task: mean_next_token_nll(model, datamodule.task_samples(task, "train"), hp.teacher_batch_size)
+                task: mean_next_token_nll(
+                    model, datamodule.task_samples(task, "train"), hp.teacher_batch_size
+                )
                 for task in self.task_names
             }
         params = dict(model.named_parameters())
