@@ -81,6 +81,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "balance=expert_gain,ce=3": {"model.task_balance": "expert_gain", "model.ce_weight": 3.0},
     "balance=expert_gain,ce=0": {"model.task_balance": "expert_gain", "model.ce_weight": 0.0},
     "balance=expert_gain,steps x3": {"model.task_balance": "expert_gain", "trainer.max_steps": "x3"},
+    "search": {"model.alpha0_search": "[0.1,0.2,0.3,0.5,0.7,0.9]"},
+    "search,balance=expert_gain": {
+        "model.alpha0_search": "[0.1,0.2,0.3,0.5,0.7,0.9]",
+        "model.task_balance": "expert_gain",
+    },
+    "search,balance=expert_gain,ce=3": {
+        "model.alpha0_search": "[0.1,0.2,0.3,0.5,0.7,0.9]",
+        "model.task_balance": "expert_gain",
+        "model.ce_weight": 3.0,
+    },
     "ce=3": {"model.ce_weight": 3.0},
     "ce=10": {"model.ce_weight": 10.0},
     "steps x3": {"trainer.max_steps": "x3"},

@@ -89,8 +89,9 @@ class ExpertMergingModule(pl.LightningModule):
             the fit's objective is the gain retained per task, the quantity the merge is judged by. Tasks
             taught by the base keep scale 1; a gain under a tenth of the largest counts as that tenth.
         ce_weight: weight of the language-modelling loss on the calibration texts' own next tokens (no labels:
-            the texts themselves), added to each task's alignment loss. The default 1 (with `mu` 0) is the one
-            setting measured to beat the KL alone on both SmolLM2 zoos' calibration data (LEVERS.md).
+            the texts themselves), added to each task's alignment loss. The default 3 with `task_balance`
+            `expert_gain` and `mu` 0 is the objective measured best on both SmolLM2 zoos' calibration data
+            (LEVERS.md): KL to an expert caps a task at that expert, its own text does not.
         learn_include: regexes; tensors whose name matches one get learned coefficients.
         learn_exclude: regexes; matching tensors are merged at alpha0 instead.
         learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
@@ -146,8 +147,8 @@ class ExpertMergingModule(pl.LightningModule):
         temperature: float = 1.0,
         hidden_layers: list[int] | None = None,
         task_weights: dict[str, float] | None = None,
-        task_balance: Literal["none", "start_kl", "expert_gain"] = "none",
-        ce_weight: float = 1.0,
+        task_balance: Literal["none", "start_kl", "expert_gain"] = "expert_gain",
+        ce_weight: float = 3.0,
         learn_include: list[str] | None = None,
         learn_exclude: list[str] | None = None,
         learn_matrices_only: bool = True,
@@ -330,6 +331,8 @@ class ExpertMergingModule(pl.LightningModule):
         )
         gc.collect()
         self.model = model
+        if hp.task_balance == "expert_gain":  # start-independent: known before the start search uses them
+            self.task_scales = self.start_task_scales()
         if hp.alpha0_search:
             self.start_alpha = self.search_alpha0(hp.alpha0_search, rows)
         self.coefficients = MergeCoefficients(
@@ -593,8 +596,13 @@ class ExpertMergingModule(pl.LightningModule):
     @torch.no_grad()
     def search_alpha0(self, candidates: list[float], rows: list[int]) -> float:
         """`alpha0_search`: the candidate whose task arithmetic has the lowest fit objective on the training
-        calibration samples (task weights applied); the tensors without coefficients are merged at it."""
-        weights = self.hparams.task_weights or {}
+        calibration samples (task weights and `expert_gain` scales applied); the tensors without coefficients
+        are merged at it."""
+        scales = self.task_scales or {}
+        weights = {
+            t: float((self.hparams.task_weights or {}).get(t, 1.0)) * scales.get(t, 1.0)
+            for t in self.task_names
+        }
         applied = 0.0
         with Progress(transient=True) as progress:
             bar = progress.add_task("start search (task arithmetic)", total=len(candidates))
