@@ -43,6 +43,11 @@ class LearnedBackboneOptions(BaseModel):
     hidden_loss: Literal["mse", "normalized_mse", "cosine"] = (
         "normalized_mse"  # scale-free: the aligned experts' hidden norms differ
     )
+    # The fit's default objective divides each task by its expert's gain over the base; here the "base" is the
+    # aligned reference expert (its own task has no gain), and the backbone is judged by KL to each expert:
+    # plain alignment, with the texts' own loss at weight 1 (what benchmarks/SYMPHONY.md measured).
+    task_balance: Literal["none", "start_kl", "expert_gain"] = "none"
+    ce_weight: float = Field(1.0, ge=0)
     # Regexes of the tensors with coefficients: the blocks' matrices, and (unlike the fit's default) the
     # embeddings and head, which differ between models from different inits as much as the attention does
     # (measured on the diffinit zoo: mean held-out KL 0.389 -> 0.322, router tuned; benchmarks/SYMPHONY.md).
@@ -104,6 +109,8 @@ def learned_backbone(
             gamma=options.gamma,
             mu=options.mu,
             hidden_loss=options.hidden_loss,
+            task_balance=options.task_balance,
+            ce_weight=options.ce_weight,
             lr=options.lr,
             learn_include=options.learn_include,
             moe=True,

@@ -9,10 +9,13 @@ from expertmerge.cli.fit import configured
 from expertmerge.plan import estimate_fit
 
 STEPS = 6
-# Measured on the tiny zoo (an fp32 checkpoint, so bf16 rounds its base): the two fits' coefficients differ
-# by at most 2.0e-3 (mean 2.7e-4) after 6 steps, having moved up to 0.084 from 0.3; a bf16 checkpoint would
-# give the fp32 fit's numbers exactly.
-TOLERANCE = 5e-3
+# Measured on the tiny zoo (an fp32 checkpoint, so bf16 rounds its base) with the default objective (KL + 3 x
+# the texts' loss, expert-gain balance): the two fits' coefficients differ by at most 5.5e-3 (mean 8.9e-4)
+# after 6 steps, having moved up to 0.099 from 0.3
+# (one coefficient whose gradient is near zero, where Adam's first steps move by lr x sign), most by ~1e-4
+# to 1e-3; a bf16 checkpoint would give the fp32 fit's numbers exactly.
+TOLERANCE = 1e-2
+MEAN_TOLERANCE = 1.5e-3
 
 
 def fitted(base_dtype: str) -> tuple[torch.Tensor, object]:
@@ -40,6 +43,7 @@ def test_bf16_base_halves_the_learned_base_and_learns_the_fp32_coefficients(tiny
     moved = (full - 0.3).abs().max().item()
     assert moved > 0.05
     assert (half - full).abs().max().item() < TOLERANCE
+    assert (half - full).abs().mean().item() < MEAN_TOLERANCE, (half - full).abs().mean().item()
     # the planner counts it: the learned tensors at 2 bytes instead of 4
     learned = sum(full_module.model.get_parameter(n).numel() for n in names)
     plans = [

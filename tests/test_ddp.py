@@ -48,7 +48,15 @@ def fit_in_subprocess(tmp: Path, name: str, *overrides: str) -> dict:
         "expertmerge",
         *fit_args(tmp, name, "--trainer.max_steps", "4", *LEAN_FIT, *overrides),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # One thread in every process: Lightning gives each DDP rank cores / ranks threads, and a GEMM's reduction
+    # order (so its rounding) follows the thread count; Adam's first stage-2 step can turn such a rounding
+    # difference into opposite moves of a chunk (seen in CI: 4e-3 apart). Same threads, same rounding.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (
         f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

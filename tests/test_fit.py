@@ -314,8 +314,10 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
     from expertmerge.cli.fit import _fit_cli
 
     def objective(module) -> float:
+        """The fit's start objective: task losses weighted by the `expert_gain` scales (the default balance)."""
         losses = module.start_losses()
-        return sum(float(module.task_objective(parts)) for parts in losses.values()) / len(losses)
+        scales = {t: module.task_scales[t] for t in losses}
+        return sum(scales[t] * float(module.task_objective(losses[t])) for t in losses) / sum(scales.values())
 
     def prepared(*overrides: str):
         cli = _fit_cli(["--config", CONFIG, *overrides], run=False)
