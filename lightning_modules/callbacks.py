@@ -198,6 +198,9 @@ def export_dense(
                 "temperature": hp.temperature,
                 "hidden_layers": module.hidden_layers,
                 "task_weights": hp.task_weights,
+                "ce_weight": hp.ce_weight,
+                "task_balance": hp.task_balance,
+                "task_scales": module.task_scales,
                 "tasks": {
                     t: BASE_TEACHER if k is None else module.expert_names[k]
                     for t, k in zip(module.task_names, module.task_experts, strict=True)

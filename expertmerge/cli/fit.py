@@ -282,6 +282,11 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     summary.add_row("tensors with learned coefficients", str(len(module.coefficient_names)))
     summary.add_row("coefficients", str(module.coefficients.num_trainable()))
     summary.add_row("steps", steps)
+    if module.start_scores:
+        summary.add_row("start (alpha0_search)", f"{module.start_alpha:g}")
+    if module.task_scales:
+        scales = ", ".join(f"{t} {v:.2f}" for t, v in module.task_scales.items())
+        summary.add_row(f"task scales ({module.hparams.task_balance})", escape(scales))
     stats = module.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
     summary.add_row("fit wall time", f"{seconds:.1f} s")
