@@ -77,21 +77,42 @@ def mean_scores(per_task: Mapping[str, TaskScores]) -> TaskScores:
     )
 
 
+def gain_retained(base: TaskScores, merge: TaskScores, expert: TaskScores) -> float:
+    """`(loss_base - loss_merge) / (loss_base - loss_expert)` with loss = log perplexity; NaN when equal."""
+    base_loss, loss, own = (math.log(s.perplexity) for s in (base, merge, expert))
+    return (base_loss - loss) / (base_loss - own) if base_loss != own else math.nan
+
+
 def scores_table(title: str, rows: Mapping[str, Mapping[str, TaskScores]], tasks: Sequence[str]) -> Table:
-    """One row per (task, model), models in the order given, with the mean over tasks last."""
+    """One row per (task, model), models in the order given, with the mean over tasks last. With `base` and
+    `experts` rows, a `gain retained` column too (1: the task's expert, 0: the base; blank where the base is
+    the task's teacher), the score the default objective maximises."""
+    with_gain = "base" in rows and "experts" in rows
     table = Table(title=title)
-    for column in ("task", "model", "perplexity", "KL to expert", "top-1 agree"):
+    columns = ["task", "model", "perplexity", "KL to expert", "top-1 agree"] + (
+        ["gain retained"] if with_gain else []
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "model") else "right")
+
+    def gain(model: str, task: str) -> float:
+        if task != "mean":
+            return gain_retained(rows["base"][task], rows[model][task], rows["experts"][task])
+        gains = [g for g in (gain(model, t) for t in tasks) if not math.isnan(g)]
+        return sum(gains) / len(gains) if gains else math.nan
+
     sections = list(tasks) + ["mean"]
     for section_index, task in enumerate(sections):
         for model_index, (model, per_task) in enumerate(rows.items()):
             scores = mean_scores(per_task) if task == "mean" else per_task[task]
+            cells = [f"{scores.perplexity:.3f}", f"{scores.kl:.4f}", f"{scores.top1:.1%}"]
+            if with_gain:
+                value = gain(model, task)
+                cells.append("" if math.isnan(value) else f"{value:+.3f}")
             table.add_row(
                 task if model_index == 0 else "",
                 model,
-                f"{scores.perplexity:.3f}",
-                f"{scores.kl:.4f}",
-                f"{scores.top1:.1%}",
+                *cells,
                 end_section=model_index == len(rows) - 1 and section_index < len(sections) - 1,
             )
     return table

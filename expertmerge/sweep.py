@@ -28,7 +28,7 @@ import torch
 from rich.table import Table
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.evaluate import TaskScores, expert_scores, score_task
+from expertmerge.evaluate import TaskScores, expert_scores, gain_retained, score_task
 from expertmerge.validation import non_negative
 
 
@@ -85,12 +85,6 @@ def check_swept_task(
             {**(configured or {}), task: weight},
             names,
         )
-
-
-def gain_retained(base: TaskScores, merge: TaskScores, expert: TaskScores) -> float:
-    """`(loss_base - loss_merge) / (loss_base - loss_expert)` with loss = log perplexity; NaN when equal."""
-    base_loss, loss, own = (math.log(s.perplexity) for s in (base, merge, expert))
-    return (base_loss - loss) / (base_loss - own) if base_loss != own else math.nan
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ import yaml
 
 from expertmerge.cli import main
 from expertmerge.errors import ExpertMergeError
-from expertmerge.evaluate import TaskScores
-from expertmerge.sweep import gain_retained, parse_task_weights
+from expertmerge.evaluate import TaskScores, gain_retained
+from expertmerge.sweep import parse_task_weights
 
 
 def sweep_config(zoo: Path, tmp: Path) -> Path:
@@ -101,3 +101,22 @@ def test_gain_retained_is_one_at_the_expert_and_zero_at_the_base():
     assert gain_retained(base, expert, expert) == pytest.approx(1.0)
     assert gain_retained(base, base, expert) == pytest.approx(0.0)
     assert gain_retained(base, TaskScores(math.e**1.5, 0.2, 0.7), expert) == pytest.approx(0.5)
+
+
+def test_fit_table_shows_the_gain_retained_per_task_and_blank_where_the_base_teaches() -> None:
+    from rich.console import Console
+
+    from expertmerge.evaluate import scores_table
+
+    rows = {
+        "base": {"a": TaskScores(10.0, 0.5, 0.5), "general": TaskScores(5.0, 0.0, 1.0)},
+        "merge": {"a": TaskScores(6.0, 0.1, 0.7), "general": TaskScores(5.5, 0.02, 0.9)},
+        "experts": {"a": TaskScores(5.0, 0.0, 1.0), "general": TaskScores(5.0, 0.0, 1.0)},
+    }
+    console = Console(record=True, width=120)
+    console.print(scores_table("t", rows, ["a", "general"]))
+    lines = [line for line in console.export_text().splitlines() if "merge" in line]
+    expected = (math.log(10) - math.log(6)) / (math.log(10) - math.log(5))  # 0.737
+    assert lines[0].rstrip(" │").endswith(f"+{expected:.3f}")
+    assert lines[1].rstrip(" │").endswith("90.0%")  # the base teaches `general`: no gain there
+    assert lines[2].rstrip(" │").endswith(f"+{expected:.3f}")  # the mean over tasks with an expert
