@@ -364,14 +364,8 @@ def run_in_process(
     module.prepare(datamodule)
     if (
         not module.base_nll
-    ):  # task_balance expert_gain needs the pure base's NLL per task (zoo B: folded tensors)
-        from expertmerge.teachers import mean_next_token_nll
-
-        base_model = module._load(module.pool.base_dir)
-        module.base_nll = {
-            t: mean_next_token_nll(base_model, datamodule.task_samples(t, "train")) for t in module.task_names
-        }
-        del base_model
+    ):  # expert_gain settings need the pure base's NLL (zoo B's model holds folded tensors)
+        module.base_nll = module.measure_base_nll(module._load(module.pool.base_dir), datamodule)
     reference = evaluate_fit(module)  # base and experts once; their scores do not depend on the setting
     console.print(f"prepared in {time.perf_counter() - started:.0f} s")
     defaults = {key: module.hparams[key] for key in IN_PROCESS_HPARAMS}

@@ -198,9 +198,8 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
         self.task_scales: dict[str, float] | None = None  # task_balance: per-task scale, mean 1
-        self.base_nll: dict[
-            str, float
-        ] = {}  # task_balance expert_gain: the base's NLL per task (train texts)
+        # task_balance expert_gain: the base's NLL per task on its training texts
+        self.base_nll: dict[str, float] = {}
         self.start_alpha: float | list[float] = alpha0  # the start actually used (alpha0_search's choice)
         self.start_scores: dict[float, float] = {}  # alpha0_search: candidate -> calibration objective
         self._fixed_deltas: dict[
@@ -255,12 +254,7 @@ class ExpertMergingModule(pl.LightningModule):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         if hp.task_balance == "expert_gain":  # the pure base, before any tensor is merged into it
-            self.base_nll = {
-                task: mean_next_token_nll(
-                    model, datamodule.task_samples(task, "train"), hp.teacher_batch_size
-                )
-                for task in self.task_names
-            }
+            self.base_nll = self.measure_base_nll(model, datamodule)
         params = dict(model.named_parameters())
         self.ffn_names: list[str] = []
         if hp.moe:
@@ -645,6 +639,14 @@ class ExpertMergingModule(pl.LightningModule):
         inverse = {task: 1.0 / kl for task, kl in kls.items()}
         mean_inverse = sum(inverse.values()) / len(inverse)
         return {task: value / mean_inverse for task, value in inverse.items()}
+
+    def measure_base_nll(self, base_model: nn.Module, datamodule: Any) -> dict[str, float]:
+        """Per task the base model's mean next-token NLL on the task's training calibration texts."""
+        size = self.hparams.teacher_batch_size
+        return {
+            t: mean_next_token_nll(base_model, datamodule.task_samples(t, "train"), size)
+            for t in self.task_names
+        }
 
     def expert_gains(self) -> dict[str, float | None]:
         """Per task its expert's gain over the base on the task's training calibration texts (nats per token,
