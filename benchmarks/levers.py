@@ -200,7 +200,10 @@ def score_fit(name: str, overrides: dict[str, Any], out: Path, wall: float) -> d
     scores = json.loads((out / "eval.json").read_text())
     tasks = list(scores["experts"])
     row = {"setting": name, "overrides": overrides, "wall_s": round(wall, 1), "export": str(out)}
-    for label, key in (("expert merging", "em"), ("task arithmetic (alpha0)", "ta")):
+    from lightning_modules.callbacks import START_ROWS
+
+    (start,) = [row for row in START_ROWS.values() if row in scores]
+    for label, key in (("expert merging", "em"), (start, "ta")):
         row[f"{key}_kl"] = {t: scores[label][t]["kl"] for t in tasks}
         row[f"{key}_gain"] = {
             t: (log_ppl(scores["base"][t]) - log_ppl(scores[label][t]))
@@ -351,7 +354,7 @@ def run_in_process(
 
     from calib_data.datamodule import CalibrationDataModule
     from expertmerge.coefficients import MergeCoefficients
-    from lightning_modules.callbacks import evaluate_fit
+    from lightning_modules.callbacks import evaluate_fit, start_row
     from lightning_modules.merging import ExpertMergingModule
 
     settings = yaml.safe_load(config.read_text())
@@ -410,9 +413,9 @@ def run_in_process(
             "zoo": zoo,
             "in_process": True,
             "em_kl": {t: scores["expert merging"][t].kl for t in module.task_names},
-            "ta_kl": {t: scores["task arithmetic (alpha0)"][t].kl for t in module.task_names},
+            "ta_kl": {t: start_row(scores)[t].kl for t in module.task_names},
             "em_gain": gains(scores["expert merging"], base, experts),
-            "ta_gain": gains(scores["task arithmetic (alpha0)"], base, experts),
+            "ta_gain": gains(start_row(scores), base, experts),
             "coefficients": module.coefficients.to_dict(module.expert_names),
         }
         with open(results_file(zoo), "a") as handle:

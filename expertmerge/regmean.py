@@ -13,7 +13,7 @@ are not inputs of a linear layer (embeddings, norms) are averaged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -110,3 +110,57 @@ def regmean_state_dict(
         else:
             merged[name] = sum(s[name].double() for s in states).div(len(states)).to(states[0][name].dtype)
     return merged
+
+
+def regmean_start_offsets(
+    base: nn.Module,
+    experts: Sequence[Callable[[], nn.Module]],
+    samples: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    names: Sequence[str],
+    alpha: float = 0.9,
+    batch_size: int = 8,
+    on_expert: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """What a RegMean start adds to the base, per learned linear weight, in units of the start value.
+
+    For linear weight p with base W0, experts' weights W_k = W0 + tau_k and their RegMean merge W_R (each
+    expert's input Grams on its own calibration texts), returns `R = N (W_R - W0) - sum_k tau_k`. A fit whose
+    base tensor is `W0 + lam * R` and whose coefficients all equal `lam` then starts at
+    `W0 + N lam (W_R - W0)`: RegMean's merge scaled like task arithmetic (plain RegMean at lam = 1/N; R = 0
+    where RegMean equals the average).
+
+    `experts[k]()` loads expert k (one at a time; each is dropped before the next); `samples[k]` is its list of
+    right-padded (input_ids, attention_mask) sets. `names` are module names (`<name>.weight` is the tensor).
+    Memory: one fp64 [in, in] sum and one fp32 [out, in] sum per name, never N of them.
+    """
+    if len(experts) != len(samples) or not experts:
+        raise ExpertMergeError("RegMean start: one calibration set per expert is needed")
+    modules = dict(base.named_modules())
+    numerators: dict[str, torch.Tensor] = {}
+    denominators: dict[str, torch.Tensor] = {}
+    tau_sums: dict[str, torch.Tensor] = {}
+    for load, sets in zip(experts, samples, strict=True):
+        model = load()
+        grams: dict[str, torch.Tensor] = {}
+        for ids, attention in sets:
+            for name, gram in input_grams(model, names, ids, attention, batch_size).items():
+                grams[name] = grams[name] + gram if name in grams else gram
+        for name in names:
+            weight = model.get_submodule(name).weight.detach().float()
+            base_weight = modules[name].weight.detach().float().to(weight.device)
+            gram = shrink_off_diagonal(grams.pop(name), alpha)
+            numerators[name] = numerators.get(name, 0) + (weight.double() @ gram).float()
+            denominators[name] = denominators.get(name, 0) + gram
+            tau_sums[name] = tau_sums.get(name, 0) + (weight - base_weight)
+        del model, grams
+        if on_expert is not None:
+            on_expert()
+    count = len(experts)
+    offsets = {}
+    for name in names:
+        base_weight = modules[name].weight.detach().float()
+        merged = torch.linalg.solve(denominators.pop(name), numerators.pop(name).double().T).T.float()
+        offsets[f"{name}.weight"] = count * (merged.to(base_weight.device) - base_weight) - tau_sums.pop(
+            name
+        ).to(base_weight.device)
+    return offsets

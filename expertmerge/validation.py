@@ -146,6 +146,21 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
             )
         for index, value in enumerate(search):
             in_range(f"model.alpha0_search[{index}]", value, 0, 1, True, True)
+    merges = hp.get("start_merges")
+    if merges is not None:
+        known = ("task_arithmetic", "regmean")
+        if not isinstance(merges, (list, tuple)) or not merges or any(m not in known for m in merges):
+            raise ExpertMergeError(
+                f"model.start_merges must be a non-empty list of {list(known)}, got {_shown(merges)}."
+            )
+        if len(set(merges)) != len(merges):
+            raise ExpertMergeError(f"model.start_merges names a merge twice: {_shown(merges)}.")
+        if "regmean" in merges and isinstance(hp["alpha0"], (list, tuple)) and not search:
+            raise ExpertMergeError(
+                "model.start_merges: a regmean start scales one merge by one value; give model.alpha0 as one "
+                "number (or use model.alpha0_search)."
+            )
+    in_range("model.regmean_alpha", hp.get("regmean_alpha", 0.9), 0, 1)
     non_negative("model.gamma", hp["gamma"])
     non_negative("model.mu", hp["mu"])
     non_negative("model.ce_weight", hp.get("ce_weight", 0.0))

@@ -56,6 +56,15 @@ def _stored_dtype(folder: Path) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+START_ROWS = {"task_arithmetic": "task arithmetic (alpha0)", "regmean": "RegMean (alpha0)"}
+
+
+def start_row(rows: dict[str, Any]) -> Any:
+    """The start merge's row of `evaluate_fit`'s result (task arithmetic or RegMean at the start value)."""
+    (name,) = [n for n in START_ROWS.values() if n in rows]
+    return rows[name]
+
+
 def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, TaskScores]]:
     """Per-task scores of base, task arithmetic at alpha0, the learned merge and the experts (held-out split)."""
     datamodule = module.datamodule
@@ -99,7 +108,7 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
 
         return forward
 
-    rows["task arithmetic (alpha0)"] = score(merged(module.alpha0_coefficients))
+    rows[START_ROWS[module.start_merge]] = score(merged(module.alpha0_coefficients))
     if module.stage1_values is not None:
         stage1 = module.layerwise_coefficients(module.stage1_values)
         rows["expert merging (layer-wise)"] = score(merged(stage1))
@@ -153,6 +162,7 @@ def export_dense(
         coefficients = {
             "experts": module.expert_names,
             "alpha0": module.start_alpha,  # alpha0_search: the value it chose
+            "start_merge": module.start_merge,  # the training-free merge the coefficients learn over
             "chunk_counts": dict(
                 zip(module.coefficient_names, module.coefficients.chunk_counts, strict=True)
             ),
@@ -192,7 +202,8 @@ def export_dense(
             experts={name: (pool.expert_sources[name], hashes[name]) for name in module.expert_names},
             parameters={
                 "alpha0": module.start_alpha,
-                "alpha0_search": module.start_scores or None,
+                "start_merge": module.start_merge,
+                "start_search": module.start_scores_json(),
                 "gamma": hp.gamma,
                 "mu": hp.mu,
                 "temperature": hp.temperature,

@@ -71,6 +71,15 @@ class ExpertMergingModule(pl.LightningModule):
             (KL, plus the hidden and text terms the fit uses, task weights applied) on the training
             calibration samples, measured once after the teacher pass (no labels, no held-out data).
             Replaces alpha0; the value chosen is in the summary table and `coefficients.json`.
+        start_merges: the training-free merges the start is chosen among, each at every start value (the
+            `alpha0_search` candidates, or `alpha0` alone): `task_arithmetic` (base + lam * sum of task vectors)
+            and `regmean` (RegMean's closed-form merge of the learned linear layers from each expert's input
+            Grams on its own training calibration texts, scaled like task arithmetic: base + N lam (W_RegMean -
+            base); at lam = 1/N, always a candidate when searching, it is plain RegMean). The coefficients start
+            at lam and learn on top of the chosen merge: `W = W_start + sum_k (c_k - lam) tau_k`. Tensors that
+            are not linear weights start at task arithmetic lam (the average at 1/N, as RegMean has them).
+        regmean_alpha: RegMean's scale of the Grams' off-diagonal entries (1: exact least squares, 0: a
+            per-input-feature weighted average).
         gamma: weight of the regulariser `mean |c - start|`.
         mu: weight of the hidden-state term relative to the logit KL. 0 (the default) aligns the logits only
             and caches no hidden states (benchmarks/LEVERS.md: no hidden-term setting beat the KL alone).
@@ -141,6 +150,8 @@ class ExpertMergingModule(pl.LightningModule):
         experts: dict[str, str],
         alpha0: float | list[float] = 0.3,
         alpha0_search: list[float] | None = None,
+        start_merges: list[Literal["task_arithmetic", "regmean"]] | None = None,
+        regmean_alpha: float = 0.9,
         gamma: float = 0.05,
         mu: float = 0.0,
         hidden_loss: Literal["mse", "normalized_mse", "cosine"] = "mse",
@@ -201,7 +212,11 @@ class ExpertMergingModule(pl.LightningModule):
         # task_balance expert_gain: the base's NLL per task on its training texts
         self.base_nll: dict[str, float] = {}
         self.start_alpha: float | list[float] = alpha0  # the start actually used (alpha0_search's choice)
-        self.start_scores: dict[float, float] = {}  # alpha0_search: candidate -> calibration objective
+        self.start_merge = "task_arithmetic"  # the training-free merge the fit starts from
+        # start search: (merge, value) -> calibration objective
+        self.start_scores: dict[tuple[str, float], float] = {}
+        self._regmean_offsets: dict[str, torch.Tensor] = {}  # start_merges regmean: R per linear weight
+        self._applied_start = (0.0, 0.0)  # (fixed tensors, RegMean offsets) already moved by the search
         self._fixed_deltas: dict[
             str, torch.Tensor
         ] = {}  # alpha0_search: sum of task vectors, unlearned tensors
@@ -235,6 +250,14 @@ class ExpertMergingModule(pl.LightningModule):
                 "but no MoE expert is the base FFN: set model.moe_include_base_expert true (their batches then "
                 "run through the base FFN) or drop those tasks."
             )
+        if "regmean" in self.start_merge_names:
+            untaught = [k for k, name in enumerate(self.expert_names) if k not in self.task_experts]
+            if untaught:
+                raise ExpertMergeError(
+                    "model.start_merges: a regmean start needs every expert's input Grams from its own "
+                    f"calibration texts, but experts {[self.expert_names[k] for k in untaught]} teach no task; "
+                    "give each a task in data.tasks or drop regmean from start_merges."
+                )
         unknown = set(hp.task_weights or {}) - set(self.task_names)
         if unknown:
             raise ExpertMergeError(
@@ -293,6 +316,11 @@ class ExpertMergingModule(pl.LightningModule):
                 "model.task_vectors: streamed and trainer.strategy: fsdp do not combine (FSDP already spreads "
                 "the task vectors over the ranks); set model.task_vectors resident or use another strategy."
             )
+        if sharded and "regmean" in self.start_merge_names:
+            raise ExpertMergeError(
+                "model.start_merges: a regmean start and trainer.strategy: fsdp do not combine (the base tensors "
+                "it moves are sharded); drop regmean from start_merges or use ddp / one device."
+            )
         shapes = [params[n].shape for n in self.coefficient_names]
         self.task_vectors = None if streamed or sharded else TaskVectors(shapes, num_experts, dtype)
         self.ffn_vectors = TaskVectors([params[n].shape for n in self.ffn_names], num_experts, dtype)
@@ -300,6 +328,8 @@ class ExpertMergingModule(pl.LightningModule):
         del params  # the learned base tensors may be replaced below (bf16, FSDP shards): hold no old copy
         # Task vectors first: a broken (NaN/Inf) expert fails here, before its teacher targets are computed.
         self._read_task_vectors(pool, model)
+        if "regmean" in self.start_merge_names:  # from the fp32 base, before any storage change
+            self._regmean_offsets = self.regmean_offsets(model, datamodule)
         if streamed:
             keys = pool.parameter_keys(model)
             self.task_vectors = streamed_task_vectors(
@@ -327,8 +357,13 @@ class ExpertMergingModule(pl.LightningModule):
         self.model = model
         if hp.task_balance == "expert_gain":  # start-independent: known before the start search uses them
             self.task_scales = self.start_task_scales()
-        if hp.alpha0_search:
-            self.start_alpha = self.search_alpha0(hp.alpha0_search, rows)
+        if self.searches_start:
+            self.start_merge, self.start_alpha = self.search_start(rows)
+        elif self._regmean_offsets:  # one start, RegMean at alpha0; the unlearned tensors are folded already
+            self._applied_start = (float(hp.alpha0), 0.0)
+            self._move_start("regmean", float(hp.alpha0))
+            self.start_merge = "regmean"
+        self._fixed_deltas, self._regmean_offsets = {}, {}
         self.coefficients = MergeCoefficients(
             self.coefficient_names,
             rows,
@@ -363,8 +398,8 @@ class ExpertMergingModule(pl.LightningModule):
             elif name not in learned and self.hparams.fixed_tensors == "alpha0":
                 delta = torch.zeros_like(parameter)
                 for k, tau in enumerate(pool.iter_task_vectors(keys[name], torch.float32)):
-                    delta.add_(tau, alpha=1.0 if self.hparams.alpha0_search else float(alpha[k]))
-                if self.hparams.alpha0_search:  # merged once the start value is chosen
+                    delta.add_(tau, alpha=1.0 if self.searches_start else float(alpha[k]))
+                if self.searches_start:  # merged once the start value is chosen
                     if bool(delta.any()):
                         self._fixed_deltas[name] = delta
                 else:
@@ -587,47 +622,84 @@ class ExpertMergingModule(pl.LightningModule):
             loss = loss + self.hparams.ce_weight * parts["ce"]
         return loss
 
+    @property
+    def searches_start(self) -> bool:
+        """More than one start candidate: the unlearned tensors are folded only once one is chosen."""
+        return bool(self.hparams.alpha0_search) or len(self.start_merge_names) > 1
+
+    @property
+    def start_merge_names(self) -> list[str]:
+        return list(self.hparams.start_merges or ["task_arithmetic"])
+
+    def start_candidates(self) -> list[tuple[str, float]]:
+        """(merge, value) pairs the start search scores: every start merge at every `alpha0_search` value (or
+        at `alpha0`), and plain RegMean (1/N) when RegMean is searched."""
+        values = [float(v) for v in (self.hparams.alpha0_search or [self.hparams.alpha0])]
+        candidates = [(merge, value) for merge in self.start_merge_names for value in values]
+        plain = 1.0 / len(self.expert_names)
+        searched = "regmean" in self.start_merge_names and self.hparams.alpha0_search
+        if searched and not any(abs(value - plain) < 1e-9 for value in values):
+            candidates.append(("regmean", plain))
+        return candidates
+
     @torch.no_grad()
-    def search_alpha0(self, candidates: list[float], rows: list[int]) -> float:
-        """`alpha0_search`: the candidate whose task arithmetic has the lowest fit objective on the training
-        calibration samples (task weights and `expert_gain` scales applied); the tensors without coefficients
-        are merged at it."""
+    def search_start(self, rows: list[int]) -> tuple[str, float]:
+        """The (merge, value) start candidate with the lowest fit objective on the training calibration
+        samples (task weights and `expert_gain` scales applied); the model is left at it (unlearned tensors
+        merged at the value, RegMean's offsets added for a `regmean` start)."""
+        candidates = self.start_candidates()
         scales = self.task_scales or {}
         weights = {
             t: float((self.hparams.task_weights or {}).get(t, 1.0)) * scales.get(t, 1.0)
             for t in self.task_names
         }
-        applied = 0.0
         with Progress(transient=True) as progress:
-            bar = progress.add_task("start search (task arithmetic)", total=len(candidates))
-            for value in candidates:
-                self._shift_fixed(value - applied)
-                applied = value
+            bar = progress.add_task("start search", total=len(candidates))
+            for merge, value in candidates:
+                self._move_start(merge, value)
                 self.coefficients = MergeCoefficients(
                     self.coefficient_names, rows, len(self.expert_names), alpha0=value
                 )
                 losses = self.start_losses()
                 total = sum(float(weights.get(t, 1.0)) * self.task_objective(losses[t]) for t in losses)
-                self.start_scores[float(value)] = total / sum(float(weights.get(t, 1.0)) for t in losses)
+                self.start_scores[(merge, value)] = total / sum(float(weights.get(t, 1.0)) for t in losses)
                 progress.advance(bar)
         best = min(self.start_scores, key=self.start_scores.__getitem__)
-        self._shift_fixed(best - applied)
-        self._fixed_deltas = {}
+        self._move_start(*best)
         self.coefficients = None
         if self._trainer is None or self.trainer.is_global_zero:
-            table = Table(title="start search: task arithmetic on the training calibration samples")
+            table = Table(title="start search: training-free merges on the training calibration samples")
+            table.add_column("start", justify="left")
             table.add_column("alpha0", justify="right")
             table.add_column("objective", justify="right")
-            for value, score in self.start_scores.items():
-                table.add_row(f"{value:g}" + (" (chosen)" if value == best else ""), f"{score:.4f}")
+            for (merge, value), score in self.start_scores.items():
+                chosen = " (chosen)" if (merge, value) == best else ""
+                table.add_row(merge + chosen, f"{value:.4g}", f"{score:.4f}")
             Console().print(table)
         return best
 
+    def start_scores_json(self) -> dict[str, dict[str, float]] | None:
+        """The start search's objectives as {merge: {value: objective}} (None when nothing was searched)."""
+        if not self.start_scores:
+            return None
+        result: dict[str, dict[str, float]] = {}
+        for (merge, value), score in self.start_scores.items():
+            result.setdefault(merge, {})[f"{value:.6g}"] = round(float(score), 6)
+        return result
+
     @torch.no_grad()
-    def _shift_fixed(self, step: float) -> None:
-        """Move the tensors without coefficients along their summed task vectors by `step`."""
+    def _move_start(self, merge: str, value: float) -> None:
+        """Put the model at start candidate (merge, value): the unlearned tensors at task arithmetic `value`
+        (those kept for the search) and each learned linear weight's base moved by `value` x its RegMean offset
+        for a `regmean` start (by 0 for task arithmetic)."""
+        fixed, offset = self._applied_start
+        target = (value, value if merge == "regmean" else 0.0)
         for name, delta in self._fixed_deltas.items():
-            self.model.get_parameter(name).add_(delta, alpha=step)
+            self.model.get_parameter(name).add_(delta, alpha=target[0] - fixed)
+        for name, delta in self._regmean_offsets.items():
+            parameter = self.model.get_parameter(name)
+            parameter.add_(delta.to(parameter.device, parameter.dtype), alpha=target[1] - offset)
+        self._applied_start = target
 
     def start_task_scales(self) -> dict[str, float]:
         """Per task 1 / (its KL at the start point) (`start_kl`) or 1 / (its expert's gain over the base on its
@@ -639,6 +711,47 @@ class ExpertMergingModule(pl.LightningModule):
         inverse = {task: 1.0 / kl for task, kl in kls.items()}
         mean_inverse = sum(inverse.values()) / len(inverse)
         return {task: value / mean_inverse for task, value in inverse.items()}
+
+    def regmean_offsets(self, base_model: nn.Module, datamodule: Any) -> dict[str, torch.Tensor]:
+        """`start_merges: regmean`: per learned linear weight, RegMean's offset from the average in units of
+        the start value (`expertmerge.regmean.regmean_start_offsets`), from each expert's input Grams on the
+        training calibration texts of the tasks it teaches. Loads each expert once."""
+        from expertmerge.regmean import regmean_start_offsets
+
+        learned = set(self.coefficient_names)
+        names = [
+            name
+            for name, module in base_model.named_modules()
+            if isinstance(module, nn.Linear) and f"{name}.weight" in learned
+        ]
+        if not names:
+            return {}
+        samples = []
+        for k in range(len(self.expert_names)):
+            tasks = [t for t, e in zip(self.task_names, self.task_experts, strict=True) if e == k]
+            samples.append(
+                [
+                    (
+                        datamodule.task_samples(t, "train").input_ids,
+                        datamodule.task_samples(t, "train").attention_mask,
+                    )
+                    for t in tasks
+                ]
+            )
+        with Progress(transient=True) as progress:
+            bar = progress.add_task("RegMean start: experts' input Grams", total=len(self.expert_names))
+            return regmean_start_offsets(
+                base_model,
+                [
+                    lambda k=k: self._load(self.pool.expert_dirs[self.expert_names[k]])
+                    for k in range(len(samples))
+                ],
+                samples,
+                names,
+                alpha=float(self.hparams.regmean_alpha),
+                batch_size=int(self.hparams.teacher_batch_size),
+                on_expert=lambda: progress.advance(bar),
+            )
 
     def measure_base_nll(self, base_model: nn.Module, datamodule: Any) -> dict[str, float]:
         """Per task the base model's mean next-token NLL on the task's training calibration texts."""
@@ -749,6 +862,7 @@ class ExpertMergingModule(pl.LightningModule):
             "stage": self.stage,
             "stage1_values": self.stage1_values,
             "task_scales": self.task_scales,
+            "start": [self.start_merge, self.start_alpha],  # what the coefficients are relative to
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -765,6 +879,19 @@ class ExpertMergingModule(pl.LightningModule):
                 "The checkpoint's experts or merged tensors differ from this configuration; "
                 "resume with the config the checkpoint was made with."
             )
+        start = saved.get("start")
+        if self.coefficients is not None and start is not None:
+            merge, alpha = start
+            same_alpha = torch.allclose(
+                torch.as_tensor(alpha, dtype=torch.float64),
+                torch.as_tensor(self.start_alpha, dtype=torch.float64),
+            )
+            if merge != self.start_merge or not same_alpha:
+                raise ExpertMergeError(
+                    f"The checkpoint's coefficients were learned from the start {merge} at alpha0 {alpha}, but this "
+                    f"configuration starts from {self.start_merge} at alpha0 {self.start_alpha} (other "
+                    "calibration data or start options?); resume or export with the config and data it was made with."
+                )
         if saved.get("task_scales") is not None:
             self.task_scales = saved["task_scales"]  # measured at the start point, not at the resumed one
         if self.coefficients is not None and saved.get("stage") == 2 and self.stage == 1:

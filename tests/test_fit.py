@@ -326,17 +326,18 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
 
     candidates = [0.1, 0.3, 0.6]
     searched = prepared("--model.alpha0_search", json.dumps(candidates))
-    assert list(searched.start_scores) == candidates
-    best = min(candidates, key=searched.start_scores.__getitem__)
-    assert searched.start_alpha == best
+    assert list(searched.start_scores) == [("task_arithmetic", v) for v in candidates]
+    scores = {value: searched.start_scores[("task_arithmetic", value)] for value in candidates}
+    best = min(candidates, key=scores.__getitem__)
+    assert searched.start_alpha == best and searched.start_merge == "task_arithmetic"
     assert float(searched.coefficients.alpha0[0]) == pytest.approx(best)
-    assert objective(searched) == pytest.approx(searched.start_scores[best], rel=1e-5)
+    assert objective(searched) == pytest.approx(scores[best], rel=1e-5)
     fixed = {}
     for value in candidates:
         fixed[value] = prepared("--model.alpha0", str(value))
-        assert objective(fixed[value]) == pytest.approx(searched.start_scores[value], rel=1e-5)
-    spread = max(searched.start_scores.values()) - min(searched.start_scores.values())
-    assert spread > 1e-3, searched.start_scores  # the candidates really differ on the tiny zoo
+        assert objective(fixed[value]) == pytest.approx(scores[value], rel=1e-5)
+    spread = max(scores.values()) - min(scores.values())
+    assert spread > 1e-3, scores  # the candidates really differ on the tiny zoo
     other = dict(fixed[next(v for v in candidates if v != best)].model.named_parameters())
     at_best = dict(fixed[best].model.named_parameters())
     unlearned = [n for n in at_best if n not in searched.coefficient_names]
@@ -344,3 +345,114 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
         torch.testing.assert_close(searched.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6)
     # some unlearned tensor has a task vector (full fine-tunes), so the fold at the chosen value was exercised
     assert any(not torch.equal(at_best[name], other[name]) for name in unlearned)
+
+
+def _prepared_tiny(*overrides: str):
+    from expertmerge.cli.fit import _fit_cli
+
+    cli = _fit_cli(["--config", CONFIG, *overrides], run=False)
+    cli.model.prepare(cli.datamodule)
+    return cli.model
+
+
+def _tiny_regmean_merge(module, alpha: float) -> dict[str, torch.Tensor]:
+    """RegMean of the tiny experts computed independently: each expert's own input Grams on its task's
+    training calibration samples (`expertmerge.regmean`), the learned linear weights only."""
+    from expertmerge.regmean import input_grams, regmean_state_dict
+
+    learned = set(module.coefficient_names)
+    names = [
+        n
+        for n, m in module.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and f"{n}.weight" in learned
+    ]
+    states, grams = [], []
+    for task, k in zip(module.task_names, module.task_experts, strict=True):
+        expert = AutoModelForCausalLM.from_pretrained(
+            str(module.pool.expert_dirs[module.expert_names[k]]), dtype=torch.float32
+        ).eval()
+        samples = module.datamodule.task_samples(task, "train")
+        grams.append(input_grams(expert, names, samples.input_ids, samples.attention_mask))
+        states.append({f"{n}.weight": expert.get_submodule(n).weight.detach().clone() for n in names})
+    return regmean_state_dict(states, grams, alpha)
+
+
+def test_regmean_start_is_regmean_and_learns_on_top_of_it(tiny_zoo) -> None:
+    """`start_merges: [regmean]` at alpha0 = 1/N: the fit's start (every coefficient at alpha0) is RegMean's
+    merge of the learned linear weights, computed independently; at another alpha0 it is that merge's
+    difference from the base scaled by N * alpha0; the coefficients still move the merge along the task
+    vectors from there. Task vectors in fp32 here: stored in bf16 (the default) the start differs from RegMean
+    by their rounding (5e-5 on the tiny zoo), as task arithmetic's start does."""
+    third = 1.0 / 3.0
+    fp32 = ("--model.task_vector_dtype", "float32")
+    module = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", str(third), *fp32)
+    assert module.start_merge == "regmean" and module.start_alpha == pytest.approx(third)
+    expected = _tiny_regmean_merge(module, 0.9)
+    assert expected  # the tiny Llama's attention and MLP projections
+    start = module.merged_parameters(module.alpha0_coefficients)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(start[name], tensor, rtol=0, atol=2e-5)
+    base = {
+        n: AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir)).get_parameter(n) for n in expected
+    }
+    average = {
+        n: base[n] + module.task_vectors[module.coefficient_names.index(n)].float().mean(0) for n in expected
+    }
+    moved = max(float((expected[n] - average[n]).abs().max()) for n in expected)
+    assert moved > 1e-3, moved  # RegMean really differs from the average here
+    scaled = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", "0.5", *fp32)
+    start = scaled.merged_parameters(scaled.alpha0_coefficients)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(start[name], base[name] + 1.5 * (tensor - base[name]), rtol=0, atol=5e-5)
+    # the learned coefficients act on top of the start: c = alpha0 + 0.1 moves by 0.1 x the summed vectors
+    index = module.coefficient_names.index(next(iter(expected)))
+    name = module.coefficient_names[index]
+    shifted = module.merged_parameters(lambda i: module.alpha0_coefficients(i) + 0.1)
+    tau = module.task_vectors[index].float().sum(0)
+    torch.testing.assert_close(shifted[name], expected[name] + 0.1 * tau, rtol=0, atol=5e-5)
+
+
+def test_start_search_over_task_arithmetic_and_regmean(tiny_zoo) -> None:
+    """Both merges at every candidate value plus plain RegMean (1/N); each recorded objective equals a module
+    prepared at that single start, and the chosen one is the lowest, left in place."""
+
+    def objective(module) -> float:
+        losses = module.start_losses()
+        scales = {t: module.task_scales[t] for t in losses}
+        return sum(scales[t] * float(module.task_objective(losses[t])) for t in losses) / sum(scales.values())
+
+    both = '["task_arithmetic", "regmean"]'
+    searched = _prepared_tiny("--model.start_merges", both, "--model.alpha0_search", "[0.2, 0.6]")
+    keys = list(searched.start_scores)
+    assert keys == [
+        ("task_arithmetic", 0.2),
+        ("task_arithmetic", 0.6),
+        ("regmean", 0.2),
+        ("regmean", 0.6),
+    ] + [("regmean", pytest.approx(1 / 3))]
+    best = min(keys, key=searched.start_scores.__getitem__)
+    assert (searched.start_merge, searched.start_alpha) == best
+    assert objective(searched) == pytest.approx(searched.start_scores[best], rel=1e-5)
+    single = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", "0.6")
+    assert objective(single) == pytest.approx(searched.start_scores[("regmean", 0.6)], rel=1e-5)
+    assert (
+        abs(searched.start_scores[("regmean", 0.6)] - searched.start_scores[("task_arithmetic", 0.6)]) > 1e-4
+    )
+    assert searched.start_scores_json()["regmean"]["0.333333"] == pytest.approx(
+        searched.start_scores[keys[-1]], abs=1e-6
+    )
+
+
+def test_regmean_start_refuses_an_expert_without_calibration_texts(tiny_zoo, tmp_path) -> None:
+    from expertmerge.errors import ExpertMergeError
+
+    tasks = json.dumps(
+        [
+            {"name": "arith", "expert": "arith", "sources": ["zoo://tiny/data/arith_calib.jsonl"]},
+            {"name": "reverse", "expert": "reverse", "sources": ["zoo://tiny/data/reverse_calib.jsonl"]},
+        ]
+    )
+    with pytest.raises(ExpertMergeError, match=r"experts \['sort'\] teach no task"):
+        _prepared_tiny("--model.start_merges", '["regmean"]', "--data.tasks", tasks)
+    with pytest.raises((ExpertMergeError, ValueError), match="start_merges names a merge twice"):
+        _prepared_tiny("--model.start_merges", '["regmean", "regmean"]')

@@ -282,8 +282,8 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     summary.add_row("tensors with learned coefficients", str(len(module.coefficient_names)))
     summary.add_row("coefficients", str(module.coefficients.num_trainable()))
     summary.add_row("steps", steps)
-    if module.start_scores:
-        summary.add_row("start (alpha0_search)", f"{module.start_alpha:g}")
+    if module.start_scores or module.start_merge != "task_arithmetic":
+        summary.add_row("start", f"{module.start_merge} at alpha0 {module.start_alpha:.4g}")
     if module.task_scales:
         scales = ", ".join(f"{t} {v:.2f}" for t, v in module.task_scales.items())
         summary.add_row(f"task scales ({module.hparams.task_balance})", escape(scales))
