@@ -91,6 +91,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "model.task_balance": "expert_gain",
         "model.ce_weight": 3.0,
     },
+    # 1d. the start among training-free merges (session 9); the shipped configs search both
+    "search task arithmetic only": {"model.start_merges": "[task_arithmetic]"},
+    "search task arithmetic and regmean": {"model.start_merges": "[task_arithmetic,regmean]"},
     "ce=3": {"model.ce_weight": 3.0},
     "ce=10": {"model.ce_weight": 10.0},
     "steps x3": {"trainer.max_steps": "x3"},
