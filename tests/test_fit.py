@@ -456,3 +456,18 @@ def test_regmean_start_refuses_an_expert_without_calibration_texts(tiny_zoo, tmp
         _prepared_tiny("--model.start_merges", '["regmean"]', "--data.tasks", tasks)
     with pytest.raises((ExpertMergeError, ValueError), match="start_merges names a merge twice"):
         _prepared_tiny("--model.start_merges", '["regmean", "regmean"]')
+
+
+def test_a_checkpoint_from_another_start_is_refused(tiny_zoo) -> None:
+    """The coefficients are relative to their start: resuming or exporting a checkpoint whose start (merge,
+    alpha0) is not the one this config's prepare arrives at is an error naming both."""
+    from expertmerge.errors import ExpertMergeError
+
+    module = _prepared_tiny()
+    checkpoint: dict = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["expertmerge"]["start"] == ["task_arithmetic", 0.3]
+    module.on_load_checkpoint(checkpoint)  # its own start: accepted
+    checkpoint["expertmerge"]["start"] = ["regmean", 0.3]
+    with pytest.raises(ExpertMergeError, match="learned from the start regmean at alpha0 0.3"):
+        module.on_load_checkpoint(checkpoint)
