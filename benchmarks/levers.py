@@ -356,6 +356,7 @@ def run_in_process(
     import pytorch_lightning as pl
 
     from calib_data.datamodule import CalibrationDataModule
+    from expertmerge.cli.fit import _quiet_lightning
     from expertmerge.coefficients import MergeCoefficients
     from lightning_modules.callbacks import evaluate_fit, start_row
     from lightning_modules.merging import ExpertMergingModule
@@ -394,18 +395,19 @@ def run_in_process(
             alpha0=module.hparams.alpha0,
         )
         pl.seed_everything(0, verbose=False)
-        trainer = pl.Trainer(
-            max_steps=int(overrides.get("trainer.max_steps", settings["trainer"]["max_steps"])),
-            accumulate_grad_batches=int(settings["trainer"].get("accumulate_grad_batches", 1)),
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(module, datamodule=datamodule)
+        with _quiet_lightning():  # the fit command's own filter: no Lightning tips or device inventory
+            trainer = pl.Trainer(
+                max_steps=int(overrides.get("trainer.max_steps", settings["trainer"]["max_steps"])),
+                accumulate_grad_batches=int(settings["trainer"].get("accumulate_grad_batches", 1)),
+                limit_val_batches=0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                use_distributed_sampler=False,
+            )
+            trainer.fit(module, datamodule=datamodule)
         scores = evaluate_fit(module, include_base=False)
         base, experts = reference["base"], reference["experts"]
         row = {
@@ -448,8 +450,10 @@ def explain_objective(config: Path, export: Path) -> Table:
         name: torch.tensor([per_expert[e][0] for e in module.expert_names])
         for name, per_expert in learned.items()
     }
+    from lightning_modules.callbacks import START_ROWS
+
     models = {
-        "task arithmetic (alpha0)": module.alpha0_coefficients,
+        START_ROWS[module.start_merge]: module.alpha0_coefficients,
         "expert merging": module.layerwise_coefficients(values),
     }
     out = Table(title=f"Objective vs perplexity, held-out calibration samples ({config.name})")
