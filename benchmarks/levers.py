@@ -203,10 +203,9 @@ def score_fit(name: str, overrides: dict[str, Any], out: Path, wall: float) -> d
     scores = json.loads((out / "eval.json").read_text())
     tasks = list(scores["experts"])
     row = {"setting": name, "overrides": overrides, "wall_s": round(wall, 1), "export": str(out)}
-    from lightning_modules.callbacks import START_ROWS
+    from lightning_modules.callbacks import start_row_name
 
-    (start,) = [row for row in START_ROWS.values() if row in scores]
-    for label, key in (("expert merging", "em"), (start, "ta")):
+    for label, key in (("expert merging", "em"), (start_row_name(scores), "ta")):
         row[f"{key}_kl"] = {t: scores[label][t]["kl"] for t in tasks}
         row[f"{key}_gain"] = {
             t: (log_ppl(scores["base"][t]) - log_ppl(scores[label][t]))

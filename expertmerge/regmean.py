@@ -35,13 +35,15 @@ def regmean_weight(
         raise ExpertMergeError(
             f"RegMean needs one Gram matrix per weight (got {len(weights)} / {len(grams)})"
         )
-    dtype = weights[0].dtype
     shrunk = [shrink_off_diagonal(g.double(), alpha) for g in grams]
-    total = sum(shrunk)
     weighted = sum(w.double() @ g for w, g in zip(weights, shrunk, strict=True))
+    return _solve(weighted, sum(shrunk)).to(weights[0].dtype)
+
+
+def _solve(weighted: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """W with `W total = weighted` (fp64): `sum_k W_k G_k` over `sum_k G_k`, G_k already shrunk."""
     # W total = weighted  <=>  total^T W^T = weighted^T (total is symmetric)
-    merged = torch.linalg.solve(total, weighted.T).T
-    return merged.to(dtype)
+    return torch.linalg.solve(total, weighted.double().T).T
 
 
 @contextlib.contextmanager
@@ -159,7 +161,7 @@ def regmean_start_offsets(
     offsets = {}
     for name in names:
         base_weight = modules[name].weight.detach().float()
-        merged = torch.linalg.solve(denominators.pop(name), numerators.pop(name).double().T).T.float()
+        merged = _solve(numerators.pop(name), denominators.pop(name)).float()
         offsets[f"{name}.weight"] = count * (merged.to(base_weight.device) - base_weight) - tau_sums.pop(
             name
         ).to(base_weight.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,16 @@ def _stored_dtype(folder: Path) -> torch.dtype:
 START_ROWS = {"task_arithmetic": "task arithmetic (alpha0)", "regmean": "RegMean (alpha0)"}
 
 
-def start_row(rows: dict[str, Any]) -> Any:
-    """The start merge's row of `evaluate_fit`'s result (task arithmetic or RegMean at the start value)."""
+def start_row_name(rows: Mapping[str, Any]) -> str:
+    """Which row of `evaluate_fit`'s result (or its eval.json) is the start merge (task arithmetic or RegMean
+    at the start value)."""
     (name,) = [n for n in START_ROWS.values() if n in rows]
-    return rows[name]
+    return name
+
+
+def start_row(rows: Mapping[str, Any]) -> Any:
+    """The start merge's row of `evaluate_fit`'s result."""
+    return rows[start_row_name(rows)]
 
 
 def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, TaskScores]]:

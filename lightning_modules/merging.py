@@ -360,7 +360,6 @@ class ExpertMergingModule(pl.LightningModule):
         if self.searches_start:
             self.start_merge, self.start_alpha = self.search_start(rows)
         elif self._regmean_offsets:  # one start, RegMean at alpha0; the unlearned tensors are folded already
-            self._applied_start = (float(hp.alpha0), 0.0)
             self._move_start("regmean", float(hp.alpha0))
             self.start_merge = "regmean"
         self._fixed_deltas, self._regmean_offsets = {}, {}
@@ -726,18 +725,15 @@ class ExpertMergingModule(pl.LightningModule):
         ]
         if not names:
             return {}
-        samples = []
-        for k in range(len(self.expert_names)):
-            tasks = [t for t, e in zip(self.task_names, self.task_experts, strict=True) if e == k]
-            samples.append(
-                [
-                    (
-                        datamodule.task_samples(t, "train").input_ids,
-                        datamodule.task_samples(t, "train").attention_mask,
-                    )
-                    for t in tasks
-                ]
-            )
+        train = {t: datamodule.task_samples(t, "train") for t in self.task_names}
+        samples = [
+            [
+                (train[t].input_ids, train[t].attention_mask)
+                for t, e in zip(self.task_names, self.task_experts, strict=True)
+                if e == k
+            ]
+            for k in range(len(self.expert_names))
+        ]
         with Progress(transient=True) as progress:
             bar = progress.add_task("RegMean start: experts' input Grams", total=len(self.expert_names))
             return regmean_start_offsets(
