@@ -161,7 +161,16 @@ def regmean_start_offsets(
     offsets = {}
     for name in names:
         base_weight = modules[name].weight.detach().float()
-        merged = _solve(numerators.pop(name), denominators.pop(name)).float()
+        try:
+            merged = _solve(numerators.pop(name), denominators.pop(name)).float()
+        except torch.linalg.LinAlgError:
+            merged = None
+        if merged is None or not bool(torch.isfinite(merged).all()):
+            raise ExpertMergeError(
+                f"RegMean start: the input Gram of '{name}' is singular on the calibration texts (an input "
+                "feature no calibration token uses); give more or more varied calibration texts, or drop regmean "
+                "from model.start_merges."
+            )
         offsets[f"{name}.weight"] = count * (merged.to(base_weight.device) - base_weight) - tau_sums.pop(
             name
         ).to(base_weight.device)

@@ -56,3 +56,37 @@ def test_gram_of_a_real_llama_layer_counts_only_real_tokens_and_merges_identical
     merged = regmean_state_dict([state, state], [grams, grams], alpha=0.9)
     for name, tensor in state.items():
         assert torch.allclose(merged[name], tensor, atol=1e-5), name
+
+
+def test_regmean_start_refuses_a_singular_gram_instead_of_a_non_finite_start():
+    """An input feature that no calibration token uses makes the summed Gram singular (its diagonal is 0 at
+    any alpha): the start offsets raise a clear error naming the layer rather than returning NaN/Inf weights;
+    with every feature used they are finite."""
+    import pytest
+
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.regmean import regmean_start_offsets
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, seed: int, dead: bool) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.embed = torch.nn.Embedding(6, 3)
+            self.proj = torch.nn.Linear(3, 2)
+            if dead:
+                with torch.no_grad():
+                    self.embed.weight[:, 2] = 0.0  # feature 2 is never used
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return self.proj(self.embed(input_ids))
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    sets = [[(ids, torch.ones_like(ids))]] * 2
+    for dead in (False, True):
+        experts = [lambda dead=dead: Tiny(1, dead), lambda dead=dead: Tiny(2, dead)]
+        if not dead:
+            offsets = regmean_start_offsets(Tiny(0, dead), experts, sets, ["proj"], alpha=0.9)
+            assert torch.isfinite(offsets["proj.weight"]).all() and offsets["proj.weight"].abs().max() > 0
+            continue
+        with pytest.raises(ExpertMergeError, match="input Gram of 'proj' is singular"):
+            regmean_start_offsets(Tiny(0, dead), experts, sets, ["proj"], alpha=0.9)
