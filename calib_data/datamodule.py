@@ -146,7 +146,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         samples: dict[tuple[str, str], TokenizedSamples] = {}
         for index, task in enumerate(self.tasks):
-            kept, described = task_tokens(
+            kept, described, groups = task_tokens(
                 task,
                 index,
                 self.tokenizer,
@@ -154,6 +154,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 wanted=self.samples_per_task + self.eval_samples_per_task,
                 max_length=self.max_length,
                 tokenizer_name=self.tokenizer_path,
+                eval_wanted=self.eval_samples_per_task,
             )
             splits = split_task(
                 task,
@@ -163,6 +164,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 samples_per_task=self.samples_per_task,
                 eval_samples_per_task=self.eval_samples_per_task,
                 pad_id=int(self.tokenizer.pad_token_id),
+                groups=groups,
             )
             for split, split_samples in splits.items():
                 samples[(task.name, split)] = split_samples

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from calib_data.sources import load_source, looks_like_hub_id, resolve_task_sources
-from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, needed_columns
+from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, group_column, needed_columns
 from expertmerge.errors import ExpertMergeError
 from expertmerge.paths import resolve_path
 
@@ -128,14 +128,18 @@ def task_tokens(
     wanted: int,
     max_length: int,
     tokenizer_name: str | None = None,
-) -> tuple[list[list[int]], list[str]]:
-    """Up to `wanted` usable, distinct token sequences of a task in shuffled order, and the files read."""
+    eval_wanted: int = 0,
+) -> tuple[list[list[int]], list[str], list[str] | None]:
+    """Up to `wanted` usable, distinct token sequences of a task in shuffled order, the files read, and each
+    sequence's group (`group_field`; None without one). With groups, reading goes on until `group_roles`
+    can fill `eval_wanted` held-out and `wanted - eval_wanted` training samples from groups kept apart."""
     if task.chat_template and not getattr(tokenizer, "chat_template", None):
         raise ExpertMergeError(
             f"Task '{task.name}' sets `data.tasks[{index}].chat_template: true`, but the tokenizer "
             f"'{tokenizer_name}' has no chat template; set it to false or use a chat tokenizer."
         )
     needed, _ = needed_columns(task, index)
+    needed = [*needed, *group_column(task)]
     parts = []
     wheres = []
     from_txt = []
@@ -162,9 +166,20 @@ def task_tokens(
     seen_texts: set[str] = set()
     seen_tokens: set[tuple[int, ...]] = set()
     kept: list[list[int]] = []
+    groups: list[str] = []
+    grouped = bool(task.group_field)
+    from calib_data.splits import group_roles  # splits pads with this module's `pad`
+
+    def enough() -> bool:
+        if not grouped:
+            return len(kept) >= wanted
+        roles = group_roles(groups, eval_wanted, wanted - eval_wanted)
+        return roles.count("eval") >= eval_wanted and roles.count("train") >= wanted - eval_wanted
+
     position = 0
-    while position < len(order) and len(kept) < wanted:
+    while position < len(order) and not enough():
         texts = []
+        text_groups = []
         while position < len(order) and len(texts) < _TOKENIZE_CHUNK:
             flat = order[position]
             position += 1
@@ -175,20 +190,24 @@ def task_tokens(
             if text is not None and text not in seen_texts:
                 seen_texts.add(text)
                 texts.append(text)
+                if grouped:
+                    text_groups.append(str(parts[part][flat - bounds[part]][task.group_field]))
         if not texts:
             continue
         encoded = tokenizer(
             texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
         )
-        for ids in encoded["input_ids"]:
+        for row, ids in enumerate(encoded["input_ids"]):
             key = tuple(ids)
             # Counted after truncation; the settings check keeps min_tokens <= max_length.
             content = sum(1 for token in ids if token not in special_ids)
             # Texts that share their first max_length tokens are the same sample once truncated.
-            if content >= task.min_tokens and key not in seen_tokens and len(kept) < wanted:
+            if content >= task.min_tokens and key not in seen_tokens and (grouped or len(kept) < wanted):
                 seen_tokens.add(key)
                 kept.append(list(ids))
-    return kept, described
+                if grouped:
+                    groups.append(text_groups[row])
+    return kept, described, groups if grouped else None
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenizedSamples:

@@ -31,14 +31,21 @@ def split_task(
     samples_per_task: int,
     eval_samples_per_task: int,
     pad_id: int,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, TokenizedSamples]:
     """A task's shuffled, distinct samples cut into {"eval": ..., "train": ...}, each padded.
 
     With fewer samples than asked for, the held-out part shrinks to a fifth (at least one) and a warning
-    says so; fewer than two samples (one to train on, one to hold out) is an error.
+    says so; fewer than two samples (one to train on, one to hold out) is an error. With `groups` (the
+    task's `group_field` value per sample) the held-out part is whole groups (`group_roles`); a task whose
+    groups all go to the held-out part is an error.
     """
     count = len(kept)
     files = ", ".join(described)
+    if groups is not None:
+        return _split_groups(
+            task, index, kept, files, groups, samples_per_task, eval_samples_per_task, pad_id
+        )
     if count < 2:
         raise ExpertMergeError(
             f"Task '{task.name}' has {count} usable samples in {files}; it needs at least 2. "
@@ -59,6 +66,63 @@ def split_task(
         )
     # The eval part comes first so that changing samples_per_task keeps the held-out set unchanged.
     return {"eval": pad(kept[:n_eval], pad_id), "train": pad(kept[n_eval : n_eval + n_train], pad_id)}
+
+
+def _split_groups(
+    task: TaskSpec,
+    index: int,
+    kept: Sequence[Sequence[int]],
+    files: str,
+    groups: Sequence[str],
+    n_train: int,
+    n_eval: int,
+    pad_id: int,
+) -> dict[str, TokenizedSamples]:
+    distinct = len(set(groups))
+    roles = group_roles(groups, n_eval, n_train)
+    parts = {
+        role: [ids for ids, r in zip(kept, roles, strict=True) if r == role] for role in ("eval", "train")
+    }
+    if not parts["train"]:
+        raise ExpertMergeError(
+            f"Task '{task.name}' keeps its held-out texts apart by `data.tasks[{index}].group_field` "
+            f"('{task.group_field}'), but its {len(kept)} usable samples in {files} fall in {distinct} "
+            f"group(s), and the held-out part (`data.eval_samples_per_task` = {n_eval}) takes them all: no "
+            "group is left to train on. Add texts from other sources, lower `data.eval_samples_per_task`, or "
+            "leave `group_field` empty for a random held-out split."
+        )
+    if len(parts["eval"]) < n_eval or len(parts["train"]) < n_train:
+        warnings.warn(
+            f"Task '{task.name}' has {len(kept)} usable samples in {distinct} groups of "
+            f"'{task.group_field}' in {files}, fewer than asked for in groups kept apart; using "
+            f"{len(parts['train'])} for training and {len(parts['eval'])} held out (from other groups).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return {role: pad(parts[role], pad_id) for role in ("eval", "train")}
+
+
+def group_roles(groups: Sequence[str], n_eval: int, n_train: int) -> list[Split | None]:
+    """Per sample (in shuffled order, `groups[i]` its source group) "eval", "train" or None (unused), so that
+    no group is on both sides. Read in order: a sample of a new group holds that group out while the held-out
+    part has fewer than `n_eval` samples, and makes it a training group otherwise; held-out groups fill the
+    held-out part up to `n_eval` samples, training groups the training part up to `n_train` (the rest is
+    unused). A sample's role depends only on the samples before it, so the held-out part does not change with
+    `n_train` (or with how far the texts are read)."""
+    held: set[str] = set()
+    training: set[str] = set()
+    taken = {"eval": 0, "train": 0}
+    roles: list[Split | None] = []
+    for group in groups:
+        if group not in held and group not in training:
+            (held if taken["eval"] < n_eval else training).add(group)
+        role: Split = "eval" if group in held else "train"
+        if taken[role] < (n_eval if role == "eval" else n_train):
+            taken[role] += 1
+            roles.append(role)
+        else:
+            roles.append(None)
+    return roles
 
 
 def fingerprint(samples: TokenizedSamples) -> str:

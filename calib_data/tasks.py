@@ -47,6 +47,10 @@ class TaskSpec:
         txt_sample_by: how .txt files are cut into samples: one per line, per blank-line-separated
             paragraph, or one per file.
         min_tokens: texts with fewer tokens than this (special tokens not counted) are skipped.
+        group_field: a column naming each text's source group (its file, document, topic or template). When
+            set, the held-out part (`eval_samples_per_task`) is made of whole groups that the training part
+            never sees, so the fit's held-out scores (and the start search, which is judged on them) measure
+            text from other sources, as the merge will meet in use. Empty: a random split of the texts.
     """
 
     name: str
@@ -60,6 +64,7 @@ class TaskSpec:
     split: str = "train"
     txt_sample_by: TxtSampleBy = "paragraph"
     min_tokens: int = 4
+    group_field: str = ""
 
     def __post_init__(self) -> None:
         self.template = self.template or ""  # None (from Python callers) means no template, like ""
@@ -121,6 +126,11 @@ def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int
                 f"`{prefix}.txt_sample_by` of task '{task.name}' is {task.txt_sample_by!r}; use one of "
                 f"{', '.join(get_args(TxtSampleBy))}."
             )
+        if not isinstance(task.group_field, str):
+            raise ExpertMergeError(
+                f"`{prefix}.group_field` of task '{task.name}' is {task.group_field!r}; name a column or leave "
+                "it empty."
+            )
         if not task.template and not (isinstance(task.text_field, str) and task.text_field):
             raise ExpertMergeError(
                 f"`{prefix}.text_field` of task '{task.name}' is {task.text_field!r}; name the text column."
@@ -165,8 +175,19 @@ def needed_columns(task: TaskSpec, index: int) -> tuple[list[str], str]:
     return columns, key
 
 
+def group_column(task: TaskSpec) -> list[str]:
+    """The group column a task reads (`group_field`), if any."""
+    return [task.group_field] if task.group_field else []
+
+
 def check_columns(task: TaskSpec, index: int, where: str, available: Sequence[str]) -> None:
     """Every column the task reads is among `available` (the columns of the file or dataset `where`)."""
+    if task.group_field and task.group_field not in available:
+        raise ExpertMergeError(
+            f"Task '{task.name}': {where} has no column '{task.group_field}' (named by "
+            f"`data.tasks[{index}].group_field`); its columns are: {', '.join(available) or '(none)'}. Set it "
+            "to the column naming each text's source, or leave it empty for a random held-out split."
+        )
     if task.chat_template and MESSAGES_COLUMN in available:
         return  # a chat-format `messages` column is used as-is
     needed, key = needed_columns(task, index)

@@ -157,6 +157,76 @@ def test_held_out_split_does_not_depend_on_samples_per_task(three_tasks, tokeniz
     assert row_tuples(small, "code", "train") < row_tuples(large, "code", "train")
 
 
+def _grouped(tmp_path, sizes: list[int]) -> TaskSpec:
+    """One task whose texts come from sources g0, g1, ... with `sizes[i]` texts in source g<i>."""
+    rows = [
+        {"text": f"source {g} text {i}", "doc": f"g{g}"} for g, size in enumerate(sizes) for i in range(size)
+    ]
+    return TaskSpec("docs", "e", str(write_jsonl(tmp_path / "docs.jsonl", rows)), group_field="doc")
+
+
+def _groups_of(dm: CalibrationDataModule, split: str) -> list[str]:
+    return [text.split(" text ")[0].replace("source ", "g") for text in decode_rows(dm, "docs", split)]
+
+
+@pytest.mark.filterwarnings("ignore:Task 'docs' has 26 usable samples")
+def test_group_field_keeps_held_out_sources_apart(tmp_path, tokenizer_dir):
+    task = _grouped(tmp_path, [5, 3, 4, 2, 6, 1, 3, 2])  # 26 texts in 8 sources
+    dm = module([task], tokenizer_dir, samples_per_task=10, eval_samples_per_task=4)
+    dm.setup()
+    held, train = _groups_of(dm, "eval"), _groups_of(dm, "train")
+    assert len(held) == 4 and len(train) == 10
+    assert not set(held) & set(train)  # no source on both sides
+    assert len(set(held)) >= 1 and len(set(train)) >= 2
+    # The held-out part does not move with samples_per_task (the teacher cache's eval targets stay valid).
+    more = module([task], tokenizer_dir, samples_per_task=14, eval_samples_per_task=4)
+    more.setup()
+    assert torch.equal(more.task_samples("docs", "eval").input_ids, dm.task_samples("docs", "eval").input_ids)
+    assert row_tuples(dm, "docs", "train") < row_tuples(more, "docs", "train")
+    # Without group_field the same file splits at random: with these numbers some source lands on both sides.
+    plain = module(
+        [TaskSpec("docs", "e", task.sources)], tokenizer_dir, samples_per_task=10, eval_samples_per_task=4
+    )
+    plain.setup()
+    assert set(_groups_of(plain, "eval")) & set(_groups_of(plain, "train"))
+
+
+def test_group_roles_fill_the_held_out_part_from_whole_groups_first_come():
+    from calib_data.splits import group_roles
+
+    roles = group_roles(list("AABBBCCDDE"), 3, 4)
+    # A (2) and B hold out: B lends one sample, its other two are unused; C, D, E train, up to 4.
+    assert roles == ["eval", "eval", "eval", None, None, "train", "train", "train", "train", None]
+    # One big group: 8 held out, the rest of it unused; the next group trains.
+    assert group_roles(list("AAAAAAAAAAB"), 8, 16) == ["eval"] * 8 + [None, None, "train"]
+    # Each role depends only on the samples before it: a prefix has the prefix's roles.
+    long = list("ABACDBBEFAGGH")
+    assert group_roles(long[:7], 3, 5) == group_roles(long, 3, 5)[:7]
+
+
+def test_group_field_errors_name_the_key(tmp_path, tokenizer_dir):
+    task = _grouped(tmp_path, [4, 3])
+    missing = TaskSpec("docs", "e", task.sources, group_field="file")
+    with pytest.raises(ExpertMergeError) as error:
+        module([missing], tokenizer_dir).check()
+    for part in ("Task 'docs'", "no column 'file'", "data.tasks[0].group_field", "doc"):
+        assert part in str(error.value)
+    # Every group is needed to fill the held-out part: nothing would be left to train on.
+    with pytest.raises(
+        ExpertMergeError, match=r"fall in 2 group\(s\).*eval_samples_per_task` = 8.*no group is left"
+    ):
+        module([task], tokenizer_dir, eval_samples_per_task=8).setup()
+    with pytest.raises(ExpertMergeError, match=r"`data.tasks\[0\].group_field` of task 'docs' is 3"):
+        module([TaskSpec("docs", "e", task.sources, group_field=3)], tokenizer_dir).check()
+    # Too few texts for both parts: a warning says what each part got (one held-out text from the first group
+    # met, the other two groups train).
+    three = _grouped(tmp_path, [3, 3, 3])
+    with pytest.warns(
+        UserWarning, match=r"9 usable samples in 3 groups.*using 6 for training and 1 held out"
+    ):
+        module([three], tokenizer_dir, samples_per_task=20, eval_samples_per_task=1).setup()
+
+
 def test_truncation_to_max_length_and_right_padding_masked(tmp_path, tokenizer_dir):
     lengths = [5, 9, 14, 30, 60, 61, 200]
     rows = [{"text": chr(ord("a") + i) * n} for i, n in enumerate(lengths)]
