@@ -149,7 +149,7 @@ def reset_coefficients(module: Any) -> None:
     from expertmerge.coefficients import MergeCoefficients
 
     hp = module.hparams
-    module.stage, module.stage1_values, module.chunk_allocation = 1, None, None
+    module.stage, module.stage1_values, module.chunk_allocation, module.stage2_choice = 1, None, None, None
     rows = [module.task_vectors[i].shape[1] for i in range(len(module.coefficient_names))]
     module.coefficients = MergeCoefficients(
         module.coefficient_names, rows, len(module.expert_names), alpha0=module.start_alpha

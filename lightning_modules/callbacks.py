@@ -211,6 +211,7 @@ def export_dense(
                 "alpha0": module.start_alpha,
                 "start_merge": module.start_merge,
                 "start_search": module.start_scores_json(),
+                "stage2_choice": module.stage2_choice,
                 "gamma": hp.gamma,
                 "mu": hp.mu,
                 "temperature": hp.temperature,

@@ -80,6 +80,10 @@ class ExpertMergingModule(pl.LightningModule):
             are not linear weights start at task arithmetic lam (the average at 1/N, as RegMean has them).
         regmean_alpha: RegMean's scale of the Grams' off-diagonal entries (1: exact least squares, 0: a
             per-input-feature weighted average).
+        start_search_split: the calibration samples the start search scores candidates on: `train` (the
+            texts the fit trains on, which RegMean's Grams are also taken from) or `eval` (the held-out ones,
+            `data.eval_samples_per_task`; with `data.tasks[*].group_field` they come from other sources, so a
+            start that only suits the training texts' sources loses there).
         gamma: weight of the regulariser `mean |c - start|`.
         mu: weight of the hidden-state term relative to the logit KL. 0 (the default) aligns the logits only
             and caches no hidden states (benchmarks/LEVERS.md: no hidden-term setting beat the KL alone).
@@ -128,6 +132,11 @@ class ExpertMergingModule(pl.LightningModule):
         chunk_kappa: exponent on the importance: 0 spreads chunks evenly, larger concentrates them.
         stage2_steps: optimiser steps of the chunk-wise stage.
         stage2_lr: learning rate of the chunk-wise stage (default: `lr`).
+        stage2_select: `held_out` (default): after the chunk-wise stage, keep its coefficients only when
+            they lower the fit objective on the held-out calibration samples below the layer-wise result's by
+            more than one standard error of the per-sample difference (the simpler merge wins within noise);
+            otherwise the chunks go back to their layer-wise values (the summary and the merge card say
+            which). `last`: always keep them.
         stage1_result: `coefficients.json` of an earlier layer-wise fit (or its output folder): skip stage 1
             and run the chunk-wise stage from those coefficients (implies `chunking`).
         moe: fused-MoE mode: each task's batches run through its own expert's FFN (oracle routing) and only the
@@ -152,6 +161,7 @@ class ExpertMergingModule(pl.LightningModule):
         alpha0_search: list[float] | None = None,
         start_merges: list[Literal["task_arithmetic", "regmean"]] | None = None,
         regmean_alpha: float = 0.9,
+        start_search_split: Literal["train", "eval"] = "train",
         gamma: float = 0.05,
         mu: float = 0.0,
         hidden_loss: Literal["mse", "normalized_mse", "cosine"] = "mse",
@@ -178,6 +188,7 @@ class ExpertMergingModule(pl.LightningModule):
         chunk_kappa: float = 1.0,
         stage2_steps: int = 60,
         stage2_lr: float | None = None,
+        stage2_select: Literal["held_out", "last"] = "held_out",
         stage1_result: str | None = None,
         moe: bool = False,
         moe_top_k: int = 2,
@@ -208,6 +219,7 @@ class ExpertMergingModule(pl.LightningModule):
         self.stage = 1
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
+        self.stage2_choice: dict[str, Any] | None = None  # stage2_select held_out: what it found
         self.task_scales: dict[str, float] | None = None  # task_balance: per-task scale, mean 1
         # task_balance expert_gain: the base's NLL per task on its training texts
         self.base_nll: dict[str, float] = {}
@@ -587,13 +599,13 @@ class ExpertMergingModule(pl.LightningModule):
         return parts
 
     @torch.no_grad()
-    def start_losses(self) -> dict[str, dict[str, float]]:
-        """Per task its loss terms (token-weighted means) for the current coefficients over every training
-        calibration sample of the task (the same on every rank)."""
+    def start_losses(self, split: str = "train") -> dict[str, dict[str, float]]:
+        """Per task its loss terms (token-weighted means) for the current coefficients over every calibration
+        sample of the task's `split` (the same on every rank)."""
         means = {}
         size = max(1, int(self.hparams.teacher_batch_size))
         for index, task in enumerate(self.task_names):
-            samples = self.datamodule.task_samples(task, "train")
+            samples = self.datamodule.task_samples(task, split)
             totals: dict[str, float] = {}
             tokens = 0.0
             for first in range(0, samples.input_ids.shape[0], size):
@@ -607,12 +619,73 @@ class ExpertMergingModule(pl.LightningModule):
                     "sample_index": rows,
                 }
                 count = float(batch["attention_mask"].sum())
-                for part, value in self.task_losses(batch).items():
+                for part, value in self.task_losses(batch, split).items():
                     if part != "kl_tokens":
                         totals[part] = totals.get(part, 0.0) + float(value) * count
                 tokens += count
             means[task] = {part: total / max(tokens, 1.0) for part, total in totals.items()}
         return means
+
+    def objective_weights(self) -> dict[str, float]:
+        """Per task its weight in the fit objective: its task weight times its balance scale."""
+        scales = self.task_scales or {}
+        weights = self.hparams.task_weights or {}
+        return {t: float(weights.get(t, 1.0)) * scales.get(t, 1.0) for t in self.task_names}
+
+    @torch.no_grad()
+    def calibration_objective(self, split: str) -> float:
+        """The fit objective of the current coefficients over every sample of a calibration split: each task's
+        `task_objective` (token-weighted) weighted by its task weight and balance scale, as a weighted mean."""
+        weights = self.objective_weights()
+        losses = self.start_losses(split)
+        total = sum(weights[t] * self.task_objective(losses[t]) for t in losses)
+        return float(total / sum(weights[t] for t in losses))
+
+    @torch.no_grad()
+    def sample_objectives(self, split: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per task, each sample's fit objective (`task_objective` of its own terms) for the current
+        coefficients on a calibration split, and its real-token count (float64 [n] each)."""
+        result = {}
+        for index, task in enumerate(self.task_names):
+            samples = self.datamodule.task_samples(task, split)
+            values, tokens = [], []
+            for row in range(samples.input_ids.shape[0]):
+                length = int(samples.attention_mask[row].sum())  # right-padded: real tokens come first
+                batch = {
+                    "input_ids": samples.input_ids[row : row + 1, :length].to(self.device),
+                    "attention_mask": samples.attention_mask[row : row + 1, :length].to(self.device),
+                    "task_index": index,
+                    "sample_index": torch.tensor([row]),
+                }
+                values.append(float(self.task_objective(self.task_losses(batch, split))))
+                tokens.append(float(length))
+            result[task] = (
+                torch.tensor(values, dtype=torch.float64),
+                torch.tensor(tokens, dtype=torch.float64),
+            )
+        return result
+
+    @torch.no_grad()
+    def select_stage2(self) -> dict[str, Any]:
+        """`stage2_select: held_out`, the one-standard-error rule: keep the chunk-wise coefficients only when
+        they lower the fit objective on the held-out calibration samples by more than one standard error of
+        the per-sample difference; otherwise go back to the simpler layer-wise result (as chunk-wise
+        coefficients, each chunk at its tensor's stage-1 value). Returns (and keeps) what it found."""
+        learned = {k: v.detach().clone() for k, v in self.coefficients.state_dict().items()}
+        chunk_wise = self.sample_objectives("eval")
+        self.start_stage2(self.stage1_values)  # the layer-wise result, in stage 2's chunks
+        layer_wise = self.sample_objectives("eval")
+        before, after, error = paired_objectives(layer_wise, chunk_wise, self.objective_weights())
+        kept = after < before - error
+        if kept:
+            self.coefficients.load_state_dict(learned)
+        self.stage2_choice = {
+            "kept": bool(kept),
+            "objective_layer_wise": round(before, 6),
+            "objective_chunk_wise": round(after, 6),
+            "standard_error": round(error, 6),
+        }
+        return self.stage2_choice
 
     def task_objective(self, parts: dict[str, Any]) -> Any:
         """One task's alignment loss from its terms: KL + mu * hidden term + ce_weight * text loss."""
@@ -647,11 +720,6 @@ class ExpertMergingModule(pl.LightningModule):
         samples (task weights and `expert_gain` scales applied); the model is left at it (unlearned tensors
         merged at the value, RegMean's offsets added for a `regmean` start)."""
         candidates = self.start_candidates()
-        scales = self.task_scales or {}
-        weights = {
-            t: float((self.hparams.task_weights or {}).get(t, 1.0)) * scales.get(t, 1.0)
-            for t in self.task_names
-        }
         with Progress(transient=True) as progress:
             bar = progress.add_task("start search", total=len(candidates))
             for merge, value in candidates:
@@ -659,15 +727,16 @@ class ExpertMergingModule(pl.LightningModule):
                 self.coefficients = MergeCoefficients(
                     self.coefficient_names, rows, len(self.expert_names), alpha0=value
                 )
-                losses = self.start_losses()
-                total = sum(float(weights.get(t, 1.0)) * self.task_objective(losses[t]) for t in losses)
-                self.start_scores[(merge, value)] = total / sum(float(weights.get(t, 1.0)) for t in losses)
+                self.start_scores[(merge, value)] = self.calibration_objective(
+                    self.hparams.start_search_split
+                )
                 progress.advance(bar)
         best = min(self.start_scores, key=self.start_scores.__getitem__)
         self._move_start(*best)
         self.coefficients = None
         if self._trainer is None or self.trainer.is_global_zero:
-            table = Table(title="start search: training-free merges on the training calibration samples")
+            where = "held-out" if self.hparams.start_search_split == "eval" else "training"
+            table = Table(title=f"start search: training-free merges on the {where} calibration samples")
             table.add_column("start", justify="left")
             table.add_column("alpha0", justify="right")
             table.add_column("objective", justify="right")
@@ -773,12 +842,12 @@ class ExpertMergingModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         # A batch is one task's samples, or a round with one sub-batch per task (one step sees every task).
         task_batches = batch if isinstance(batch, list) else [batch]
-        weights = self.hparams.task_weights or {}
+        weights = self.objective_weights()
         alignment = 0.0
         for task_batch in task_batches:
             task = self.task_names[int(task_batch["task_index"])]
             parts = self.task_losses(task_batch)
-            beta = float(weights.get(task, 1.0)) * (self.task_scales or {}).get(task, 1.0)
+            beta = weights[task]
             task_loss = self.task_objective(parts)
             if "ce" in parts:
                 self.log(f"train/ce/{task}", parts["ce"], batch_size=task_batch["input_ids"].shape[0])
@@ -893,6 +962,29 @@ class ExpertMergingModule(pl.LightningModule):
         if self.coefficients is not None and saved.get("stage") == 2 and self.stage == 1:
             # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
             self.start_stage2(saved["stage1_values"])
+
+
+def paired_objectives(
+    before: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    after: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    weights: dict[str, float],
+) -> tuple[float, float, float]:
+    """Two states' objectives on the same samples (`sample_objectives`), as the fit weighs them (tokens within a
+    task, `weights` across tasks, a weighted mean), and the standard error of their difference (the per-sample
+    differences' spread within each task, samples independent)."""
+    total = sum(weights[t] for t in before)
+    mean_before = mean_after = variance = 0.0
+    for task, (values, tokens) in before.items():
+        share = tokens / tokens.sum()
+        factor = weights[task] / total * share
+        difference = after[task][0] - values
+        mean_before += float((factor * values).sum())
+        mean_after += float((factor * after[task][0]).sum())
+        count = len(values)
+        if count > 1:
+            centred = difference - (share * difference).sum()
+            variance += float((factor**2 * centred**2).sum()) * count / (count - 1)
+    return mean_before, mean_after, variance**0.5
 
 
 def checkpoint_stage(path: str | Path) -> int | None:

@@ -189,6 +189,9 @@ def test_expert_merging_plus_plus_improves_on_layerwise(tiny_zoo, tmp_path: Path
     chunkwise = mean_kl(scores, "expert merging++ (chunk-wise)")
     layerwise = mean_kl(scores, "expert merging (layer-wise)")
     assert chunkwise < layerwise, (chunkwise, layerwise)
+    # stage2_select held_out (the default) kept the chunks, as their held-out objective is lower; it says so
+    card = (out / "README.md").read_text()
+    assert '"kept": true' in card and "objective_chunk_wise" in card
     allocation = json.loads((out / "chunk_allocation.json").read_text())
     assert allocation["chunkwise_coefficients"] <= 1.2 * allocation["layerwise_coefficients"]
     assert allocation["total_chunks"] <= allocation["budget"]
@@ -441,6 +444,68 @@ def test_start_search_over_task_arithmetic_and_regmean(tiny_zoo) -> None:
     assert searched.start_scores_json()["regmean"]["0.333333"] == pytest.approx(
         searched.start_scores[keys[-1]], abs=1e-6
     )
+
+
+def test_start_search_can_judge_the_candidates_on_the_held_out_calibration_samples(tiny_zoo) -> None:
+    """`start_search_split: eval`: each candidate's recorded objective is the objective on the held-out
+    calibration samples of a module prepared at that single start, not the training samples' one."""
+    search = ("--model.start_merges", '["task_arithmetic", "regmean"]', "--model.alpha0_search", "[0.2, 0.6]")
+    held_out = _prepared_tiny(*search, "--model.start_search_split", "eval")
+    training = _prepared_tiny(*search)
+    assert list(held_out.start_scores) == list(training.start_scores)
+    for merge, value in [("regmean", 0.6), ("task_arithmetic", 0.2)]:
+        single = _prepared_tiny("--model.start_merges", f'["{merge}"]', "--model.alpha0", str(value))
+        assert single.calibration_objective("eval") == pytest.approx(
+            held_out.start_scores[(merge, value)], rel=1e-5
+        )
+        assert single.calibration_objective("train") == pytest.approx(
+            training.start_scores[(merge, value)], rel=1e-5
+        )
+        assert abs(held_out.start_scores[(merge, value)] - training.start_scores[(merge, value)]) > 1e-3
+    best = min(held_out.start_scores, key=held_out.start_scores.__getitem__)
+    assert (held_out.start_merge, held_out.start_alpha) == best
+
+
+def test_stage2_select_goes_back_to_the_layer_wise_values_when_the_chunks_do_worse(tiny_zoo) -> None:
+    """`stage2_select: held_out`: chunk-wise coefficients that raise the held-out objective are replaced by the
+    layer-wise values (each chunk at its tensor's stage-1 value). (A real fit whose chunks do better keeps them:
+    test_expert_merging_plus_plus_improves_on_layerwise.)"""
+    module = _prepared_tiny("--model.chunking", "true")
+    stage1 = module.stage1_snapshot()
+    module.start_stage2(stage1)
+    at_stage1 = module.calibration_objective("eval")
+    with torch.no_grad():  # chunk-wise coefficients far from stage 1: every chunk of every tensor near 1
+        for logits in module.coefficients.logits:
+            logits.fill_(6.0)
+    worse = module.calibration_objective("eval")
+    assert worse > at_stage1 + 1e-3
+    choice = module.select_stage2()
+    assert choice["kept"] is False
+    assert choice["objective_chunk_wise"] - choice["objective_layer_wise"] == pytest.approx(
+        worse - at_stage1, rel=0.2
+    )
+    assert choice["standard_error"] > 0
+    values = module.coefficients.layerwise_values()
+    for i, name in enumerate(module.coefficient_names):
+        torch.testing.assert_close(values[:, i].cpu(), stage1[name], rtol=0, atol=1e-5)
+
+
+def test_paired_objectives_weigh_tokens_within_and_tasks_across() -> None:
+    from lightning_modules.merging import paired_objectives
+
+    def t(*values: float) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    before = {"a": (t(1, 2), t(1, 3)), "b": (t(4), t(2))}
+    after = {"a": (t(0, 2), t(1, 3)), "b": (t(3), t(2))}
+    mean_before, mean_after, error = paired_objectives(before, after, {"a": 1.0, "b": 3.0})
+    # task a: tokens 1:3 -> 0.25 * 1 + 0.75 * 2 = 1.75 (after 1.5); task b: 4 (after 3); tasks 1:3
+    assert mean_before == pytest.approx(0.25 * 1.75 + 0.75 * 4)
+    assert mean_after == pytest.approx(0.25 * 1.5 + 0.75 * 3)
+    # only task a has two samples: differences -1, 0 around their token-weighted mean -0.25, Bessel-corrected
+    factors = [0.25 * 0.25, 0.25 * 0.75]
+    variance = (factors[0] ** 2 * 0.75**2 + factors[1] ** 2 * 0.25**2) * 2
+    assert error == pytest.approx(variance**0.5)
 
 
 def test_regmean_start_refuses_an_expert_without_calibration_texts(tiny_zoo, tmp_path) -> None:

@@ -166,6 +166,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             # Lightning hands the module back on the CPU; the evaluation and exports run where the fit ran.
             model.to(trainer.strategy.root_device)
             if isinstance(model, ExpertMergingModule):
+                select_stage2(model)
                 steps = " + ".join(str(t.global_step) for t in trainers)
                 seconds = time.perf_counter() - started
                 export_expert_merging(model, self.export_settings, self.config_yaml, steps, seconds)
@@ -256,6 +257,13 @@ def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: An
     return [*trainers, stage2]
 
 
+def select_stage2(module: Any) -> None:
+    """After an Expert Merging++ fit (the module where it ran, resident): `stage2_select: held_out` keeps the
+    chunk-wise coefficients only if they beat the layer-wise ones on the held-out calibration samples."""
+    if module.stage == 2 and module.hparams.stage2_select == "held_out":
+        module.select_stage2()
+
+
 def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: str, seconds: float) -> None:
     """After the fits: the per-task comparison, the fused MoE (with router tuning), the dense merge, a summary."""
     from rich.console import Console
@@ -284,6 +292,14 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     summary.add_row("steps", steps)
     if module.start_scores or module.start_merge != "task_arithmetic":
         summary.add_row("start", f"{module.start_merge} at alpha0 {module.start_alpha:.4g}")
+    if module.stage2_choice is not None:
+        choice = module.stage2_choice
+        verdict = "kept" if choice["kept"] else "reverted to layer-wise"
+        summary.add_row(
+            "chunk-wise stage (held-out objective)",
+            f"{verdict}: {choice['objective_chunk_wise']:.4f} vs layer-wise {choice['objective_layer_wise']:.4f}"
+            f" (standard error {choice['standard_error']:.4f})",
+        )
     if module.task_scales:
         scales = ", ".join(f"{t} {v:.2f}" for t, v in module.task_scales.items())
         summary.add_row(f"task scales ({module.hparams.task_balance})", escape(scales))

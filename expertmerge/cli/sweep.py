@@ -32,7 +32,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     from rich.table import Table
 
     from calib_data.tasks import base_task_names
-    from expertmerge.cli.fit import _fit_cli, _fit_inputs, _quiet_lightning, run_stages
+    from expertmerge.cli.fit import _fit_cli, _fit_inputs, _quiet_lightning, run_stages, select_stage2
     from expertmerge.io.folder import atomic_output_dir, check_output_dir
     from expertmerge.plots import plot_tradeoff
     from expertmerge.sweep import (
@@ -101,6 +101,7 @@ def sweep_main(argv: Sequence[str]) -> int:
             return 1
         seconds = time.perf_counter() - started
         module.to(trainers[-1].strategy.root_device)
+        select_stage2(module)
         if base is None:  # once: the base's and the teachers' own scores
             import torch
             from transformers import AutoModelForCausalLM
