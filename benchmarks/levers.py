@@ -44,6 +44,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from expertmerge.paths import cache_dir  # noqa: E402
+from expertmerge_zoos.splits import calib_task  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs" / "fit_tiny.yaml", "smollm2": REPO / "configs" / "demo.yaml"}
 
@@ -115,11 +116,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "alpha0=0.7": {"model.alpha0": 0.7},
     # 5. which tensors
     "fixed tensors at base": {"model.fixed_tensors": "base"},
-    # the combined recipe of configs/quality.yaml, as overrides of the demo
-    "quality": {
-        "trainer.max_steps": "x3",
-        "data.samples_per_task": "x2",
-    },
+    # the recipe of configs/quality.yaml (session 10), as overrides of the demo: Expert Merging++
+    "quality": {"model.chunking": "true"},
 }
 
 
@@ -139,7 +137,8 @@ def zoo_config(zoo: str, work: Path) -> Path:
     config["model"].pop("learn_include", None)  # full fine-tunes: every block matrix learns
     config["model"].pop("hidden_layers", None)  # the middle layer
     config["data"]["tasks"] = [
-        {"name": t, "expert": t, "sources": [f"zoo://{zoo}/{spec['calib']}"]} for t, spec in tasks.items()
+        calib_task(t, f"zoo://{zoo}/{spec['calib']}", str(zoo_folder(zoo) / spec["calib"]))
+        for t, spec in tasks.items()
     ]
     path = work / f"{zoo}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

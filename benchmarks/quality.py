@@ -53,7 +53,7 @@ from expertmerge.zoo_registry import ensure_zoo, read_manifest, register_zoo, zo
 from expertmerge_zoos.corpora import final_number, read_jsonl  # noqa: E402
 from expertmerge_zoos.evaluation import heldout_loss_table, token_nll_sum  # noqa: E402
 from expertmerge_zoos.smollm2 import encode  # noqa: E402
-from expertmerge_zoos.splits import check_disjoint, token_key  # noqa: E402
+from expertmerge_zoos.splits import calib_task, check_disjoint, token_key  # noqa: E402
 
 # zoo -> (its shipped fit config, the config it is derived from for zoos without one, mixture zoo)
 FIT_CONFIGS = {
@@ -165,9 +165,7 @@ def fit_config(zoo: str, folder: Path, manifest: dict[str, Any], work: Path, giv
     config["model"]["base"] = str(folder / manifest["base"])
     config["model"]["experts"] = {t: str(folder / manifest["tasks"][t]["expert"]) for t in tasks}
     config["model"].pop("learn_include", None)  # full fine-tunes: every tensor has a task vector
-    config["data"]["tasks"] = [
-        {"name": t, "expert": t, "sources": [str(folder / manifest["tasks"][t]["calib"])]} for t in tasks
-    ]
+    config["data"]["tasks"] = [calib_task(t, str(folder / manifest["tasks"][t]["calib"])) for t in tasks]
     path = work / f"fit_{zoo}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

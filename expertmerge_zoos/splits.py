@@ -92,3 +92,14 @@ def split_records(
     grouped = {name: [r["group"] for r in rows if "group" in r] for name, rows in splits.items()}
     check_disjoint(grouped, key=str, what="sample groups of the splits")
     return splits
+
+
+def calib_task(name: str, source: str, path: str | None = None) -> dict[str, Any]:
+    """A fit config's `data.tasks` entry for a zoo task (expert = task name) calibrated on `source`; with
+    `group_field: group` when the file's records carry their source group (`path`: the file, when `source`
+    is a `zoo://` reference), so the fit's held-out calibration texts come from other sources."""
+    task: dict[str, Any] = {"name": name, "expert": name, "sources": [source]}
+    with open(path or source, encoding="utf-8") as handle:
+        if "group" in json.loads(handle.readline()):
+            task["group_field"] = "group"
+    return task
