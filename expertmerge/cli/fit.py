@@ -162,6 +162,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 model.to(trainer.strategy.root_device)
                 model.gather_to_resident(keep=trainer.is_global_zero)
             if trainer.interrupted or not trainer.is_global_zero:
+                _leave_process_group(trainer)
                 return
             # Lightning hands the module back on the CPU; the evaluation and exports run where the fit ran.
             model.to(trainer.strategy.root_device)
@@ -255,6 +256,21 @@ def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: An
     stage2 = cli.instantiate_trainer(max_steps=int(hp.stage2_steps))
     stage2.fit(module, ckpt_path=ckpt_path, **kwargs)
     return [*trainers, stage2]
+
+
+def _leave_process_group(trainer: Any) -> None:
+    """A rank with nothing left to do (rank 0 evaluates and exports alone) leaves the process group now: left
+    to the interpreter's exit, gloo's teardown can abort the rank while rank 0 is still at work, and Lightning
+    then kills rank 0 too."""
+    import torch.distributed as dist
+
+    if (
+        trainer.world_size > 1
+        and not trainer.is_global_zero
+        and dist.is_available()
+        and dist.is_initialized()
+    ):
+        dist.destroy_process_group()
 
 
 def select_stage2(module: Any) -> None:
