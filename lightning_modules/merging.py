@@ -7,7 +7,7 @@ step builds the merged tensors once and runs the base architecture on them with 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -545,19 +545,25 @@ class ExpertMergingModule(pl.LightningModule):
         hp = self.hparams
         budget = len(self.coefficient_names) if hp.chunk_budget is None else int(hp.chunk_budget)
         taus = self.task_vectors  # a sequence: streamed ones are read layer by layer, not all at once
-        allocation = chunk_allocation(stage1_values, self.coefficient_names, taus, budget, hp.chunk_kappa)
-        device = self.coefficients.alpha0.device
+        self.chunk_allocation = chunk_allocation(
+            stage1_values, self.coefficient_names, taus, budget, hp.chunk_kappa
+        )
         self.stage1_values = {name: value.detach().float().cpu() for name, value in stage1_values.items()}
-        self.chunk_allocation = allocation
+        self._chunks_at_stage1()
+        self.stage = 2
+
+    def _chunks_at_stage1(self) -> None:
+        """Fresh chunk-wise coefficients (`chunk_allocation`'s chunks) with every chunk at its tensor's stage-1
+        value, where the previous coefficients were."""
+        tensors = self.chunk_allocation["tensors"]
         self.coefficients = MergeCoefficients(
             self.coefficient_names,
-            [info["rows"] for info in allocation["tensors"].values()],
+            [info["rows"] for info in tensors.values()],
             len(self.expert_names),
             alpha0=self.start_alpha,
-            chunks={name: info["chunks"] for name, info in allocation["tensors"].items()},
+            chunks={name: info["chunks"] for name, info in tensors.items()},
             start={name: value.view(-1, 1) for name, value in self.stage1_values.items()},
-        ).to(device)
-        self.stage = 2
+        ).to(self.coefficients.alpha0.device)
 
     def stage1_snapshot(self) -> dict[str, torch.Tensor]:
         values = self.coefficients.layerwise_values()
@@ -605,19 +611,9 @@ class ExpertMergingModule(pl.LightningModule):
         means = {}
         size = max(1, int(self.hparams.teacher_batch_size))
         for index, task in enumerate(self.task_names):
-            samples = self.datamodule.task_samples(task, split)
             totals: dict[str, float] = {}
             tokens = 0.0
-            for first in range(0, samples.input_ids.shape[0], size):
-                rows = torch.arange(first, min(first + size, samples.input_ids.shape[0]))
-                mask = samples.attention_mask[rows].to(self.device)
-                length = int(mask.sum(1).max())
-                batch = {
-                    "input_ids": samples.input_ids[rows, :length].to(self.device),
-                    "attention_mask": mask[:, :length],
-                    "task_index": index,
-                    "sample_index": rows,
-                }
+            for batch in self._split_batches(index, split, size):
                 count = float(batch["attention_mask"].sum())
                 for part, value in self.task_losses(batch, split).items():
                     if part != "kl_tokens":
@@ -625,6 +621,21 @@ class ExpertMergingModule(pl.LightningModule):
                 tokens += count
             means[task] = {part: total / max(tokens, 1.0) for part, total in totals.items()}
         return means
+
+    def _split_batches(self, index: int, split: str, size: int) -> Iterator[dict[str, Any]]:
+        """Task `index`'s samples of a calibration split in order, `size` per batch, trimmed to the batch's
+        longest sample, on the module's device."""
+        samples = self.datamodule.task_samples(self.task_names[index], split)
+        for first in range(0, samples.input_ids.shape[0], size):
+            rows = torch.arange(first, min(first + size, samples.input_ids.shape[0]))
+            mask = samples.attention_mask[rows].to(self.device)
+            length = int(mask.sum(1).max())
+            yield {
+                "input_ids": samples.input_ids[rows, :length].to(self.device),
+                "attention_mask": mask[:, :length],
+                "task_index": index,
+                "sample_index": rows,
+            }
 
     def objective_weights(self) -> dict[str, float]:
         """Per task its weight in the fit objective: its task weight times its balance scale."""
@@ -647,18 +658,10 @@ class ExpertMergingModule(pl.LightningModule):
         coefficients on a calibration split, and its real-token count (float64 [n] each)."""
         result = {}
         for index, task in enumerate(self.task_names):
-            samples = self.datamodule.task_samples(task, split)
             values, tokens = [], []
-            for row in range(samples.input_ids.shape[0]):
-                length = int(samples.attention_mask[row].sum())  # right-padded: real tokens come first
-                batch = {
-                    "input_ids": samples.input_ids[row : row + 1, :length].to(self.device),
-                    "attention_mask": samples.attention_mask[row : row + 1, :length].to(self.device),
-                    "task_index": index,
-                    "sample_index": torch.tensor([row]),
-                }
+            for batch in self._split_batches(index, split, 1):
                 values.append(float(self.task_objective(self.task_losses(batch, split))))
-                tokens.append(float(length))
+                tokens.append(float(batch["attention_mask"].sum()))
             result[task] = (
                 torch.tensor(values, dtype=torch.float64),
                 torch.tensor(tokens, dtype=torch.float64),
@@ -673,7 +676,7 @@ class ExpertMergingModule(pl.LightningModule):
         coefficients, each chunk at its tensor's stage-1 value). Returns (and keeps) what it found."""
         learned = {k: v.detach().clone() for k, v in self.coefficients.state_dict().items()}
         chunk_wise = self.sample_objectives("eval")
-        self.start_stage2(self.stage1_values)  # the layer-wise result, in stage 2's chunks
+        self._chunks_at_stage1()  # the layer-wise result, in stage 2's chunks
         layer_wise = self.sample_objectives("eval")
         before, after, error = paired_objectives(layer_wise, chunk_wise, self.objective_weights())
         kept = after < before - error
