@@ -106,6 +106,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "steps x4": {"trainer.max_steps": "x4"},
     "samples x2": {"data.samples_per_task": "x2"},
     "samples /2": {"data.samples_per_task": "/2"},
+    "group balance": {"data.group_balance": "true"},  # training texts in rounds over their sources
     "lr /2": {"model.lr": "/2"},
     "lr x2": {"model.lr": "x2"},
     "gamma=0": {"model.gamma": 0.0},
@@ -116,6 +117,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "alpha0=0.7": {"model.alpha0": 0.7},
     # 5. which tensors
     "fixed tensors at base": {"model.fixed_tensors": "base"},
+    "learn norms": {"model.learn_matrices_only": "false"},  # the blocks' norms get coefficients too
+    "learn every tensor": {  # the norms, the embeddings (tied lm_head) and the final norm too
+        "model.learn_matrices_only": "false",
+        "model.learn_include": "['.']",
+    },
     # the recipe of configs/quality.yaml (session 10), as overrides of the demo: Expert Merging++
     "quality": {"model.chunking": "true"},
 }

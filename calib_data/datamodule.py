@@ -64,6 +64,10 @@ class CalibrationDataModule(pl.LightningDataModule):
         rounds: train batches are rounds, a list of one single-task batch per task, so one optimiser step
             sees every task without `trainer.accumulate_grad_batches` (the default, False, yields one task per
             batch: set accumulate_grad_batches to the number of tasks for the same effect).
+        group_balance: for tasks with a `group_field`, draw the training samples in rounds over their source
+            groups (one text of each group, then a second of each, ...) from a pool of up to four times the
+            texts wanted, instead of in shuffled order (where a large source fills most of the part). The
+            held-out samples are the same either way.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         rounds: bool = False,
+        group_balance: bool = False,
     ) -> None:
         super().__init__()
         # Plain dicts are accepted too, for code that builds the config by hand.
@@ -89,6 +94,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.rounds = rounds
+        self.group_balance = group_balance
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._samples: dict[tuple[str, str], TokenizedSamples] = {}  # keyed by (task, "train" | "eval")
 
@@ -155,6 +161,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 max_length=self.max_length,
                 tokenizer_name=self.tokenizer_path,
                 eval_wanted=self.eval_samples_per_task,
+                balanced=self.group_balance,
             )
             splits = split_task(
                 task,
@@ -165,6 +172,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 eval_samples_per_task=self.eval_samples_per_task,
                 pad_id=int(self.tokenizer.pad_token_id),
                 groups=groups,
+                balanced=self.group_balance,
             )
             for split, split_samples in splits.items():
                 samples[(task.name, split)] = split_samples

@@ -119,6 +119,9 @@ def row_text(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=len(messages) == 1)
 
 
+BALANCE_POOL = 4  # `group_balance`: the training part is drawn from at least this many times the texts wanted
+
+
 def task_tokens(
     task: TaskSpec,
     index: int,
@@ -129,6 +132,7 @@ def task_tokens(
     max_length: int,
     tokenizer_name: str | None = None,
     eval_wanted: int = 0,
+    balanced: bool = False,
 ) -> tuple[list[list[int]], list[str], list[str] | None]:
     """Up to `wanted` usable, distinct token sequences of a task in shuffled order, the files read, and each
     sequence's group (`group_field`; None without one). With groups, reading goes on until `group_roles`
@@ -173,8 +177,9 @@ def task_tokens(
     def enough() -> bool:
         if not grouped:
             return len(kept) >= wanted
-        roles = group_roles(groups, eval_wanted, wanted - eval_wanted)
-        return roles.count("eval") >= eval_wanted and roles.count("train") >= wanted - eval_wanted
+        roles = group_roles(groups, eval_wanted, wanted - eval_wanted, balanced)
+        full = roles.count("eval") >= eval_wanted and roles.count("train") >= wanted - eval_wanted
+        return full and (not balanced or len(kept) >= BALANCE_POOL * wanted)
 
     position = 0
     while position < len(order) and not enough():

@@ -32,6 +32,7 @@ def split_task(
     eval_samples_per_task: int,
     pad_id: int,
     groups: Sequence[str] | None = None,
+    balanced: bool = False,
 ) -> dict[str, TokenizedSamples]:
     """A task's shuffled, distinct samples cut into {"eval": ..., "train": ...}, each padded.
 
@@ -44,7 +45,7 @@ def split_task(
     files = ", ".join(described)
     if groups is not None:
         return _split_groups(
-            task, index, kept, files, groups, samples_per_task, eval_samples_per_task, pad_id
+            task, index, kept, files, groups, samples_per_task, eval_samples_per_task, pad_id, balanced
         )
     if count < 2:
         raise ExpertMergeError(
@@ -77,9 +78,10 @@ def _split_groups(
     n_train: int,
     n_eval: int,
     pad_id: int,
+    balanced: bool = False,
 ) -> dict[str, TokenizedSamples]:
     distinct = len(set(groups))
-    roles = group_roles(groups, n_eval, n_train)
+    roles = group_roles(groups, n_eval, n_train, balanced)
     parts = {
         role: [ids for ids, r in zip(kept, roles, strict=True) if r == role] for role in ("eval", "train")
     }
@@ -102,7 +104,9 @@ def _split_groups(
     return {role: pad(parts[role], pad_id) for role in ("eval", "train")}
 
 
-def group_roles(groups: Sequence[str], n_eval: int, n_train: int) -> list[Split | None]:
+def group_roles(
+    groups: Sequence[str], n_eval: int, n_train: int, balanced: bool = False
+) -> list[Split | None]:
     """Per sample (in shuffled order, `groups[i]` its source group) "eval", "train" or None (unused), so that
     no group is on both sides. Read in order: a sample of a new group holds that group out while the held-out
     part has fewer than `n_eval` samples, and makes it a training group otherwise; held-out groups fill the
@@ -117,11 +121,23 @@ def group_roles(groups: Sequence[str], n_eval: int, n_train: int) -> list[Split 
         if group not in held and group not in training:
             (held if taken["eval"] < n_eval else training).add(group)
         role: Split = "eval" if group in held else "train"
-        if taken[role] < (n_eval if role == "eval" else n_train):
+        if taken[role] < (n_eval if role == "eval" else n_train) and (role == "eval" or not balanced):
             taken[role] += 1
             roles.append(role)
         else:
             roles.append(None)
+    if balanced:  # the training part in rounds over the training groups (first seen first): source variety
+        members: dict[str, list[int]] = {}
+        for position, group in enumerate(groups):
+            if group in training:
+                members.setdefault(group, []).append(position)
+        depth = 0
+        while taken["train"] < n_train and any(depth < len(rows) for rows in members.values()):
+            for rows in members.values():
+                if depth < len(rows) and taken["train"] < n_train:
+                    roles[rows[depth]] = "train"
+                    taken["train"] += 1
+            depth += 1
     return roles
 
 

@@ -204,6 +204,44 @@ def test_group_roles_fill_the_held_out_part_from_whole_groups_first_come():
     assert group_roles(long[:7], 3, 5) == group_roles(long, 3, 5)[:7]
 
 
+def test_group_roles_balanced_draws_the_training_part_in_rounds_over_groups():
+    from calib_data.splits import group_roles
+
+    groups = list("AABBBBBCCDE")
+    # First come: B (the big source) fills the training part.
+    assert group_roles(groups, 2, 4) == ["eval"] * 2 + ["train"] * 4 + [None] * 5
+    # Balanced: one text of B, C, D, E (first seen first), then B's second if more were wanted.
+    assert group_roles(groups, 2, 4, balanced=True) == (
+        ["eval"] * 2 + ["train", None, None, None, None, "train", None, "train", "train"]
+    )
+    assert group_roles(groups, 2, 5, balanced=True) == (
+        ["eval"] * 2 + ["train", "train", None, None, None, "train", None, "train", "train"]
+    )
+    # The held-out part is the same either way.
+    for n_train in (1, 3, 9):
+        plain, balanced = group_roles(groups, 2, n_train), group_roles(groups, 2, n_train, balanced=True)
+        assert [r == "eval" for r in plain] == [r == "eval" for r in balanced]
+
+
+@pytest.mark.filterwarnings("ignore:Task 'docs' has")
+def test_group_balance_spreads_the_training_texts_over_sources(tmp_path, tokenizer_dir):
+    task = _grouped(tmp_path, [2, 30, 2, 2, 2, 2])  # one source holds most texts
+    plain = module([task], tokenizer_dir, samples_per_task=6, eval_samples_per_task=2)
+    balanced = module([task], tokenizer_dir, samples_per_task=6, eval_samples_per_task=2, group_balance=True)
+    plain.setup()
+    balanced.setup()
+    assert torch.equal(
+        plain.task_samples("docs", "eval").input_ids, balanced.task_samples("docs", "eval").input_ids
+    )
+    held = set(_groups_of(plain, "eval"))
+    spread = _groups_of(balanced, "train")
+    assert len(spread) == 6 and not set(spread) & held
+    # Every training source gives at most ceil(6 / sources) texts, and more sources train than in shuffled order.
+    sources = {g for g in ("g0", "g1", "g2", "g3", "g4", "g5") if g not in held}
+    assert max(spread.count(g) for g in set(spread)) <= -(-6 // len(sources))
+    assert len(set(spread)) == min(6, len(sources)) > len(set(_groups_of(plain, "train")))
+
+
 def test_group_field_errors_name_the_key(tmp_path, tokenizer_dir):
     task = _grouped(tmp_path, [4, 3])
     missing = TaskSpec("docs", "e", task.sources, group_field="file")
