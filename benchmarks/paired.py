@@ -88,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=int, default=48, help="held-out texts per domain")
     parser.add_argument("--prefix", type=float, default=0.25)
     parser.add_argument("--rounds", type=int, default=4000)
+    parser.add_argument(
+        "--heldout-file", action="append", default=[], metavar="DOMAIN=PATH",
+        help="score DOMAIN on this jsonl's texts instead of the zoo's held-out split (as quality.py)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
     transformers.utils.logging.set_verbosity_error()
-    from benchmarks.quality import prefix_starts, register_extra_zoos
+    from benchmarks.quality import check_heldout_is_unseen, heldout_files, prefix_starts, register_extra_zoos
 
     for given in (options.a, options.b):
         if not (given / "config.json").is_file():
@@ -107,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    replaced = heldout_files(options.heldout_file, tasks)
+    check_heldout_is_unseen(folder, manifest, tokenizer, max_length, replaced)
     encoded = {}
     for task in tasks:
-        rows = read_jsonl(folder / manifest["tasks"][task]["heldout"])[: options.heldout]
+        rows = read_jsonl(replaced.get(task, folder / manifest["tasks"][task]["heldout"]))[: options.heldout]
         ids, mask = encode(tokenizer, [r["text"] for r in rows], max_length)
         encoded[task] = (ids, mask, prefix_starts(mask, options.prefix))
     paths = {"base": folder / "base", **{f"expert {t}": folder / "experts" / t for t in tasks}}

@@ -87,12 +87,19 @@ def register_extra_zoos() -> None:
             register_zoo(name, builder)
 
 
-def check_heldout_is_unseen(folder: Path, manifest: dict[str, Any], tokenizer: Any, max_length: int) -> None:
-    """Held-out texts of every domain share nothing with any domain's train or calib texts."""
+def check_heldout_is_unseen(
+    folder: Path,
+    manifest: dict[str, Any],
+    tokenizer: Any,
+    max_length: int,
+    replaced: dict[str, Path] | None = None,
+) -> None:
+    """Held-out texts of every domain (`replaced[domain]`: that file's instead of the zoo's) share nothing
+    with any domain's train or calib texts."""
     seen: list[str] = []
     heldout: list[str] = []
-    for task in manifest["tasks"].values():
-        heldout += [r["text"] for r in read_jsonl(folder / task["heldout"])]
+    for name, task in manifest["tasks"].items():
+        heldout += [r["text"] for r in read_jsonl((replaced or {}).get(name, folder / task["heldout"]))]
         for split in ("train", "calib"):
             seen += [r["text"] for r in read_jsonl(folder / task[split])]
     check_disjoint({"heldout": heldout, "train+calib": seen}, what="held-out vs training data")
@@ -331,6 +338,21 @@ def exact_match(
 # ---------------------------------------------------------------------------------------------- main
 
 
+def heldout_files(given: list[str], tasks: list[str]) -> dict[str, Path]:
+    """`--heldout-file DOMAIN=PATH` values as {domain: path}, checked before anything runs."""
+    files: dict[str, Path] = {}
+    for item in given:
+        domain, _, path = item.partition("=")
+        if domain not in tasks or not path:
+            raise SystemExit(
+                f"--heldout-file {item!r}: give DOMAIN=PATH with DOMAIN one of {', '.join(tasks)}"
+            )
+        if not Path(path).is_file():
+            raise SystemExit(f"--heldout-file {item!r}: no file {path}")
+        files[domain] = Path(path)
+    return files
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -368,6 +390,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--add-row", action="append", default=[], metavar="LABEL=PATH",
         help="also score this exported model as a row (e.g. a fit with other settings); repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--heldout-file", action="append", default=[], metavar="DOMAIN=PATH",
+        help="score DOMAIN on this jsonl's texts instead of the zoo's held-out split (checked unseen too)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     options, fit_overrides = parser.parse_known_args(argv)  # the rest goes to `fit`, e.g. --model.lr=0.05
     options.fit_overrides = fit_overrides
@@ -404,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    check_heldout_is_unseen(folder, manifest, tokenizer, max_length)
-    heldout = {t: read_jsonl(folder / manifest["tasks"][t]["heldout"])[: options.heldout] for t in tasks}
+    replaced = heldout_files(options.heldout_file, tasks)
+    check_heldout_is_unseen(folder, manifest, tokenizer, max_length, replaced)
+    heldout = {
+        t: read_jsonl(replaced.get(t, folder / manifest["tasks"][t]["heldout"]))[: options.heldout]
+        for t in tasks
+    }
     encoded = {t: encode(tokenizer, [r["text"] for r in rows], max_length) for t, rows in heldout.items()}
     starts = {t: prefix_starts(mask, options.prefix) for t, (_, mask) in encoded.items()}
 

@@ -44,11 +44,21 @@ def _chunks(blocks: list[str]) -> Iterator[str]:
         yield "\n\n".join(current)
 
 
-def c_header_records(seed: int = 0, include: Path = C_INCLUDE) -> list[dict[str, Any]]:
+# C libraries' header folders that zoo B never reads (no expert trained on them, no calibration text): a
+# second held-out set for the c domain from many sources (`unseen_c_records`, benchmarks/quality.py).
+UNSEEN_C_FOLDERS = (
+    "libxml2/libxml", "tcl8.6", "freetype2/freetype", "nettle", "nspr", "nss", "python3.11", "valgrind",
+    "xmlsec1/xmlsec", "gnutls", "brotli", "fontconfig", "KHR", "EGL", "GL",
+)  # fmt: skip
+
+
+def c_header_records(
+    seed: int = 0, include: Path = C_INCLUDE, folders: tuple[str, ...] = C_FOLDERS
+) -> list[dict[str, Any]]:
     """Chunks of C headers: blank-line separated blocks without licence boilerplate, grouped by file."""
     files = sorted(
         path
-        for folder in C_FOLDERS
+        for folder in folders
         if (include / folder).is_dir()
         for path in (include / folder).glob("*.h")
         if path.is_file()
@@ -66,6 +76,27 @@ def c_header_records(seed: int = 0, include: Path = C_INCLUDE) -> list[dict[str,
         for chunk in _chunks(blocks):
             records.append({"text": chunk + "\n", "source": f"usr/include/{relative}", "group": relative})
     return records
+
+
+def unseen_c_records(
+    count: int = 48, per_file: int = 2, seed: int = 0, include: Path = C_INCLUDE
+) -> list[dict[str, Any]]:
+    """`count` chunks of C headers from `UNSEEN_C_FOLDERS` (libraries zoo B never reads), at most `per_file`
+    from one file, files in a seeded order: held-out C text spread over many sources."""
+    import random
+
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for record in c_header_records(seed, include, UNSEEN_C_FOLDERS):
+        by_file.setdefault(record["group"], []).append(record)
+    files = sorted(by_file)
+    random.Random(f"{seed}:unseen-c").shuffle(files)
+    chosen = [record for name in files for record in by_file[name][:per_file]][:count]
+    if len(chosen) < count:
+        raise ExpertMergeError(
+            f"only {len(chosen)} chunks of unseen C headers under {include} ({', '.join(UNSEEN_C_FOLDERS)}); "
+            f"{count} wanted. Install more -dev packages or ask for fewer."
+        )
+    return chosen
 
 
 def python_docs_records(seed: int = 0) -> list[dict[str, Any]]:

@@ -109,7 +109,16 @@ def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path:
     fit(tmp_path, "short", "--trainer.max_steps", "2", "--export.evaluate", "false")
     printed = "".join(capfd.readouterr())
     assert "step" in printed and "2/2" in printed
-    for noise in ("Tip:", "litlogger", "litmodels", "GPU available", "Generating train split", "Epoch"):
+    for noise in (
+        "Tip:",
+        "litlogger",
+        "litmodels",
+        "GPU available",
+        "Generating train split",
+        "Epoch",
+        "Seed set",
+        "Trainer.fit` stopped",
+    ):
         assert noise not in printed, noise
 
 

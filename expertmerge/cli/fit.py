@@ -28,7 +28,14 @@ _QUIET_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",  # the frozen base runs in eval mode on purpose
 )
 # ... and info lines: the litlogger/litmodels tips and the device inventory (which repeats for stage 2).
-_QUIET_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+_QUIET_INFO = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Seed set to",  # every fit seeds (seed_everything 0)
+    "`Trainer.fit` stopped:",  # the progress bar already shows the last step of max_steps
+)
 
 
 class _DropLines(logging.Filter):
@@ -42,17 +49,20 @@ def _quiet_lightning() -> Iterator[None]:
     import datasets
 
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    seed = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0" at every fit
     drop = _DropLines()
     bars_were_on = datasets.is_progress_bar_enabled()
     with warnings.catch_warnings():
         for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         rank_zero.addFilter(drop)
+        seed.addFilter(drop)
         datasets.disable_progress_bars()  # "Generating train split" bars of the jsonl loader
         try:
             yield
         finally:
             rank_zero.removeFilter(drop)
+            seed.removeFilter(drop)
             if bars_were_on:
                 datasets.enable_progress_bars()
 
