@@ -27,6 +27,12 @@ class StepProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._show_steps(trainer, pl_module)
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The logged progress-bar metrics, without Lightning's `v_num` (the log folder's version number)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def _show_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
             return

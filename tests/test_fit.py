@@ -118,6 +118,7 @@ def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path:
         "Epoch",
         "Seed set",
         "Trainer.fit` stopped",
+        "v_num",
     ):
         assert noise not in printed, noise
 
