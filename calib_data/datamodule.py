@@ -13,6 +13,7 @@ takes every `world_size`-th batch), so the Trainer needs `use_distributed_sample
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,14 @@ class CalibrationDataModule(pl.LightningDataModule):
                 "seed": (self.seed, None),
             },
         )
+        if self.group_balance and not any(task.group_field for task in self.tasks):
+            warnings.warn(
+                "data.group_balance is true, but no task sets `group_field`: it only changes how tasks with "
+                "source groups pick their training texts, so it does nothing here. Name each task's source "
+                "column with `data.tasks[i].group_field`, or drop group_balance.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def check(self, expert_names: Iterable[str] | None = None) -> None:
         """Cheap validation before any heavy work: settings, task names, experts, the tokenizer's folder,

@@ -240,6 +240,10 @@ def test_group_balance_spreads_the_training_texts_over_sources(tmp_path, tokeniz
     sources = {g for g in ("g0", "g1", "g2", "g3", "g4", "g5") if g not in held}
     assert max(spread.count(g) for g in set(spread)) <= -(-6 // len(sources))
     assert len(set(spread)) == min(6, len(sources)) > len(set(_groups_of(plain, "train")))
+    # Without any group_field it would do nothing: the cheap checks say so.
+    ungrouped = TaskSpec("docs", "e", task.sources)
+    with pytest.warns(UserWarning, match=r"group_balance is true, but no task sets `group_field`"):
+        module([ungrouped], tokenizer_dir, group_balance=True).check()
 
 
 def test_group_field_errors_name_the_key(tmp_path, tokenizer_dir):
