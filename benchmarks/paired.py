@@ -25,10 +25,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from expertmerge.zoo_registry import ensure_zoo, read_manifest  # noqa: E402
-from expertmerge_zoos.corpora import read_jsonl  # noqa: E402
 from expertmerge_zoos.evaluation import token_nll_sum  # noqa: E402
-from expertmerge_zoos.smollm2 import encode  # noqa: E402
 
 
 @torch.no_grad()
@@ -94,30 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     options = parser.parse_args(argv)
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
     transformers.utils.logging.set_verbosity_error()
-    from benchmarks.quality import check_heldout_is_unseen, heldout_files, prefix_starts, register_extra_zoos
+    from benchmarks.quality import load_heldout
 
     for given in (options.a, options.b):
         if not (given / "config.json").is_file():
             parser.error(f"{given} is not an exported model folder (no config.json)")
-    register_extra_zoos()
-    folder = ensure_zoo(options.zoo)
-    manifest = read_manifest(folder)
-    tasks = list(manifest["tasks"])
-    max_length = int(manifest.get("recipe", {}).get("max_length", 128))
-    tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    replaced = heldout_files(options.heldout_file, tasks)
-    check_heldout_is_unseen(folder, manifest, tokenizer, max_length, replaced)
-    encoded = {}
-    for task in tasks:
-        rows = read_jsonl(replaced.get(task, folder / manifest["tasks"][task]["heldout"]))[: options.heldout]
-        ids, mask = encode(tokenizer, [r["text"] for r in rows], max_length)
-        encoded[task] = (ids, mask, prefix_starts(mask, options.prefix))
+    held = load_heldout(options.zoo, options.heldout, options.prefix, options.heldout_file)
+    folder, tasks = held.folder, held.tasks
+    encoded = {t: (*held.encoded[t], held.starts[t]) for t in tasks}
     paths = {"base": folder / "base", **{f"expert {t}": folder / "experts" / t for t in tasks}}
     paths.update({"a": options.a, "b": options.b})
     per_model: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}

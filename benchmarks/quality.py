@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -353,6 +353,40 @@ def heldout_files(given: list[str], tasks: list[str]) -> dict[str, Path]:
     return files
 
 
+class HeldOut(NamedTuple):
+    folder: Path
+    manifest: dict[str, Any]
+    tasks: list[str]
+    tokenizer: Any
+    max_length: int
+    rows: dict[str, list[dict[str, Any]]]  # per domain its held-out records
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]]  # per domain right-padded (ids, mask)
+    starts: dict[str, torch.Tensor]  # per domain each text's first scored token (after the prefix)
+
+
+def load_heldout(zoo: str, count: int, prefix: float, given_files: list[str]) -> HeldOut:
+    """A zoo (built if needed) and its held-out texts as every row is scored: at most `count` per domain (a
+    `--heldout-file DOMAIN=PATH` replaces a domain's), checked unseen by any train or calib split, tokenized,
+    and each text's first scored token after its `prefix` share."""
+    from transformers import AutoTokenizer
+
+    register_extra_zoos()
+    folder = ensure_zoo(zoo)
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    tasks = list(manifest["tasks"])
+    max_length = int(manifest.get("recipe", {}).get("max_length", 128))
+    tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    replaced = heldout_files(given_files, tasks)
+    check_heldout_is_unseen(folder, manifest, tokenizer, max_length, replaced)
+    rows = {t: read_jsonl(replaced.get(t, folder / manifest["tasks"][t]["heldout"]))[:count] for t in tasks}
+    encoded = {t: encode(tokenizer, [r["text"] for r in texts], max_length) for t, texts in rows.items()}
+    starts = {t: prefix_starts(mask, prefix) for t, (_, mask) in encoded.items()}
+    return HeldOut(folder, manifest, tasks, tokenizer, max_length, rows, encoded, starts)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -412,32 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         extra_rows[label] = Path(path)
     wanted = [r for r in (options.rows or MERGE_ROWS) if r not in options.skip]
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
     transformers.utils.logging.set_verbosity_error()
     console = Console(width=200)  # the table is wide; never wrap it, even in a log file
     started = time.perf_counter()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    register_extra_zoos()
-    folder = ensure_zoo(options.zoo)
-    manifest = read_manifest(folder)
-    assert manifest is not None
-    tasks = list(manifest["tasks"])
-    recipe = manifest.get("recipe", {})
-    max_length = int(recipe.get("max_length", 128))
-    shared_layers = int(recipe.get("first_trained_layer", 0))
-    tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    replaced = heldout_files(options.heldout_file, tasks)
-    check_heldout_is_unseen(folder, manifest, tokenizer, max_length, replaced)
-    heldout = {
-        t: read_jsonl(replaced.get(t, folder / manifest["tasks"][t]["heldout"]))[: options.heldout]
-        for t in tasks
-    }
-    encoded = {t: encode(tokenizer, [r["text"] for r in rows], max_length) for t, rows in heldout.items()}
-    starts = {t: prefix_starts(mask, options.prefix) for t, (_, mask) in encoded.items()}
+    held = load_heldout(options.zoo, options.heldout, options.prefix, options.heldout_file)
+    folder, manifest, tasks, tokenizer = held.folder, held.manifest, held.tasks, held.tokenizer
+    heldout, encoded, starts, max_length = held.rows, held.encoded, held.starts, held.max_length
+    shared_layers = int(manifest.get("recipe", {}).get("first_trained_layer", 0))
 
     work_context = tempfile.TemporaryDirectory(prefix="quality-") if options.work is None else None
     work = Path(work_context.name) if work_context else options.work

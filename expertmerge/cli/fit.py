@@ -37,6 +37,9 @@ _QUIET_INFO = (
     "`Trainer.fit` stopped:",  # the progress bar already shows the last step of max_steps
 )
 
+# The loggers those lines come from: Lightning's rank-zero messages, and the seed ("Seed set to 0").
+_QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed")
+
 
 class _DropLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -48,21 +51,20 @@ def _quiet_lightning() -> Iterator[None]:
     """Silence the lines above for the duration of the command only (no process-wide filters)."""
     import datasets
 
-    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    seed = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0" at every fit
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     drop = _DropLines()
     bars_were_on = datasets.is_progress_bar_enabled()
     with warnings.catch_warnings():
         for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        rank_zero.addFilter(drop)
-        seed.addFilter(drop)
+        for logger in loggers:
+            logger.addFilter(drop)
         datasets.disable_progress_bars()  # "Generating train split" bars of the jsonl loader
         try:
             yield
         finally:
-            rank_zero.removeFilter(drop)
-            seed.removeFilter(drop)
+            for logger in loggers:
+                logger.removeFilter(drop)
             if bars_were_on:
                 datasets.enable_progress_bars()
 
