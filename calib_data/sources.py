@@ -297,16 +297,22 @@ def load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, b
     for path in source.files:
         by_builder.setdefault(BUILDERS[Path(path).suffix.lower()], []).append(path)
     loaded = []
-    for builder, files in by_builder.items():
-        options: dict[str, Any] = {}
-        if builder == "text":
-            # Inside a paragraph or document the line breaks are part of the text.
-            options = {"sample_by": task.txt_sample_by, "keep_linebreaks": task.txt_sample_by != "line"}
-        try:
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
-        except Exception as error:  # parse errors surface as several exception types
-            raise ExpertMergeError(
-                f"Task '{task.name}': cannot read {', '.join(files)} (`{key}`): {_root_message(error)}"
-            ) from error
-        loaded.append((dataset, builder == "text"))
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a local file's "Generating train split" bar says nothing useful
+    try:
+        for builder, files in by_builder.items():
+            options: dict[str, Any] = {}
+            if builder == "text":
+                # Inside a paragraph or document the line breaks are part of the text.
+                options = {"sample_by": task.txt_sample_by, "keep_linebreaks": task.txt_sample_by != "line"}
+            try:
+                dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
+            except Exception as error:  # parse errors surface as several exception types
+                raise ExpertMergeError(
+                    f"Task '{task.name}': cannot read {', '.join(files)} (`{key}`): {_root_message(error)}"
+                ) from error
+            loaded.append((dataset, builder == "text"))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     return loaded

@@ -146,6 +146,18 @@ def test_sample_counts_per_task_and_held_out_split_is_disjoint(three_tasks, toke
         dm.task_samples("nope", "train")
 
 
+def test_local_files_load_without_a_datasets_bar_and_leave_the_setting_alone(
+    three_tasks, tokenizer_dir, capfd
+):
+    import datasets
+
+    datasets.enable_progress_bars()
+    dm = module(three_tasks, tokenizer_dir, samples_per_task=7, eval_samples_per_task=3)
+    dm.setup("fit")  # called directly (a benchmark, the router tuner), not only inside the fit CLI
+    assert "Generating train split" not in "".join(capfd.readouterr())
+    assert datasets.is_progress_bar_enabled()
+
+
 def test_held_out_split_does_not_depend_on_samples_per_task(three_tasks, tokenizer_dir):
     small = module(three_tasks, tokenizer_dir, samples_per_task=3)
     large = module(three_tasks, tokenizer_dir, samples_per_task=12)

@@ -105,19 +105,12 @@ def calibration_data(
     tasks: Sequence[Any], options: RouterOptions, tokenizer_dir: Path, names: list[str]
 ) -> Any:
     """The calibration datamodule (checked, set up) of `tasks`, tokenised with the base's tokenizer."""
-    import datasets
 
     from calib_data.datamodule import CalibrationDataModule
 
     datamodule = CalibrationDataModule(list(tasks), tokenizer=str(tokenizer_dir), **options.data)
     datamodule.check(names)
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # the jsonl loader's "Generating train split" bars
-    try:
-        datamodule.setup("fit")
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
+    datamodule.setup("fit")
     return datamodule
 
 
