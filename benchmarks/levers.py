@@ -17,7 +17,7 @@ takes the eval part first), never the zoo's held-out split:
   the benchmark's "gain retained" on calibration text, comparable across every setting. The mean of these
   is the selection score.
 
-Results are appended to `<cache>/levers/<zoo>.jsonl` (one line per run), so a grid can be run in pieces;
+Results are appended to `<cache>/levers/<zoo>-v<builder version>.jsonl` (one line per run), so a grid can be run in pieces;
 `--heldout NAME...` scores those settings' exports (fitting them first when no export is left) on the zoo's held-out split
 (gain from the zoo manifest's base / expert losses), for the settings finally chosen only.
 """
@@ -221,7 +221,10 @@ def score_fit(name: str, overrides: dict[str, Any], out: Path, wall: float) -> d
 
 
 def results_file(zoo: str) -> Path:
-    path = cache_dir() / "levers" / f"{zoo}.jsonl"
+    """One file per zoo build recipe (`-v<builder version>`): rows of a re-drawn zoo never mix with old ones."""
+    from expertmerge.zoo_registry import zoo_builder
+
+    path = cache_dir() / "levers" / f"{zoo}-v{zoo_builder(zoo).version}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -26,8 +26,10 @@ from expertmerge_zoos.smollm2_full import FULL_RECIPE
 from expertmerge_zoos.staging import Timer, build_steps, staged_build, write_manifest
 from expertmerge_zoos.training import epoch_batches, train_causal_lm
 
-BUILDER_VERSION = 1
 RECIPES: dict[str, Recipe] = {"smollm2": DEFAULT_RECIPE, "smollm2_full": FULL_RECIPE}
+# one version per source zoo: bump a source's entry when that zoo's training texts change (zoo B's builder
+# version 2 re-drew its splits)
+BUILDER_VERSIONS: dict[str, int] = {"smollm2": 1, "smollm2_full": 2}
 
 
 def build_mixture_zoo(out: Path, seed: int = 0, *, source: str, console: Console | None = None) -> Path:
@@ -62,7 +64,7 @@ def build_mixture_zoo(out: Path, seed: int = 0, *, source: str, console: Console
             staging,
             {
                 "name": f"{source}_mixture",
-                "builder_version": BUILDER_VERSION,
+                "builder_version": BUILDER_VERSIONS[source],
                 "seed": seed,
                 "source_zoo": source,
                 "tasks": tasks,
@@ -80,7 +82,7 @@ def build_mixture_zoo(out: Path, seed: int = 0, *, source: str, console: Console
 ZOOS = {
     f"{source}_mixture": ZooBuilder(
         build=partial(build_mixture_zoo, source=source),
-        version=BUILDER_VERSION,
+        version=BUILDER_VERSIONS[source],
         description=f"mixture-training reference of the {source} zoo (one multi-task fine-tune)",
     )
     for source in RECIPES

@@ -80,6 +80,8 @@ class Recipe:
     train_samples: int = 400  # expert fine-tuning texts per domain (at most; code has fewer)
     eval_batch_size: int = 8
     table_samples: int = 24  # held-out texts per domain in the build's loss table (the benchmark uses all)
+    per_group_cap: int = 0  # > 0: held-out and calib take at most this many texts of one source group
+    train_per_group_cap: int = 0  # > 0: the same for the experts' training texts
 
     @property
     def schedule(self) -> Schedule:
@@ -254,7 +256,14 @@ def build_smollm2_zoo(
             "heldout": recipe.heldout_samples,
         }
         for domain in domains:
-            splits[domain.name] = split_records(domain.make_records(seed), seed, sizes, key=tokens)
+            per_group = {
+                "heldout": recipe.per_group_cap,
+                "calib": recipe.per_group_cap,
+                "train": recipe.train_per_group_cap,
+            }
+            splits[domain.name] = split_records(
+                domain.make_records(seed), seed, sizes, key=tokens, per_group=per_group
+            )
             texts = {split: [r["text"] for r in rows] for split, rows in splits[domain.name].items()}
             check_disjoint(texts, what=f"{domain.name} splits")  # by text, and (above) by tokens seen
             for split, rows in splits[domain.name].items():

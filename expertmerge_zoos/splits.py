@@ -53,12 +53,16 @@ def split_records(
     seed: int,
     sizes: Mapping[str, int],
     key: Callable[[str], str] = text_key,
+    per_group: Mapping[str, int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Seeded disjoint splits: duplicates (by `key`) dropped, then heldout, calib and train filled in turn.
 
     Records with the same `group` field (e.g. one problem template with the same numbers, only other names)
     always land in the same split, so no split holds a mere rewording of another split's sample; what a
-    full split cannot take of a group is dropped.
+    full split cannot take of a group is dropped. `per_group` caps how many texts a split takes of one group
+    (e.g. `{"heldout": 2}`: a held-out set of 48 texts then comes from at least 24 sources, not from the one
+    big file that happens to be drawn first); the rest of a capped group is dropped, not given to another
+    split.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     seen: set[str] = set()
@@ -79,7 +83,10 @@ def split_records(
                 break
         if current is None:
             break
-        splits[current] += groups[group][: sizes[current] - len(splits[current])]
+        take = sizes[current] - len(splits[current])
+        if per_group and per_group.get(current):
+            take = min(take, per_group[current])
+        splits[current] += groups[group][:take]
     if (
         len(splits["heldout"]) < sizes["heldout"]
         or len(splits["calib"]) < sizes["calib"]

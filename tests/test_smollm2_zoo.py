@@ -68,6 +68,21 @@ def test_split_records_keep_each_group_in_one_split() -> None:
         assert all(where[r["group"]] == split for r in rows)
 
 
+def test_split_records_cap_the_texts_a_split_takes_of_one_group() -> None:
+    from collections import Counter
+
+    records = [{"text": f"file {g} chunk {i}", "group": f"file {g}"} for g in range(20) for i in range(5)]
+    sizes = {"train": 1000, "calib": 6, "heldout": 6}
+    splits = split_records(records, seed=0, sizes=sizes, per_group={"heldout": 2, "calib": 3, "train": 0})
+    per_split = {name: Counter(r["group"] for r in rows) for name, rows in splits.items()}
+    assert sorted(per_split["heldout"].values()) == [2, 2, 2]  # 6 texts of 3 files, not 5 + 1 of 2
+    assert sorted(per_split["calib"].values()) == [3, 3]
+    assert len(per_split["train"]) == 15 and set(per_split["train"].values()) == {5}  # 0: no cap
+    assert not set(per_split["heldout"]) & (set(per_split["calib"]) | set(per_split["train"]))
+    uncapped = split_records(records, seed=0, sizes=sizes)
+    assert sorted(Counter(r["group"] for r in uncapped["heldout"]).values()) == [1, 5]
+
+
 def test_split_records_refuses_too_few_samples() -> None:
     with pytest.raises(ExpertMergeError, match="distinct samples"):
         split_records([{"text": "x"}] * 50, seed=0, sizes={"train": 10, "calib": 10, "heldout": 5})
