@@ -27,9 +27,10 @@ CORE_PACKAGES = ("expertmerge", "lightning_modules", "calib_data")
 class ManifestOnlyZoo:
     """A zoo builder that writes just a manifest (with a loss table) and counts its builds."""
 
-    def __init__(self, version: int = 1) -> None:
+    def __init__(self, version: int = 1, losses: bool = True) -> None:
         self.builds: list[Path] = []
         self.version = version
+        self.losses = losses
 
     def __call__(self, out: Path, seed: int = 0) -> Path:
         self.builds.append(out)
@@ -42,6 +43,8 @@ class ManifestOnlyZoo:
             "heldout_loss": {"a": {"base": 2.0, "a": 1.0, "b": 2.5}, "b": {"base": 3.0, "a": 3.5, "b": 1.5}},
             "build_seconds": 0.0,
         }
+        if not self.losses:  # a reference model's zoo (e.g. the mixture fine-tune): no experts to compare
+            del manifest["heldout_loss"]
         (out / "zoo.json").write_text(json.dumps(manifest))
         return out
 
@@ -102,6 +105,17 @@ def test_the_zoo_command_shows_a_registered_zoos_loss_table(manifest_only_zoo, t
     assert "zoo 'manifest-only'" in printed and "-50%" in printed  # expert a: 1.0 against the base's 2.0
     assert main(["zoo", "--name", "manifest-only", "--out", str(tmp_path / "mine")]) == 0
     assert len(manifest_only_zoo.builds) == 1  # a current zoo in --out is reused
+
+
+def test_the_zoo_command_shows_a_zoo_without_a_loss_table(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("EXPERTMERGE_CACHE", str(tmp_path / "cache"))
+    register_zoo("reference-only", ZooBuilder(build=ManifestOnlyZoo(losses=False), version=1))
+    try:
+        assert main(["zoo", "--name", "reference-only"]) == 0
+    finally:
+        unregister_zoo("reference-only")
+    printed = capsys.readouterr().out
+    assert "zoo folder:" in printed and "held-out loss" not in printed
 
 
 def test_the_zoo_command_rejects_an_unknown_zoo_in_one_line(capsys) -> None:

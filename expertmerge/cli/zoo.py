@@ -65,6 +65,7 @@ def zoo_main(argv: list[str]) -> int:
     manifest = read_manifest(folder)
     assert manifest is not None
     console = Console()
-    console.print(loss_table(manifest))
+    if "heldout_loss" in manifest:  # a zoo of experts; a reference model (a mixture fine-tune) has none
+        console.print(loss_table(manifest))
     console.print(f"zoo folder: {escape(str(folder.resolve()))}  (built in {manifest['build_seconds']} s)")
     return 0
