@@ -12,9 +12,8 @@ domains differ from zoo A's (English math, Python code, French):
 The base is the same SmolLM2-135M-Instruct as zoo A's (the same GGUF conversion). Splits are disjoint by
 text, by truncated token sequence and by source group (file / topic / template numbers), as in zoo A, and
 the held-out and calibration splits take at most three texts of one source, the training split four (a big
-header file or reference topic would otherwise fill a whole split: builder version 1 scored c on one file
-and trained it on two). The
-training budget is small (a shared 2-core CPU): `Recipe.train_samples` texts per domain, two epochs.
+header file or reference topic would otherwise fill a whole split: builder version 1 scored c on one file).
+The training budget is small (a shared 2-core CPU): `Recipe.train_samples` texts per domain, two epochs.
 
 `ensure_zoo("smollm2_full")` builds it into the cache; `zoo.json` holds the held-out loss table.
 """
@@ -32,7 +31,7 @@ from expertmerge_zoos.smollm2 import Domain, Recipe, build_smollm2_zoo
 
 ZOO_NAME = "smollm2_full"
 BUILDER_VERSION = 2  # 2: at most 3 texts of one source group in held-out / calib, 4 in train (1: one header
-# file gave 47 of c's 48 held-out texts, two reference topics 47 of docs', two header files c's training texts)
+# file gave 47 of c's 48 held-out texts, two reference topics 47 of docs', one topic half of docs' training)
 
 
 @dataclass(frozen=True)
