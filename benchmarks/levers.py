@@ -97,6 +97,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "search task arithmetic and regmean": {"model.start_merges": "[task_arithmetic,regmean]"},
     "ce=3": {"model.ce_weight": 3.0},
     "ce=10": {"model.ce_weight": 10.0},
+    "kl where expert better": {"model.kl_where": "expert_better"},  # KL only where the expert predicts better
     "steps x3": {"trainer.max_steps": "x3"},
     # 2. objective
     "topk=256": {"model.logit_topk": 256},

@@ -164,6 +164,11 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
     non_negative("model.gamma", hp["gamma"])
     non_negative("model.mu", hp["mu"])
     non_negative("model.ce_weight", hp.get("ce_weight", 0.0))
+    if hp.get("kl_where", "all") == "expert_better" and not hp.get("ce_weight"):
+        raise ExpertMergeError(
+            "model.kl_where: expert_better drops the KL where the merge predicts the text better than its "
+            "expert, so the text's own loss must be on: set model.ce_weight > 0 (or kl_where: all)."
+        )
     temperature("model.temperature", hp["temperature"])
     if hp["hidden_layers"] is not None:
         if not isinstance(hp["hidden_layers"], (list, tuple)):

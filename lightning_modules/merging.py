@@ -105,6 +105,11 @@ class ExpertMergingModule(pl.LightningModule):
             the texts themselves), added to each task's alignment loss. The default 3 with `task_balance`
             `expert_gain` and `mu` 0 is the objective measured best on both SmolLM2 zoos' calibration data
             (LEVERS.md): KL to an expert caps a task at that expert, its own text does not.
+        kl_where: `all` (default): the KL term counts every token. `expert_better`: it counts only the tokens
+            where the expert gives the text's own next token a higher probability than the merged model does
+            (the cached expert NLL against the merge's, no labels), divided by all tokens; where the merge
+            already predicts the text better than its expert, only the text's own loss acts. Needs
+            `ce_weight` > 0.
         learn_include: regexes; tensors whose name matches one get learned coefficients.
         learn_exclude: regexes; matching tensors are merged at alpha0 instead.
         learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
@@ -170,6 +175,7 @@ class ExpertMergingModule(pl.LightningModule):
         task_weights: dict[str, float] | None = None,
         task_balance: Literal["none", "start_kl", "expert_gain"] = "expert_gain",
         ce_weight: float = 3.0,
+        kl_where: Literal["all", "expert_better"] = "all",
         learn_include: list[str] | None = None,
         learn_exclude: list[str] | None = None,
         learn_matrices_only: bool = True,
@@ -601,7 +607,13 @@ class ExpertMergingModule(pl.LightningModule):
         top1 = (agree * real).sum() / real.sum().clamp_min(1)
         parts = {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}
         if self.hparams.ce_weight:
-            parts["ce"] = masked_mean(*next_token_nll(out.logits, ids, mask))
+            nll, next_mask = next_token_nll(out.logits, ids, mask)
+            parts["ce"] = masked_mean(nll, next_mask)
+            if self.hparams.kl_where == "expert_better":
+                # 1 where the expert predicts the next token better; positions without one keep their KL
+                behind = (targets["nll"][:, :-1] < nll.detach()).to(kl_tokens.dtype)
+                weight = torch.cat([behind, behind.new_ones(behind.shape[0], 1)], dim=1)
+                parts["kl_fit"] = logit_kl_loss(kl_tokens * weight, mask, self.hparams.temperature)
         return parts
 
     @torch.no_grad()
@@ -692,7 +704,7 @@ class ExpertMergingModule(pl.LightningModule):
 
     def task_objective(self, parts: dict[str, Any]) -> Any:
         """One task's alignment loss from its terms: KL + mu * hidden term + ce_weight * text loss."""
-        loss = parts["kl"] + self.hparams.mu * parts["mse"]
+        loss = parts.get("kl_fit", parts["kl"]) + self.hparams.mu * parts["mse"]
         if "ce" in parts:
             loss = loss + self.hparams.ce_weight * parts["ce"]
         return loss

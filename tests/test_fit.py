@@ -546,3 +546,40 @@ def test_a_checkpoint_from_another_start_is_refused(tiny_zoo) -> None:
     checkpoint["expertmerge"]["start"] = ["regmean", 0.3]
     with pytest.raises(ExpertMergeError, match="learned from the start regmean at alpha0 0.3"):
         module.on_load_checkpoint(checkpoint)
+
+
+def test_kl_where_expert_better_counts_the_kl_only_where_the_expert_predicts_the_text_better(
+    tiny_zoo,
+) -> None:
+    """`kl_where: expert_better`: the objective's KL is the per-token KL times 1 where the cached expert NLL of
+    the next token is below the merge's (positions without a next token keep theirs), over all real tokens;
+    the reported KL stays the full one, and the option needs the text's own loss."""
+    from expertmerge.cli.fit import _fit_cli
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.losses import next_token_nll
+
+    plain = _prepared_tiny()
+    module = _prepared_tiny("--model.kl_where", "expert_better")
+    batch = next(iter(module.datamodule.train_dataloader()))
+    batch = batch[0] if isinstance(batch, list) else batch
+    parts, reference = module.task_losses(batch), plain.task_losses(batch)
+    torch.testing.assert_close(parts["kl"], reference["kl"])  # same coefficients, same full KL
+    task = module.task_names[int(batch["task_index"])]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    expert_nll = module.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1])["nll"]
+    with torch.no_grad():
+        logits = module(ids, mask).logits
+    merge_nll, _ = next_token_nll(logits, ids, mask)
+    behind = (expert_nll[:, :-1] < merge_nll).float()
+    weight = torch.cat([behind, torch.ones(behind.shape[0], 1)], dim=1)
+    assert 0 < float((behind * mask[:, 1:]).sum()) < float(mask[:, 1:].sum())  # both kinds of token occur
+    expected = (parts["kl_tokens"] * weight * mask).sum() / mask.sum()
+    torch.testing.assert_close(parts["kl_fit"], expected, rtol=1e-5, atol=1e-7)
+    assert float(parts["kl_fit"].detach()) < float(parts["kl"].detach())
+    objective = module.task_objective(parts)
+    torch.testing.assert_close(objective, parts["kl_fit"] + module.hparams.ce_weight * parts["ce"])
+    assert "kl_fit" not in reference
+    with pytest.raises((ExpertMergeError, ValueError), match="set model.ce_weight > 0"):
+        _fit_cli(
+            ["--config", CONFIG, "--model.kl_where", "expert_better", "--model.ce_weight", "0"], run=False
+        )
