@@ -17,7 +17,8 @@ takes the eval part first), never the zoo's held-out split:
   the benchmark's "gain retained" on calibration text, comparable across every setting. The mean of these
   is the selection score.
 
-Results are appended to `<cache>/levers/<zoo>-v<builder version>.jsonl` (one line per run), so a grid can be run in pieces;
+Results are appended to `<cache>/levers/<zoo>-v<builder version>.jsonl` (one line per run, one file per
+zoo build), so a grid can be run in pieces;
 `--heldout NAME...` scores those settings' exports (fitting them first when no export is left) on the zoo's held-out split
 (gain from the zoo manifest's base / expert losses), for the settings finally chosen only.
 """

@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -275,9 +277,29 @@ def load_saved(task: TaskSpec, index: int, source: Source) -> Any:
     return loaded
 
 
+@contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    """datasets' own bars ("Generating train split", "Loading dataset from disk") off while a source loads,
+    whoever set the datamodule up; the caller's setting is restored."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, bool]]:
     """The `datasets.Dataset`s of one source (one per file type of a glob), each with whether it was
     cut from .txt files (whose samples keep the line break that ended them)."""
+    with _no_datasets_bars():
+        return _load_source(task, index, source)
+
+
+def _load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, bool]]:
     import datasets
 
     key = _sources_key(index)
@@ -297,22 +319,16 @@ def load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, b
     for path in source.files:
         by_builder.setdefault(BUILDERS[Path(path).suffix.lower()], []).append(path)
     loaded = []
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a local file's "Generating train split" bar says nothing useful
-    try:
-        for builder, files in by_builder.items():
-            options: dict[str, Any] = {}
-            if builder == "text":
-                # Inside a paragraph or document the line breaks are part of the text.
-                options = {"sample_by": task.txt_sample_by, "keep_linebreaks": task.txt_sample_by != "line"}
-            try:
-                dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
-            except Exception as error:  # parse errors surface as several exception types
-                raise ExpertMergeError(
-                    f"Task '{task.name}': cannot read {', '.join(files)} (`{key}`): {_root_message(error)}"
-                ) from error
-            loaded.append((dataset, builder == "text"))
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
+    for builder, files in by_builder.items():
+        options: dict[str, Any] = {}
+        if builder == "text":
+            # Inside a paragraph or document the line breaks are part of the text.
+            options = {"sample_by": task.txt_sample_by, "keep_linebreaks": task.txt_sample_by != "line"}
+        try:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
+        except Exception as error:  # parse errors surface as several exception types
+            raise ExpertMergeError(
+                f"Task '{task.name}': cannot read {', '.join(files)} (`{key}`): {_root_message(error)}"
+            ) from error
+        loaded.append((dataset, builder == "text"))
     return loaded

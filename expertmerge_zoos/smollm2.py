@@ -255,12 +255,12 @@ def build_smollm2_zoo(
             "calib": recipe.calib_samples,
             "heldout": recipe.heldout_samples,
         }
+        per_group = {
+            "heldout": recipe.per_group_cap,
+            "calib": recipe.per_group_cap,
+            "train": recipe.train_per_group_cap,
+        }
         for domain in domains:
-            per_group = {
-                "heldout": recipe.per_group_cap,
-                "calib": recipe.per_group_cap,
-                "train": recipe.train_per_group_cap,
-            }
             splits[domain.name] = split_records(
                 domain.make_records(seed), seed, sizes, key=tokens, per_group=per_group
             )

@@ -49,24 +49,18 @@ class _DropLines(logging.Filter):
 @contextlib.contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Silence the lines above for the duration of the command only (no process-wide filters)."""
-    import datasets
-
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     drop = _DropLines()
-    bars_were_on = datasets.is_progress_bar_enabled()
     with warnings.catch_warnings():
         for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         for logger in loggers:
             logger.addFilter(drop)
-        datasets.disable_progress_bars()  # "Generating train split" bars of the jsonl loader
         try:
             yield
         finally:
             for logger in loggers:
                 logger.removeFilter(drop)
-            if bars_were_on:
-                datasets.enable_progress_bars()
 
 
 def _tokenizer_of(model: Any) -> str | None:
