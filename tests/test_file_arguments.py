@@ -1,7 +1,7 @@
 """Every command's file arguments pointed at its inputs (issue 29): each case is a one-line error (exit 2) before
 any work, and not one byte of the input tree changes.
 
-The input tree is a copy of the tiny zoo (base, experts, calibration jsonl and csv) with the configs of every
+The input tree is a copy of the tiny test models (base, three experts) with calibration jsonl and csv files with the configs of every
 command over it, and links into it from beside it. Each output argument is pointed at an input file, an input
 folder, a path inside an input folder, links to those, and a dangling link; each input argument at a folder,
 a file of the wrong kind and a dangling link. The commands run in-process: the checks come before any model
@@ -11,6 +11,7 @@ loads, so the whole grid takes seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,11 +39,16 @@ def _tree_state(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny_zoo: Path, tmp_path_factory) -> Path:
+def inputs(tiny_models, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz")
     tree = root / "inputs"
-    for part in ("base", "experts", "data"):
-        shutil.copytree(tiny_zoo / part, tree / part)
+    shutil.copytree(tiny_models.base, tree / "base")
+    for task, name in zip(TASKS, ("alpha", "beta", "gamma"), strict=True):
+        shutil.copytree(tiny_models.experts[name], tree / "experts" / task)
+    (tree / "data").mkdir()
+    for task in TASKS:
+        lines = [json.dumps({"text": f"{task} sample {i}: {i} {i + 1} {i + 2}"}) for i in range(16)]
+        (tree / "data" / f"{task}_calib.jsonl").write_text("\n".join(lines) + "\n")
     (tree / "data" / "arith_calib.csv").write_text("text\n1+1=2\n2+2=4\n")
     base, experts = str(tree / "base"), {t: str(tree / "experts" / t) for t in TASKS}
     calib = {t: str(tree / "data" / f"{t}_calib.jsonl") for t in TASKS}
