@@ -345,13 +345,28 @@ def test_free_space_estimate_counts_the_support_files(tiny_models) -> None:
 
 
 def test_evaluate_json_never_replaces_an_input_or_a_file_it_did_not_write(
-    tiny_zoo, tmp_path: Path, capsys
+    tiny_models, tmp_path: Path, capsys
 ) -> None:
-    calibration, base_config = tiny_zoo / "data" / "sort_calib.jsonl", tiny_zoo / "base" / "config.json"
+    calibration, base_config = tmp_path / "calib.jsonl", tiny_models.base / "config.json"
+    calibration.write_text("".join(f'{{"text": "sample {i}"}}\n' for i in range(12)))
+    experts = {name: str(path) for name, path in tiny_models.experts.items()}
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"base": str(tiny_models.base), "experts": experts},
+                "data": {
+                    "tasks": [{"name": n, "expert": n, "sources": [str(calibration)]} for n in experts],
+                    "samples_per_task": 4,
+                    "eval_samples_per_task": 4,
+                },
+            }
+        )
+    )
     before = {p: p.read_bytes() for p in (calibration, base_config)}
-    evaluate = ["evaluate", "--config", FIT_CONFIG, "--force", "--json"]
+    evaluate = ["evaluate", "--config", str(config), "--force", "--json"]
     assert main([*evaluate, str(calibration)]) == 2
-    assert f"evaluate --json '{calibration}' is the input 'zoo://tiny/data/sort_calib.jsonl'" in _err(capsys)
+    assert f"evaluate --json '{calibration}' is the input '{calibration}'" in _err(capsys)
     assert main([*evaluate, str(base_config)]) == 2
     assert f"evaluate --json '{base_config}' is inside the input folder" in _err(capsys)
     notes = tmp_path / "notes.json"
