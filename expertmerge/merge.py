@@ -26,7 +26,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
-from expertmerge.io.support import TOKENIZER_FILES, copy_support_files, write_config
+from expertmerge.io.support import TOKENIZER_FILES, copy_support_files, support_bytes, write_config
 from expertmerge.io.tokenizer import (
     Vocabulary,
     build_vocabulary,
@@ -417,7 +417,7 @@ def run_merge(
         produce = _producer(config, inputs, tensor, dtype, merged, vocabulary, values)
         planned.append(PlannedTensor(tensor.name, shape, dtype, produce))
     folders = [*sources, *(inputs.folder(m) for m in sources)]
-    estimate = sum(t.nbytes for t in planned)
+    estimate = sum(t.nbytes for t in planned) + support_bytes(*(f for f in folders if Path(f).is_dir()))
     with atomic_output_dir(out, force, folders, estimate, command="merge") as tmp:
         with tensor_progress(console, progress) as bar:
             task = bar.add_task("merging", total=len(planned), tensor="")

@@ -283,12 +283,18 @@ def run_symphony(
     from expertmerge.io.folder import check_output_dir
 
     started = time.perf_counter()
+    inputs = [] if isinstance(config, SymphonyConfig | dict) else [config]  # the config file too
     if not isinstance(config, SymphonyConfig):
         config = load_symphony_config(config)
     out = out if out is not None else config.output_dir
     if out is None:
         raise ExpertMergeError("symphony: no output folder; pass --out DIR or set `output_dir`.")
-    out = check_output_dir(out, force, list(config.experts.values()))
+    inputs += list(config.experts.values())
+    for task in config.data.get("tasks") or []:
+        inputs += (
+            [s for s in (task.get("sources") or []) if isinstance(s, str)] if isinstance(task, dict) else []
+        )
+    out = check_output_dir(out, force, inputs)
     run = prepare(config, progress)
     run.align(config.alignment.residual, config.alignment.ffn, config.alignment.heads)
     pool, losses = run.pool, []
@@ -323,8 +329,9 @@ def run_symphony(
 def write_dense(pool: SymphonyPool, out: Path, tensors: dict[str, torch.Tensor]) -> None:
     """The dense model through the one writer into an atomic folder (config and tokenizer of the reference)."""
     from expertmerge.io.folder import atomic_output_dir
+    from expertmerge.io.support import support_bytes
 
-    estimate = sum(t.numel() * t.element_size() for t in tensors.values())
+    estimate = sum(t.numel() * t.element_size() for t in tensors.values()) + support_bytes(pool.base_dir)
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
     with atomic_output_dir(out, True, inputs, estimate, command="symphony") as tmp:
         write_dense_folder(pool, tmp, tensors)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.folder import usual_permissions
 from expertmerge.paths import cache_dir
 
 ENTRY_POINT_GROUP = "expertmerge.zoos"
@@ -123,6 +124,8 @@ def ensure_zoo(name: str, force: bool = False) -> Path:
                 retired = root / f".{name}.old-{os.getpid()}"
                 os.rename(target, retired)
                 shutil.rmtree(retired, ignore_errors=True)
-            return builder.build(target)
+            built = builder.build(target)
+            usual_permissions(built)  # a builder's temporary files may be 0600
+            return built
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

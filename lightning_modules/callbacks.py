@@ -23,9 +23,9 @@ from expertmerge.evaluate import (
     scores_to_json,
 )
 from expertmerge.io.card import write_merge_card
-from expertmerge.io.folder import atomic_output_dir
+from expertmerge.io.folder import atomic_output_dir, replace_file
 from expertmerge.io.reader import Checkpoint, weights_bytes
-from expertmerge.io.support import copy_support_files, write_config
+from expertmerge.io.support import copy_support_files, support_bytes, write_config
 from expertmerge.io.writer import write_state_dict
 from expertmerge.plots import write_plots
 
@@ -162,7 +162,9 @@ def export_dense(
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
     pool = module.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
-    with atomic_output_dir(output_dir, force, inputs, weights_bytes(pool.base_dir), command="fit") as tmp:
+    with atomic_output_dir(
+        output_dir, force, inputs, weights_bytes(pool.base_dir) + support_bytes(pool.base_dir), command="fit"
+    ) as tmp:
         save_merged_weights(module, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
         copy_support_files(pool.base_dir, tmp)
@@ -342,5 +344,5 @@ def export_moe(
             tuned = moe.state_dict()  # written under the names the first export planned (no tied copies)
             names = Checkpoint(out, f"MoE output ({out})").names
             write_state_dict(tmp, {name: tuned[name] for name in names}, _stored_dtype(out))
-    (out / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
+    replace_file(out / "eval.json", json.dumps(scores_to_json(scores), indent=1))
     return out, scores

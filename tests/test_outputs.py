@@ -252,3 +252,207 @@ def test_dense_export_reloads_to_the_in_memory_merge_with_usual_permissions(tiny
         expected = module(ids, mask, output_hidden_states=False).logits
         got = reloaded(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ issue 29: no input overwritten or deleted
+def test_output_inside_an_input_folder_is_refused_also_through_a_symlink(
+    tiny_models, tmp_path: Path, capsys
+) -> None:
+    expert = tiny_models.experts["alpha"]
+    before = _hashes(expert)
+    config = _merge_config(tiny_models, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(expert)
+    for out in (expert / "merged", link / "merged", link):
+        code = main(["merge", "--config", str(config), "--out", str(out), "--no-progress"])
+        assert code == 2, out
+        message = _err(capsys)
+        assert f"Output folder '{out}'" in message and (
+            "inside the input folder" in message or "is the input" in message
+        )
+    assert _hashes(expert) == before and _leftovers(expert.parent) == []
+
+
+def test_a_dangling_symlink_as_output_is_refused_and_its_target_not_created(
+    tiny_models, tmp_path: Path, capsys
+) -> None:
+    config = _merge_config(tiny_models, tmp_path)
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "elsewhere" / "merged")
+    assert main(["merge", "--config", str(config), "--out", str(link), "--no-progress"]) == 2
+    assert f"Output folder '{link}' is a dangling symbolic link" in _err(capsys)
+    assert not (tmp_path / "elsewhere").exists() and link.is_symlink()
+
+
+class _FailingWrites:
+    """`open` for the safetensors writer: real files whose writes fail with `error` after `budget` bytes."""
+
+    def __init__(self, error: BaseException, budget: int) -> None:
+        self.error, self.budget, self.written = error, budget, 0
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - the writer closes it
+        real_write = handle.write
+
+        def write(data) -> int:
+            if self.written + len(data) > self.budget:
+                raise self.error
+            self.written += len(data)
+            return real_write(data)
+
+        handle.write = write
+        return handle
+
+
+def test_disk_full_while_writing_is_one_line_naming_the_output_and_leaves_nothing(
+    tiny_models, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import errno
+
+    from expertmerge.io import writer
+
+    config = _merge_config(tiny_models, tmp_path)
+    out = tmp_path / "merged"
+    failing = _FailingWrites(OSError(errno.ENOSPC, "No space left on device"), budget=20_000)
+    monkeypatch.setattr(writer, "open", failing, raising=False)
+    assert main(["merge", "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    message = _err(capsys)
+    assert message.startswith(f"error: Output folder '{out}': the disk filled up while writing (")
+    assert "needed" in message and "nothing was written" in message
+    assert failing.written > 0 and not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_writing_exits_130_without_a_traceback_and_leaves_nothing(
+    tiny_models, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from expertmerge.io import writer
+
+    config = _merge_config(tiny_models, tmp_path)
+    out = tmp_path / "merged"
+    monkeypatch.setattr(writer, "open", _FailingWrites(KeyboardInterrupt(), budget=20_000), raising=False)
+    assert main(["merge", "--config", str(config), "--out", str(out), "--no-progress"]) == 130
+    assert _err(capsys) == f"interrupted; nothing written at {out}"
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_free_space_estimate_counts_the_support_files(tiny_models) -> None:
+    from expertmerge.io.support import EXTRA_FILES_BYTES, SUPPORT_FILES, support_bytes
+
+    base = tiny_models.base
+    files = [base / name for name in (*SUPPORT_FILES, "config.json") if (base / name).is_file()]
+    assert any(f.name == "tokenizer.json" for f in files)
+    assert support_bytes(base) == sum(f.stat().st_size for f in files) + EXTRA_FILES_BYTES
+
+
+def test_evaluate_json_never_replaces_an_input_or_a_file_it_did_not_write(
+    tiny_models, tmp_path: Path, capsys
+) -> None:
+    calibration, base_config = tmp_path / "calib.jsonl", tiny_models.base / "config.json"
+    calibration.write_text("".join(f'{{"text": "sample {i}"}}\n' for i in range(12)))
+    experts = {name: str(path) for name, path in tiny_models.experts.items()}
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"base": str(tiny_models.base), "experts": experts},
+                "data": {
+                    "tasks": [{"name": n, "expert": n, "sources": [str(calibration)]} for n in experts],
+                    "samples_per_task": 4,
+                    "eval_samples_per_task": 4,
+                },
+            }
+        )
+    )
+    before = {p: p.read_bytes() for p in (calibration, base_config)}
+    evaluate = ["evaluate", "--config", str(config), "--force", "--json"]
+    assert main([*evaluate, str(calibration)]) == 2
+    assert f"evaluate --json '{calibration}' is the input '{calibration}'" in _err(capsys)
+    assert main([*evaluate, str(base_config)]) == 2
+    assert f"evaluate --json '{base_config}' is inside the input folder" in _err(capsys)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert main([*evaluate[:-2], "--json", str(notes)]) == 2
+    assert "already exists; pass --force" in _err(capsys)
+    assert main([*evaluate, str(notes)]) == 2
+    assert "was not written by expertmerge" in _err(capsys)
+    assert notes.read_text() == '{"mine": 1}'
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_write_json_output_is_atomic_marked_and_replaces_only_its_own_file(tmp_path: Path) -> None:
+    import json
+
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.io.folder import FILE_MARKER, write_json_output
+
+    target = tmp_path / "scores.json"
+    previous = os.umask(0o022)
+    try:
+        write_json_output(target, {"base": {"x": 1.0}}, "evaluate")
+        with pytest.raises(ExpertMergeError, match="already exists"):
+            write_json_output(target, {"base": {"x": 2.0}}, "evaluate")
+        write_json_output(target, {"base": {"x": 3.0}}, "evaluate", force=True)
+    finally:
+        os.umask(previous)
+    data = json.loads(target.read_text())
+    assert data["base"] == {"x": 3.0} and data[FILE_MARKER]["command"] == "evaluate"
+    assert _mode(target) == 0o644 and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
+def _zoo_command(name: str, out: Path, *extra: str) -> list[str]:
+    return ["zoo", "--name", name, "--out", str(out), *extra]
+
+
+def test_zoo_out_replaces_only_its_own_zoo_and_writes_usual_permissions(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from expertmerge.zoo_registry import ZooBuilder, register_zoo, unregister_zoo
+
+    def build(out: Path, seed: int = 0) -> Path:
+        out.mkdir()
+        (out / "weights.bin").write_bytes(b"w" * 10)
+        (out / "weights.bin").chmod(0o600)  # as tempfile-style writers leave their files
+        (out / "zoo.json").write_text(
+            json.dumps({"name": "toy", "builder_version": version[0], "build_seconds": 0})
+        )
+        return out
+
+    version = [1]
+    register_zoo("toy", ZooBuilder(build=build, version=1))
+    previous = os.umask(0o022)
+    try:
+        # a user's folder holding an old zoo.json and their own files: never removed, even with --force
+        users = tmp_path / "users"
+        users.mkdir()
+        (users / "zoo.json").write_text(json.dumps({"name": "toy", "builder_version": 0}))
+        (users / "thesis.tex").write_text("years of work")
+        for extra in ((), ("--force",)):
+            assert main(_zoo_command("toy", users, *extra)) == 2
+            assert "was not written by `expertmerge zoo`" in _err(capsys)
+        assert sorted(p.name for p in users.iterdir()) == ["thesis.tex", "zoo.json"]
+
+        afile = tmp_path / "afile"
+        afile.write_text("x")
+        assert main(_zoo_command("toy", afile)) == 2
+        assert f"zoo --out '{afile}' is a file, not a folder" in _err(capsys)
+
+        out = tmp_path / "zoo"
+        assert main(_zoo_command("toy", out)) == 0
+        assert {p.name: _mode(p) for p in out.iterdir()} == {
+            "weights.bin": 0o644,
+            "zoo.json": 0o644,
+            "expertmerge.json": 0o644,
+        }
+        register_zoo("toy", ZooBuilder(build=build, version=2))
+        version[0] = 2
+        assert main(_zoo_command("toy", out)) == 2  # outdated: replaced only when asked
+        assert "pass --force to replace it" in _err(capsys)
+        assert main(_zoo_command("toy", out, "--force")) == 0
+        assert f"replaced the zoo at '{out}'" in _err(capsys)
+        assert json.loads((out / "zoo.json").read_text())["builder_version"] == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "users", "zoo"]
+    finally:
+        os.umask(previous)
+        unregister_zoo("toy")

@@ -92,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(command, rest)
     except SystemExit as exit_:  # argparse has printed usage and its one error line already
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except KeyboardInterrupt as stop:  # Ctrl-C: an output being written has removed its temporary already
+        if debug:
+            raise
+        console.print(f"[bold red]{escape(str(stop) or 'interrupted')}[/bold red]")
+        return 130
     except Exception as error:
         message = None if debug else _user_error(error)
         if message is None:

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 
-from expertmerge.cli.fit import configured
-from expertmerge.errors import ExpertMergeError
+from expertmerge.cli.fit import _fit_inputs, configured
+from expertmerge.io.folder import check_output_file, write_json_output
 
-
-def check_json_target(path: str) -> None:
-    """`--json` must name a file in an existing, writable folder (else the scores would be lost at the end)."""
-    target = Path(path).expanduser()
-    folder = target.parent
-    if target.is_dir():
-        raise ExpertMergeError(
-            f"evaluate --json '{path}' is a folder; give a file name, e.g. '{target / 'scores.json'}'."
-        )
-    if not folder.is_dir():
-        raise ExpertMergeError(
-            f"evaluate --json '{path}': folder '{folder}' does not exist; create it first."
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExpertMergeError(f"evaluate --json '{path}': folder '{folder}' is not writable.")
+JSON_LABEL = "evaluate --json"
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -50,18 +32,23 @@ def evaluate_main(argv: Sequence[str]) -> int:
         "--model", action="append", default=[], help="model folder to score (repeatable); NAME=PATH names it"
     )
     parser.add_argument("--json", help="also write the scores to this JSON file")
+    parser.add_argument("--force", action="store_true", help="replace the --json file of an earlier evaluate")
     options, overrides = parser.parse_known_args(argv)
     # The models to score and the JSON target are checked before the config's data and experts are touched.
     given = {}
     for item in options.model:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         given[name or path] = str(model_dir(path, f"evaluate --model {item}"))
+    inputs = [options.config, *given.values()]
     if options.json:
-        check_json_target(options.json)
+        check_output_file(options.json, options.force, inputs, JSON_LABEL, existing=False)
     module, datamodule = configured(options.config, overrides)
     hp = module.hparams
     named = {"base": resolve_path(hp.base), **given}
     pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
+    inputs += [*_fit_inputs(hp, datamodule)[0], pool.base_dir, *pool.expert_dirs.values()]
+    if options.json:  # now the config's base, experts and calibration files are known too
+        check_output_file(options.json, options.force, inputs, JSON_LABEL)
     pool.validate()
     datamodule.check([*module.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")
@@ -96,6 +83,5 @@ def evaluate_main(argv: Sequence[str]) -> int:
     }
     Console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
     if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(scores_to_json(rows), handle, indent=1)
+        write_json_output(options.json, scores_to_json(rows), "evaluate", options.force, inputs, JSON_LABEL)
     return 0

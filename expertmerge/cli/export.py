@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from expertmerge.cli.fit import configured
+from expertmerge.cli.fit import _fit_inputs, configured
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -87,9 +87,12 @@ def export_main(argv: Sequence[str]) -> int:
         "calibration data; model.moe_* and model.router_* keys of the config apply)",
     )
     options, overrides = parser.parse_known_args(argv)
-    check_output_dir(options.out, options.force, inputs=[options.config, options.ckpt_path])
-    checkpoint = read_checkpoint(options.ckpt_path)
+    inputs = [options.config, options.ckpt_path]
+    check_output_dir(options.out, options.force, inputs)
     module, datamodule = configured(options.config, overrides)
+    # The config's base, experts and calibration files are inputs too: checked before any model loads.
+    check_output_dir(options.out, options.force, [*inputs, *_fit_inputs(module.hparams, datamodule)[0]])
+    checkpoint = read_checkpoint(options.ckpt_path)
     check_checkpoint_matches(checkpoint, module, options.ckpt_path, options.config)  # before any model loads
     module.prepare(datamodule)
     module.on_load_checkpoint(checkpoint)

@@ -80,6 +80,7 @@ def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
     from pathlib import Path
 
     from expertmerge.io.reader import weights_bytes
+    from expertmerge.io.support import support_bytes
 
     args = getattr(model, "init_args", None) or model
     experts = getattr(args, "experts", None) or {}
@@ -88,7 +89,8 @@ def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
     for task in getattr(datamodule, "tasks", None) or []:
         inputs += list(getattr(task, "sources", None) or [])
     inputs = [str(item) for item in inputs if isinstance(item, str | Path)]
-    estimate = weights_bytes(Path(base)) if isinstance(base, str) and Path(base).is_dir() else 0
+    local = isinstance(base, str) and Path(base).is_dir()
+    estimate = weights_bytes(Path(base)) + support_bytes(base) if local else 0
     return inputs, estimate
 
 

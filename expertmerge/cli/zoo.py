@@ -7,7 +7,10 @@ are registered through the `expertmerge.zoos` entry points of pyproject.toml.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.zoo_registry import ensure_zoo, is_current, read_manifest, zoo_builder, zoo_names
+from expertmerge.io.folder import MANIFEST, OLD_TAG, check_output_place, usual_permissions, write_manifest
+from expertmerge.zoo_registry import (
+    MANIFEST_NAME,
+    ensure_zoo,
+    is_current,
+    read_manifest,
+    zoo_builder,
+    zoo_names,
+)
 
 
 def loss_table(manifest: dict[str, Any]) -> Table:
@@ -36,14 +47,50 @@ def loss_table(manifest: dict[str, Any]) -> Table:
 
 
 def _build_into(folder: Path, name: str, force: bool, seed: int) -> None:
-    """Build zoo `name` into a folder of the user's choice, replacing only an outdated zoo there."""
+    """Build zoo `name` into a folder of the user's choice; replace only a zoo this tool wrote there.
+
+    A current zoo is reused. A zoo of another builder version, or any zoo with `--force`, is rebuilt only if it
+    carries our folder manifest (`expertmerge.json`, written after every `zoo --out` build): a folder of
+    anything else is never removed. The old zoo moves aside while the new one builds (the builder itself stages
+    its build and renames it in), and is removed once the new one is in place; a failed build puts it back.
+    """
+    given = folder
     builder = zoo_builder(name)
-    if folder.exists() and (force or not is_current(folder, name)):
-        if read_manifest(folder) is None and any(folder.iterdir()):
-            raise ExpertMergeError(f"'{folder}' exists and is not a zoo; refusing to replace it.")
-        shutil.rmtree(folder)
-    if not folder.exists():
+    folder = check_output_place(folder, kind="zoo --out")
+    if folder.exists() and not folder.is_dir():
+        raise ExpertMergeError(f"zoo --out '{given}' is a file, not a folder; choose another folder.")
+    old = None
+    if folder.is_dir() and any(folder.iterdir()):
+        manifest = read_manifest(folder)
+        if manifest is None or not (folder / MANIFEST).is_file():
+            raise ExpertMergeError(
+                f"zoo --out '{given}' exists and was not written by `expertmerge zoo` (no {MANIFEST_NAME} and "
+                f"{MANIFEST} in it); it is never replaced: remove it yourself or choose another folder."
+            )
+        current = manifest.get("name") == name and is_current(folder, name)
+        if current and not force:
+            return
+        if not force:
+            raise ExpertMergeError(
+                f"zoo --out '{given}' holds zoo '{manifest.get('name')}' of builder version "
+                f"{manifest.get('builder_version')}, not zoo '{name}' of version {builder.version}; pass --force "
+                "to replace it, or choose another folder."
+            )
+        old = folder.parent / f".{folder.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder.rename(old)
+    elif folder.is_dir():
+        folder.rmdir()  # an empty folder: the builder wants to create it
+    try:
         builder.build(folder, seed=seed)
+        write_manifest(folder, "zoo")
+        usual_permissions(folder)
+    except BaseException:
+        if old is not None and not folder.exists():
+            old.rename(folder)
+        raise
+    if old is not None:
+        sys.stderr.write(f"expertmerge: replaced the zoo at '{given}'\n")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def zoo_main(argv: list[str]) -> int:

@@ -27,6 +27,23 @@ TOKENIZER_FILES = (
 )
 # Copied from the base next to the weights: tokenizer, chat template, generation settings, processor.
 SUPPORT_FILES = (*TOKENIZER_FILES, "generation_config.json", "preprocessor_config.json")
+# What an export writes beside the weights besides the base's files: merge card, plots, coefficients and eval
+# JSON, the merge config; a few hundred KB on the largest models, so 2 MB covers them in free-space estimates.
+EXTRA_FILES_BYTES = 2_000_000
+
+
+def support_bytes(*folders: str | Path) -> int:
+    """The free space an export needs beside its weights: the largest of the source folders' support files and
+    config.json (a tokenizer.json alone can be 10+ MB), plus `EXTRA_FILES_BYTES`."""
+    largest = 0
+    for folder in folders:
+        sizes = [
+            (Path(folder) / name).stat().st_size
+            for name in (*SUPPORT_FILES, "config.json")
+            if (Path(folder) / name).is_file()
+        ]
+        largest = max(largest, sum(sizes))
+    return largest + EXTRA_FILES_BYTES
 
 
 def copy_support_files(base_dir: Path, target: Path, trust_remote_code: bool = False) -> list[str]:

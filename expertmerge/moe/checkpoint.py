@@ -18,7 +18,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, parse_dtype
-from expertmerge.io.support import copy_support_files
+from expertmerge.io.support import copy_support_files, support_bytes
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
 from expertmerge.moe.formats import (
     QWEN2_MOE,
@@ -302,7 +302,7 @@ def write_moe_checkpoint(
         shared_description = None
     hashes = pool.content_hashes()
     inputs += [pool.base_dir, *pool.expert_dirs.values()]
-    estimate = sum(entry.nbytes for entry in entries)
+    estimate = sum(entry.nbytes for entry in entries) + support_bytes(pool.base_dir)
     with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
         total = write_safetensors(tmp, entries, max_shard).num_shards
         config.save_pretrained(tmp)

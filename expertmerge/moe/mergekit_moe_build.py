@@ -19,7 +19,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, natural_key, parse_dtype
-from expertmerge.io.support import copy_support_files
+from expertmerge.io.support import copy_support_files, support_bytes
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
 from expertmerge.merge import tensor_progress
 from expertmerge.moe.formats import (
@@ -281,7 +281,7 @@ def build_mergekit_moe(
         notes += fitted.notes
 
     inputs = [*sources, pool.base_dir, *pool.expert_dirs.values()]
-    estimate = sum(entry.nbytes for entry in entries)
+    estimate = sum(entry.nbytes for entry in entries) + support_bytes(pool.base_dir)
     with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
         written = write_model(tmp, progress)
         if config_text is not None:
