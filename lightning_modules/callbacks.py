@@ -22,6 +22,7 @@ from expertmerge.evaluate import (
     score_task,
     scores_to_json,
 )
+from expertmerge.health import BUILTIN_SOURCE, BUILTIN_TEXTS, HealthCheck, check_model, samples_from_ids
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir
 from expertmerge.io.reader import Checkpoint, weights_bytes
@@ -39,12 +40,15 @@ class ExportSettings:
         force: replace `output_dir` if it exists.
         evaluate: print (and save as eval.json) the per-task table base / task arithmetic / learned / expert.
         moe_output_dir: where the fused MoE goes when `model.moe` is on (default: `output_dir` + "-moe").
+        strict_health: fail (exit 2, the output kept) when the merged model's perplexity on a few held-out
+            calibration samples is far worse than the base's (`expertmerge.health`); by default a warning.
     """
 
     output_dir: str = "outputs/expert-merging"
     force: bool = False
     evaluate: bool = True
     moe_output_dir: str | None = None
+    strict_health: bool = False
 
     def moe_dir(self) -> str:
         return self.moe_output_dir or self.output_dir.rstrip("/") + "-moe"
@@ -152,14 +156,50 @@ def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
     write_config(pool.base_dir, folder, dtype)
 
 
+def health_samples(module: Any) -> Any:
+    """A few held-out calibration samples, taken from every task in turn (the built-in texts without any)."""
+    from expertmerge.health import MAX_TEXTS, encode_texts
+    from expertmerge.io.tokenizer import load_tokenizer
+
+    splits = [module.datamodule.task_samples(task, "eval") for task in module.task_names]
+    picked = [
+        (split.input_ids[i], split.attention_mask[i])
+        for i in range(MAX_TEXTS)
+        for split in splits
+        if i < split.input_ids.shape[0]
+    ][:MAX_TEXTS]
+    if not picked:
+        return encode_texts(load_tokenizer(module.pool.base_dir), BUILTIN_TEXTS, BUILTIN_SOURCE)
+    ids, masks = zip(*picked, strict=True)
+    return samples_from_ids(torch.stack(ids), torch.stack(masks), "held-out calibration samples")
+
+
+@torch.no_grad()
+def fit_health(module: Any) -> HealthCheck:
+    """The learned merge in memory (as exported, before any file is renamed into place) against the base."""
+    module.eval()
+    return check_model(
+        lambda ids, mask: (
+            module(ids.to(module.device), mask.to(module.device), output_hidden_states=False).logits
+        ),
+        int(module.model.get_input_embeddings().weight.shape[0]),
+        module.pool.base_dir,
+        health_samples(module),
+        module.device,
+    )
+
+
 def export_dense(
     module: Any,
     output_dir: str | Path,
     force: bool,
     config_yaml: str | None = None,
     scores: dict[str, dict[str, TaskScores]] | None = None,
+    health: HealthCheck | None = None,
 ) -> Path:
-    """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
+    """Fold the learned coefficients into the base weights and write a Hugging Face model folder.
+
+    `health` (`fit_health(module)`) goes into the merge card."""
     pool = module.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
     with atomic_output_dir(output_dir, force, inputs, weights_bytes(pool.base_dir), command="fit") as tmp:
@@ -200,6 +240,8 @@ def export_dense(
                 m = mean_scores(per_task)
                 lines.append(f"| {name} | {m.perplexity:.3f} | {m.kl:.4f} | {m.top1:.1%} |")
             sections["Evaluation (held-out calibration samples)"] = "\n".join(lines)
+        if health is not None:
+            sections["Health check"] = health.card_section()
         hp = module.hparams
         write_merge_card(
             tmp,

@@ -293,7 +293,7 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     from rich.table import Table
 
     from expertmerge.evaluate import scores_table
-    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe
+    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe, fit_health
 
     console = Console()
     scores = evaluate_fit(module) if settings.evaluate else None
@@ -303,7 +303,8 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
         scores = moe_scores if scores is not None else None
     if scores is not None:
         console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
-    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores)
+    health = fit_health(module)
+    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores, health)
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
@@ -328,7 +329,10 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     stats = module.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
     summary.add_row("fit wall time", f"{seconds:.1f} s")
+    summary.add_row("health check", health.summary_row())
     console.print(summary)
+    if settings.strict_health and not health.healthy:
+        raise health.error(path)
 
 
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
