@@ -266,21 +266,23 @@ def check_folder(
     texts: Sequence[str] = (),
     source: str = "",
     trust_remote_code: bool = False,
+    samples: HealthSamples | None = None,
 ) -> HealthCheck:
     """The written model folder `output` (weights, config, tokenizer) against `base`, on CPU.
 
     `texts` (the config's own, e.g. a mergekit-moe config's prompts; else the built-in ones) are tokenized with
-    the output's tokenizer. The base runs first and is freed before the output is loaded.
+    the output's tokenizer; `samples` are texts tokenized already (a fit's held-out samples). The base runs first
+    and is freed before the output is loaded.
     """
     started = time.perf_counter()
     try:
         from expertmerge.io.tokenizer import load_tokenizer
 
-        has_tokenizer = any((output / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-        if not has_tokenizer:
-            return HealthCheck(skipped="the output has no tokenizer to read the texts with")
-        tokenizer = load_tokenizer(output, trust_remote_code)
-        samples = texts_or_builtin(texts, source, tokenizer)
+        if samples is None:
+            names = ("tokenizer.json", "tokenizer_config.json")
+            if not any((output / name).is_file() for name in names):
+                return HealthCheck(skipped="the output has no tokenizer to read the texts with")
+            samples = texts_or_builtin(texts, source, load_tokenizer(output, trust_remote_code))
         if samples.predicted_tokens == 0:
             return HealthCheck(skipped="the texts give no token to predict")
         base_ppl = _base_perplexity(base, samples, output, trust_remote_code, "cpu")

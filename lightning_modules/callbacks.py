@@ -22,7 +22,14 @@ from expertmerge.evaluate import (
     score_task,
     scores_to_json,
 )
-from expertmerge.health import BUILTIN_SOURCE, BUILTIN_TEXTS, HealthCheck, check_model, samples_from_ids
+from expertmerge.health import (
+    BUILTIN_SOURCE,
+    BUILTIN_TEXTS,
+    HealthCheck,
+    check_folder,
+    check_model,
+    samples_from_ids,
+)
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir
 from expertmerge.io.reader import Checkpoint, weights_bytes
@@ -327,8 +334,9 @@ def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
 
 def export_moe(
     module: Any, output_dir: str | Path, force: bool, scores: dict[str, dict[str, TaskScores]] | None = None
-) -> tuple[Path, dict[str, dict[str, TaskScores]]]:
-    """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router)."""
+) -> tuple[Path, dict[str, dict[str, TaskScores]], HealthCheck | None]:
+    """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router);
+    returns its folder, the scores and its health check (of the tuned routers, when tuned)."""
     from expertmerge.moe import write_moe_checkpoint
 
     hp = module.hparams
@@ -344,7 +352,8 @@ def export_moe(
         "alpha0": module.start_alpha,
         "gamma": hp.gamma,
     }
-    write_moe_checkpoint(
+    samples = health_samples(module)
+    written = write_moe_checkpoint(
         pool,
         out,
         lambda name: merged[name] if name in merged else state[name].detach(),
@@ -354,7 +363,9 @@ def export_moe(
         router_method=method,
         force=force,
         card_parameters=parameters,
+        health_samples=samples,
     )
+    health = written.health
     scores = dict(scores or {})
     moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(module.device)
     scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
@@ -384,5 +395,9 @@ def export_moe(
             tuned = moe.state_dict()  # written under the names the first export planned (no tied copies)
             names = Checkpoint(out, f"MoE output ({out})").names
             write_state_dict(tmp, {name: tuned[name] for name in names}, _stored_dtype(out))
+            untuned, health = health, check_folder(tmp, pool.base_dir, samples=samples)
+            card = tmp / "README.md"
+            if untuned is not None and card.is_file():
+                card.write_text(card.read_text().replace(untuned.card_section(), health.card_section()))
     (out / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
-    return out, scores
+    return out, scores, health

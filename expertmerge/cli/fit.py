@@ -297,9 +297,9 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
 
     console = Console()
     scores = evaluate_fit(module) if settings.evaluate else None
-    moe_path = None
+    moe_path, moe_health = None, None
     if module.hparams.moe:
-        moe_path, moe_scores = export_moe(module, settings.moe_dir(), settings.force, scores)
+        moe_path, moe_scores, moe_health = export_moe(module, settings.moe_dir(), settings.force, scores)
         scores = moe_scores if scores is not None else None
     if scores is not None:
         console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
@@ -330,9 +330,13 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
     summary.add_row("fit wall time", f"{seconds:.1f} s")
     summary.add_row("health check", health.summary_row())
+    if moe_health is not None:
+        summary.add_row("fused MoE health check", moe_health.summary_row())
     console.print(summary)
-    if settings.strict_health and not health.healthy:
-        raise health.error(path)
+    if settings.strict_health:
+        for folder, check in ((path, health), (moe_path, moe_health)):
+            if check is not None and not check.healthy:
+                raise check.error(folder)
 
 
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
