@@ -11,7 +11,10 @@ The threshold (`HealthCheck.problem`): the output is called broken when
   than ln 2 = 0.69 nats per token above the base's (a healthy merge of experts of one base stays within a few
   percent of it on neutral text, a broken one is orders of magnitude above), or
 - it is above half the vocabulary size while the base's is not (a base that is itself there on these texts, an
-  untrained model or texts it cannot read, leaves only the ratio to go by).
+  untrained model or texts it cannot read, leaves only the ratio to go by), or
+- it predicts the same next-token distribution after every token of every text (total variation from their mean
+  below 1e-3) while the base's predictions do vary: the x1e37 case, whose logits come out uniform; a narrow
+  base can be worse than chance on texts outside its domain, so only this tells such an output apart there.
 
 Cost: at most `MAX_TEXTS` texts of at most `MAX_TOKENS` tokens, one forward of the base, then one of the output,
 one model in memory at a time, in the output's dtype where it is bf16, else fp32.
@@ -34,12 +37,14 @@ RATIO_LIMIT = 2.0  # output perplexity / base perplexity above this: broken
 VOCAB_FRACTION = 0.5  # output perplexity above this share of the vocabulary (and the base's below): broken
 MAX_TEXTS = 8
 MAX_TOKENS = 64
+COLLAPSE_SPREAD = 1e-3  # every position's prediction within this total variation of their mean: broken
 MIN_TOKENS = 16  # fewer predicted tokens than this from a config's texts: the built-in texts are added
 
 THRESHOLD_TEXT = (
     f"broken when the perplexity is not finite, more than {RATIO_LIMIT:g}x the base's "
     f"(log-perplexity more than ln {RATIO_LIMIT:g} = {math.log(RATIO_LIMIT):.2f} nats/token above), or above "
-    f"{VOCAB_FRACTION:g} x the vocabulary size while the base's is not"
+    f"{VOCAB_FRACTION:g} x the vocabulary size while the base's is not, or when it predicts the same "
+    f"distribution after every token (total variation below {COLLAPSE_SPREAD:g}) while the base's do not"
 )
 
 # Plain neutral text, prose and code, for outputs whose config names no texts of its own.
@@ -79,6 +84,8 @@ class HealthCheck:
     source: str = ""
     seconds: float = 0.0
     skipped: str | None = None  # why the check did not run (no tokenizer, a model transformers cannot run)
+    output_spread: float = math.nan  # `score`'s spread of the output's predictions (0: the same everywhere)
+    base_spread: float = math.nan
 
     @property
     def problem(self) -> str | None:
@@ -88,6 +95,8 @@ class HealthCheck:
         out, base = self.output_perplexity, self.base_perplexity
         if not math.isfinite(out):
             return "its perplexity is not finite"
+        if self.output_spread < COLLAPSE_SPREAD <= self.base_spread:
+            return "it predicts the same next-token distribution after every token (it ignores its input)"
         if math.isfinite(base) and out > RATIO_LIMIT * base:
             return f"its perplexity is more than {RATIO_LIMIT:g}x the base's"
         limit = VOCAB_FRACTION * self.vocab_size
@@ -133,6 +142,9 @@ class HealthCheck:
                 f"| output | {_number(self.output_perplexity)} |",
                 f"| base | {_number(self.base_perplexity)} |",
                 "",
+                "Spread of the predictions (largest total variation from their mean): output "
+                f"{_number(self.output_spread)}, base {_number(self.base_spread)}.",
+                "",
                 f"Threshold: {THRESHOLD_TEXT}; vocabulary size {self.vocab_size}.",
             ]
         )
@@ -155,8 +167,12 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], source: str) -> HealthSam
     return _padded([torch.tensor(row, dtype=torch.long) for row in rows if row], source)
 
 
-def samples_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, source: str) -> HealthSamples:
-    """Already tokenized texts (e.g. a fit's held-out samples), cut to the check's size."""
+def samples_from_ids(
+    input_ids: torch.Tensor | Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | Sequence[torch.Tensor],
+    source: str,
+) -> HealthSamples:
+    """Already tokenized texts (e.g. a fit's held-out samples; rows of any lengths), cut to the check's size."""
     rows = [ids[mask.bool()][:MAX_TOKENS] for ids, mask in zip(input_ids, attention_mask, strict=True)]
     return _padded([row for row in rows if row.numel()][:MAX_TEXTS], source)
 
@@ -172,16 +188,27 @@ def _padded(rows: list[torch.Tensor], source: str) -> HealthSamples:
 
 
 @torch.no_grad()
-def perplexity(
+def score(
     logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], samples: HealthSamples
-) -> float:
-    """exp of the mean next-token loss over every real token of every text (fp32 softmax)."""
+) -> tuple[float, float]:
+    """The perplexity (exp of the mean next-token loss over every real token of every text, fp32 softmax) and
+    the spread of the predictions: the largest total-variation distance of one position's next-token
+    distribution from their mean (0 when the model says the same after every token, e.g. uniform logits)."""
     logits = logits_of(samples.input_ids, samples.attention_mask)[:, :-1].float()
     targets = samples.input_ids[:, 1:].to(logits.device)
     counted = (samples.attention_mask[:, 1:] * samples.attention_mask[:, :-1]).bool().to(logits.device)
-    losses = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    losses = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     mean = float(losses[counted].mean())
-    return math.exp(mean) if mean < 700 else math.inf  # NaN stays NaN
+    probs = log_probs[counted].exp()
+    spread = float(0.5 * (probs - probs.mean(0)).abs().sum(-1).max())
+    return (math.exp(mean) if mean < 700 else math.inf), spread  # NaN stays NaN
+
+
+def perplexity(
+    logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], samples: HealthSamples
+) -> float:
+    return score(logits_of, samples)[0]
 
 
 def _load_dtype(folder: Path, trust_remote_code: bool) -> torch.dtype:
@@ -229,7 +256,7 @@ def _base_perplexity(
     output_tokenizer_dir: Path | None,
     trust_remote_code: bool,
     device: Any,
-) -> float:
+) -> tuple[float, float]:
     """The base on the same texts; re-tokenized with its own tokenizer where the output's ids exceed its
     vocabulary (`tokenizer_source: union` grows it)."""
     model = load_model(base, trust_remote_code, device)
@@ -244,7 +271,7 @@ def _base_perplexity(
                 for row, mask in zip(samples.input_ids, samples.attention_mask, strict=True)
             ]
             samples = encode_texts(load_tokenizer(base, trust_remote_code), texts, samples.source)
-        return perplexity(_model_logits(model), samples)
+        return score(_model_logits(model), samples)
     finally:
         _free(model)
 
@@ -285,11 +312,11 @@ def check_folder(
             samples = texts_or_builtin(texts, source, load_tokenizer(output, trust_remote_code))
         if samples.predicted_tokens == 0:
             return HealthCheck(skipped="the texts give no token to predict")
-        base_ppl = _base_perplexity(base, samples, output, trust_remote_code, "cpu")
+        base_ppl, base_spread = _base_perplexity(base, samples, output, trust_remote_code, "cpu")
         model = load_model(output, trust_remote_code)
         vocab = _vocab_size(model)
         try:
-            out_ppl = perplexity(_model_logits(model), samples)
+            out_ppl, spread = score(_model_logits(model), samples)
         finally:
             _free(model)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as error:
@@ -299,7 +326,9 @@ def check_folder(
         )
     return HealthCheck(
         output_perplexity=out_ppl,
+        output_spread=spread,
         base_perplexity=base_ppl,
+        base_spread=base_spread,
         vocab_size=vocab,
         texts=int(samples.input_ids.shape[0]),
         tokens=samples.predicted_tokens,
@@ -319,11 +348,13 @@ def check_model(
     started = time.perf_counter()
     if samples.predicted_tokens == 0:
         return HealthCheck(skipped="the texts give no token to predict")
-    base_ppl = _base_perplexity(base, samples, None, False, device)
-    out_ppl = perplexity(logits_of, samples)
+    base_ppl, base_spread = _base_perplexity(base, samples, None, False, device)
+    out_ppl, spread = score(logits_of, samples)
     return HealthCheck(
         output_perplexity=out_ppl,
+        output_spread=spread,
         base_perplexity=base_ppl,
+        base_spread=base_spread,
         vocab_size=vocab_size,
         texts=int(samples.input_ids.shape[0]),
         tokens=samples.predicted_tokens,

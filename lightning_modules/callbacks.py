@@ -177,8 +177,8 @@ def health_samples(module: Any) -> Any:
     ][:MAX_TEXTS]
     if not picked:
         return encode_texts(load_tokenizer(module.pool.base_dir), BUILTIN_TEXTS, BUILTIN_SOURCE)
-    ids, masks = zip(*picked, strict=True)
-    return samples_from_ids(torch.stack(ids), torch.stack(masks), "held-out calibration samples")
+    ids, masks = zip(*picked, strict=True)  # tasks differ in padded length: rows, not one tensor
+    return samples_from_ids(list(ids), list(masks), "held-out calibration samples")
 
 
 @torch.no_grad()
