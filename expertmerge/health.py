@@ -9,7 +9,9 @@ The threshold (`HealthCheck.problem`): the output is called broken when
 - its perplexity is not finite (NaN or inf logits), or
 - it is more than `RATIO_LIMIT` (2) times the base's on the same texts, i.e. its mean next-token loss is more
   than ln 2 = 0.69 nats per token above the base's (a healthy merge of experts of one base stays within a few
-  percent of it on neutral text, a broken one is orders of magnitude above), or
+  percent of it on neutral text, a broken one is orders of magnitude above); where the base itself is no
+  better than chance on the texts (perplexity >= the vocabulary size: a narrow model on text outside its
+  domain, an untrained one) a 2x difference is noise, and the bar is the vocabulary size times the base's, or
 - it is above half the vocabulary size while the base's is not (a base that is itself there on these texts, an
   untrained model or texts it cannot read, leaves only the ratio to go by), or
 - it predicts the same next-token distribution after every token of every text (total variation from their mean
@@ -42,7 +44,8 @@ MIN_TOKENS = 16  # fewer predicted tokens than this from a config's texts: the b
 
 THRESHOLD_TEXT = (
     f"broken when the perplexity is not finite, more than {RATIO_LIMIT:g}x the base's "
-    f"(log-perplexity more than ln {RATIO_LIMIT:g} = {math.log(RATIO_LIMIT):.2f} nats/token above), or above "
+    f"(log-perplexity more than ln {RATIO_LIMIT:g} = {math.log(RATIO_LIMIT):.2f} nats/token above; vocabulary size "
+    "x the base's where the base is no better than chance on the texts), or above "
     f"{VOCAB_FRACTION:g} x the vocabulary size while the base's is not, or when it predicts the same "
     f"distribution after every token (total variation below {COLLAPSE_SPREAD:g}) while the base's do not"
 )
@@ -97,8 +100,10 @@ class HealthCheck:
             return "its perplexity is not finite"
         if self.output_spread < COLLAPSE_SPREAD <= self.base_spread:
             return "it predicts the same next-token distribution after every token (it ignores its input)"
-        if math.isfinite(base) and out > RATIO_LIMIT * base:
-            return f"its perplexity is more than {RATIO_LIMIT:g}x the base's"
+        # A base no better than chance on these texts (a narrow or untrained model) makes a 2x difference noise.
+        ratio = RATIO_LIMIT if not self.vocab_size or base < self.vocab_size else float(self.vocab_size)
+        if math.isfinite(base) and out > ratio * base:
+            return f"its perplexity is more than {ratio:g}x the base's"
         limit = VOCAB_FRACTION * self.vocab_size
         if self.vocab_size and out > limit and not base > limit:
             return f"its perplexity is above {VOCAB_FRACTION:g} x the vocabulary size ({self.vocab_size})"
