@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.health import HealthCheck, check_folder
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
@@ -67,6 +68,7 @@ class MergeSummary:
     peak_rss_is_merge_only: bool
     notes: list[str] = field(default_factory=list)
     output_layers: int | None = None  # set when `slices:` chose the layers
+    health: HealthCheck | None = None  # the output's perplexity against the base's (`expertmerge.health`)
 
 
 def reset_peak_rss() -> bool:
@@ -431,6 +433,14 @@ def run_merge(
         total = written.num_shards
         _write_config(config, inputs, plan, tmp, out_dtype, vocabulary)
         _write_tokenizer(config, inputs, tmp, vocabulary)
+        # On the finished folder before it is moved into place, so the card can say what it found.
+        health = check_folder(
+            tmp,
+            inputs.folder(config.base_model or config.referenced_models[0]),
+            (),
+            "",
+            config.trust_remote_code,
+        )
         resolved_yaml = config.to_mergekit_yaml()
         (tmp / "merge_config.yaml").write_text(resolved_yaml)
         hashes = pool.content_hashes()
@@ -462,6 +472,7 @@ def run_merge(
             sections={
                 "Merge config": f"Re-run with `python -m expertmerge merge --config merge_config.yaml --out DIR`.\n\n"
                 f"```yaml\n{resolved_yaml}```",
+                "Health check": health.card_section(),
                 **({"Notes": "\n".join(f"- {note}" for note in pool.notes)} if pool.notes else {}),
             },
         )
@@ -483,6 +494,7 @@ def run_merge(
         peak_rss_is_merge_only=merge_only,
         notes=list(pool.notes),
         output_layers=len(output_layers(plan)) if config.slices is not None else None,
+        health=health,
     )
     return summary
 

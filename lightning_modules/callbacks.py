@@ -22,6 +22,14 @@ from expertmerge.evaluate import (
     score_task,
     scores_to_json,
 )
+from expertmerge.health import (
+    BUILTIN_SOURCE,
+    BUILTIN_TEXTS,
+    HealthCheck,
+    check_folder,
+    check_model,
+    samples_from_ids,
+)
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, replace_file
 from expertmerge.io.reader import Checkpoint, weights_bytes
@@ -39,12 +47,15 @@ class ExportSettings:
         force: replace `output_dir` if it exists.
         evaluate: print (and save as eval.json) the per-task table base / task arithmetic / learned / expert.
         moe_output_dir: where the fused MoE goes when `model.moe` is on (default: `output_dir` + "-moe").
+        strict_health: fail (exit 2, the output kept) when the merged model's perplexity on a few held-out
+            calibration samples is far worse than the base's (`expertmerge.health`); by default a warning.
     """
 
     output_dir: str = "outputs/expert-merging"
     force: bool = False
     evaluate: bool = True
     moe_output_dir: str | None = None
+    strict_health: bool = False
 
     def moe_dir(self) -> str:
         return self.moe_output_dir or self.output_dir.rstrip("/") + "-moe"
@@ -152,14 +163,50 @@ def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
     write_config(pool.base_dir, folder, dtype)
 
 
+def health_samples(module: Any) -> Any:
+    """A few held-out calibration samples, taken from every task in turn (the built-in texts without any)."""
+    from expertmerge.health import MAX_TEXTS, encode_texts
+    from expertmerge.io.tokenizer import load_tokenizer
+
+    splits = [module.datamodule.task_samples(task, "eval") for task in module.task_names]
+    picked = [
+        (split.input_ids[i], split.attention_mask[i])
+        for i in range(MAX_TEXTS)
+        for split in splits
+        if i < split.input_ids.shape[0]
+    ][:MAX_TEXTS]
+    if not picked:
+        return encode_texts(load_tokenizer(module.pool.base_dir), BUILTIN_TEXTS, BUILTIN_SOURCE)
+    ids, masks = zip(*picked, strict=True)  # tasks differ in padded length: rows, not one tensor
+    return samples_from_ids(list(ids), list(masks), "held-out calibration samples")
+
+
+@torch.no_grad()
+def fit_health(module: Any) -> HealthCheck:
+    """The learned merge in memory (as exported, before any file is renamed into place) against the base."""
+    module.eval()
+    return check_model(
+        lambda ids, mask: (
+            module(ids.to(module.device), mask.to(module.device), output_hidden_states=False).logits
+        ),
+        int(module.model.get_input_embeddings().weight.shape[0]),
+        module.pool.base_dir,
+        health_samples(module),
+        module.device,
+    )
+
+
 def export_dense(
     module: Any,
     output_dir: str | Path,
     force: bool,
     config_yaml: str | None = None,
     scores: dict[str, dict[str, TaskScores]] | None = None,
+    health: HealthCheck | None = None,
 ) -> Path:
-    """Fold the learned coefficients into the base weights and write a Hugging Face model folder."""
+    """Fold the learned coefficients into the base weights and write a Hugging Face model folder.
+
+    `health` (`fit_health(module)`) goes into the merge card."""
     pool = module.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
     with atomic_output_dir(
@@ -202,6 +249,8 @@ def export_dense(
                 m = mean_scores(per_task)
                 lines.append(f"| {name} | {m.perplexity:.3f} | {m.kl:.4f} | {m.top1:.1%} |")
             sections["Evaluation (held-out calibration samples)"] = "\n".join(lines)
+        if health is not None:
+            sections["Health check"] = health.card_section()
         hp = module.hparams
         write_merge_card(
             tmp,
@@ -287,8 +336,9 @@ def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
 
 def export_moe(
     module: Any, output_dir: str | Path, force: bool, scores: dict[str, dict[str, TaskScores]] | None = None
-) -> tuple[Path, dict[str, dict[str, TaskScores]]]:
-    """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router)."""
+) -> tuple[Path, dict[str, dict[str, TaskScores]], HealthCheck | None]:
+    """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router);
+    returns its folder, the scores and its health check (of the tuned routers, when tuned)."""
     from expertmerge.moe import write_moe_checkpoint
 
     hp = module.hparams
@@ -304,7 +354,8 @@ def export_moe(
         "alpha0": module.start_alpha,
         "gamma": hp.gamma,
     }
-    write_moe_checkpoint(
+    samples = health_samples(module)
+    written = write_moe_checkpoint(
         pool,
         out,
         lambda name: merged[name] if name in merged else state[name].detach(),
@@ -314,7 +365,9 @@ def export_moe(
         router_method=method,
         force=force,
         card_parameters=parameters,
+        health_samples=samples,
     )
+    health = written.health
     scores = dict(scores or {})
     moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(module.device)
     scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
@@ -344,5 +397,9 @@ def export_moe(
             tuned = moe.state_dict()  # written under the names the first export planned (no tied copies)
             names = Checkpoint(out, f"MoE output ({out})").names
             write_state_dict(tmp, {name: tuned[name] for name in names}, _stored_dtype(out))
+            untuned, health = health, check_folder(tmp, pool.base_dir, samples=samples)
+            card = tmp / "README.md"
+            if untuned is not None and card.is_file():
+                card.write_text(card.read_text().replace(untuned.card_section(), health.card_section()))
     replace_file(out / "eval.json", json.dumps(scores_to_json(scores), indent=1))
-    return out, scores
+    return out, scores, health

@@ -105,11 +105,16 @@ def export_main(argv: Sequence[str]) -> int:
         from expertmerge.evaluate import scores_table
         from lightning_modules.callbacks import evaluate_fit, export_moe
 
-        path, scores = export_moe(
+        path, scores, health = export_moe(
             module, options.out, options.force, evaluate_fit(module, include_base=False)
         )
         Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
     else:
-        path = export_dense(module, options.out, options.force)
+        from lightning_modules.callbacks import fit_health
+
+        health = fit_health(module)
+        path = export_dense(module, options.out, options.force, health=health)
     Console().print(f"[green]exported[/green] {escape(str(path))}")
+    if not isinstance(module, SequenceMoEModule) and health is not None:
+        Console().print(f"health check: {health.summary_row()}")
     return 0

@@ -295,17 +295,18 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     from rich.table import Table
 
     from expertmerge.evaluate import scores_table
-    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe
+    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe, fit_health
 
     console = Console()
     scores = evaluate_fit(module) if settings.evaluate else None
-    moe_path = None
+    moe_path, moe_health = None, None
     if module.hparams.moe:
-        moe_path, moe_scores = export_moe(module, settings.moe_dir(), settings.force, scores)
+        moe_path, moe_scores, moe_health = export_moe(module, settings.moe_dir(), settings.force, scores)
         scores = moe_scores if scores is not None else None
     if scores is not None:
         console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
-    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores)
+    health = fit_health(module)
+    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores, health)
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
@@ -330,7 +331,14 @@ def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: s
     stats = module.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
     summary.add_row("fit wall time", f"{seconds:.1f} s")
+    summary.add_row("health check", health.summary_row())
+    if moe_health is not None:
+        summary.add_row("fused MoE health check", moe_health.summary_row())
     console.print(summary)
+    if settings.strict_health:
+        for folder, check in ((path, health), (moe_path, moe_health)):
+            if check is not None and not check.healthy:
+                raise check.error(folder)
 
 
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:

@@ -35,6 +35,8 @@ def summary_table(summary: MergeSummary) -> Any:
         f"+{human_bytes(max(0, summary.peak_rss_bytes - summary.start_rss_bytes))} over the start; "
         f"one model's weights: {human_bytes(summary.model_bytes)}",
     )
+    if summary.health is not None:
+        table.add_row("health check", summary.health.summary_row())
     for note in summary.notes:
         table.add_row("note", note)
     return table
@@ -60,6 +62,11 @@ def merge_main(argv: Sequence[str]) -> int:
         help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict_health",
+        action="store_true",
+        help="exit 2 when the output's perplexity on a few texts is far worse than the base's (the output is kept)",
+    )
     options = parser.parse_args(list(argv))
     console = Console()
     summary = run_merge(
@@ -71,4 +78,6 @@ def merge_main(argv: Sequence[str]) -> int:
         progress=not options.no_progress,
     )
     console.print(summary_table(summary))
+    if options.strict_health and summary.health is not None and not summary.health.healthy:
+        raise summary.health.error(summary.output)
     return 0

@@ -34,6 +34,8 @@ def summary_table(summary: Any, peak_rss: int) -> Any:
     )
     table.add_row("wall time", f"{summary.wall_seconds:.2f} s")
     table.add_row("peak memory", f"{human_bytes(peak_rss)} RSS of the process")
+    if summary.health is not None:
+        table.add_row("health check", summary.health.summary_row())
     for note in summary.notes:
         table.add_row("note", note)
     return table
@@ -70,6 +72,11 @@ def moe_main(argv: Sequence[str]) -> int:
         help="allow experts that are all the same model (mergekit's flag of the same name)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict_health",
+        action="store_true",
+        help="exit 2 when the output's perplexity on a few texts is far worse than the base's (the output is kept)",
+    )
     options = parser.parse_args(list(argv))
     console = Console()
     started = time.perf_counter()
@@ -84,4 +91,6 @@ def moe_main(argv: Sequence[str]) -> int:
     )
     summary.wall_seconds = time.perf_counter() - started
     console.print(summary_table(summary, peak_rss_bytes()))
+    if options.strict_health and summary.health is not None and not summary.health.healthy:
+        raise summary.health.error(summary.output)
     return 0

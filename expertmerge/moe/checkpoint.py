@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.health import HealthCheck, HealthSamples, check_folder
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, parse_dtype
@@ -53,6 +54,7 @@ class MoeExportSummary:
     num_shards: int
     output_bytes: int
     notes: list[str] = field(default_factory=list)
+    health: HealthCheck | None = None  # the output's perplexity against the base's (`expertmerge.health`)
 
 
 def expert_shared_tensors(pool: ExpertPool, model: str) -> Callable[[str], torch.Tensor]:
@@ -121,6 +123,7 @@ def write_moe_checkpoint(
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     card_parameters: Mapping[str, object] | None = None,
+    health_samples: HealthSamples | None = None,
 ) -> MoeExportSummary:
     """Write the fused MoE of `pool`'s experts to the model folder `out`, which `AutoModelForCausalLM` loads as is.
 
@@ -145,6 +148,7 @@ def write_moe_checkpoint(
         router_method: how the routers were made (`hidden`, `cheap_embed`, `random`, `tuned`, ...), for the card.
         dtype: output dtype of floating tensors (default: the base's stored FFN dtype).
         card_parameters: extra entries for the merge card's parameters (e.g. how the shared tensors were merged).
+        health_samples: the texts of the health check (`expertmerge.health`; default its built-in texts).
     """
     inputs = [pool.base_source, *pool.expert_sources.values()]
     out = check_output_dir(out, force, inputs)
@@ -307,6 +311,7 @@ def write_moe_checkpoint(
         total = write_safetensors(tmp, entries, max_shard).num_shards
         config.save_pretrained(tmp)
         copy_support_files(pool.base_dir, tmp)
+        health = check_folder(tmp, pool.base_dir, samples=health_samples)
         parameters: dict[str, object] = {
             "format": fmt.name,
             "architecture": fmt.architecture,
@@ -342,6 +347,7 @@ def write_moe_checkpoint(
                 ),
                 "Routing": f"Router initialisation `{router_method}`, top-{top_k} of {len(routed)} routed experts, "
                 "top-k weights renormalised to sum to 1.",
+                "Health check": health.card_section(),
                 **({"Notes": "\n".join(f"- {note}" for note in notes)} if notes else {}),
             },
         )
@@ -357,4 +363,5 @@ def write_moe_checkpoint(
         num_shards=total,
         output_bytes=output_bytes,
         notes=notes,
+        health=health,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.health import HealthCheck, check_folder
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, natural_key, parse_dtype
@@ -63,6 +64,7 @@ class MoeBuildSummary:
     notes: list[str] = field(default_factory=list)
     router: str = ""  # which routers were written ("mergekit's gate_mode hidden", "fitted ..., tuned ...")
     router_kl: dict[str, float] = field(default_factory=dict)  # router -> mean held-out KL to the own expert
+    health: HealthCheck | None = None  # the output's perplexity against base_model's (`expertmerge.health`)
 
 
 def _output_dtype(config: MergekitMoeConfig, pool: ExpertPool, first_ffn: str, source: str) -> torch.dtype:
@@ -286,6 +288,9 @@ def build_mergekit_moe(
         written = write_model(tmp, progress)
         if config_text is not None:
             (tmp / CONFIG_COPY).write_text(config_text)
+        # The experts' prompts are the config's own texts (mergekit-moe configs have no other).
+        prompts = [p for e in [*config.experts, *shared_defs] for p in e.positive_prompts or ()]
+        health = check_folder(tmp, pool.base_dir, prompts, "config prompts")
         hashes = pool.content_hashes()
         options = config.options
         shared_label = shared_defs[0].source_model if fmt is QWEN2_MOE else None
@@ -309,6 +314,7 @@ def build_mergekit_moe(
                     f"- routed expert {i}: FFN of `{e.source_model}`" for i, e in enumerate(config.experts)
                 )
                 + (f"\n- shared expert: FFN of `{shared_label}`" if shared_label else ""),
+                "Health check": health.card_section(),
                 **(
                     {"Notes": "\n".join(f"- {n}" for n in [*notes, *pool.notes])}
                     if notes or pool.notes
@@ -334,4 +340,5 @@ def build_mergekit_moe(
         notes=[*notes, *pool.notes],
         router=router_label,
         router_kl={name: fitted.mean_kl(name) for name in fitted.heldout_kl} if fitted is not None else {},
+        health=health,
     )
