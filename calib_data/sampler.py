@@ -50,6 +50,8 @@ class BalancedTaskBatchSampler:
     are interleaved task0, task1, ..., task0, ...; the order is a function of (seed, epoch) only. Under
     torch.distributed each rank takes every world_size-th batch of that global order, padded by wrapping
     around so every rank runs the same number of steps (a rank that stops early would hang the others).
+    A restored checkpoint's position (`resume_at`, from calib_data/resume.py) starts the next iteration of its
+    epoch at the batch the fit had reached.
     """
 
     def __init__(
