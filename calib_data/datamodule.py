@@ -18,9 +18,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from calib_data.rendering import TokenizedSamples, check_tokenizer_path, load_tokenizer, task_tokens
+from calib_data.resume import ResumableDataLoader
 from calib_data.sampler import (
     BalancedTaskBatchSampler,
     collate_round,
@@ -223,7 +225,8 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Balanced single-task batches, round-robin over tasks, reshuffled per epoch (Lightning calls the
-        sampler's `set_epoch`)."""
+        sampler's `set_epoch`). A checkpoint keeps the loader's position and the random states, so a fit resumed
+        from any step goes on with the batches (and draws) the uninterrupted fit would have had."""
         self._check_trainer_sampler()
         dataset = self._split_dataset("train")
         # Under a Trainer its rank and world size rule; without one, torch.distributed's (if initialised).
@@ -238,7 +241,7 @@ class CalibrationDataModule(pl.LightningDataModule):
             rounds=self.rounds,
         )
         collate: Any = collate_round if self.rounds else collate_task_batch
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        return ResumableDataLoader(dataset, sampler, collate_fn=collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """The held-out split in single-task batches, rows in order, tasks interleaved round-robin.
@@ -250,5 +253,11 @@ class CalibrationDataModule(pl.LightningDataModule):
         dataset = self._split_dataset("val")
         batches = interleaved_batches(dataset.task_sizes, self.batch_size, dataset.offsets[:-1])
         return DataLoader(
-            dataset, batch_sampler=batches, collate_fn=collate_task_batch, num_workers=self.num_workers
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate_task_batch,
+            num_workers=self.num_workers,
+            # Its own generator: validating draws nothing from the global random state the training steps use
+            # (a resumed fit skips the validation its checkpoint was followed by).
+            generator=torch.Generator().manual_seed(self.seed),
         )

@@ -50,6 +50,8 @@ class BalancedTaskBatchSampler:
     are interleaved task0, task1, ..., task0, ...; the order is a function of (seed, epoch) only. Under
     torch.distributed each rank takes every world_size-th batch of that global order, padded by wrapping
     around so every rank runs the same number of steps (a rank that stops early would hang the others).
+    A restored checkpoint's position (`resume_at`, from calib_data/resume.py) starts the next iteration of its
+    epoch at the batch the fit had reached.
     """
 
     def __init__(
@@ -72,6 +74,10 @@ class BalancedTaskBatchSampler:
         self.world_size = world_size
         self.rounds = rounds  # yield one round (a batch of every task) at a time instead of one batch
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already taken) of a restored fit
+        # The epoch and first batch of the iteration under way (a checkpoint's position counts from them).
+        self.iteration_epoch = 0
+        self.iteration_start = 0
 
     @property
     def sampler(self) -> BalancedTaskBatchSampler:
@@ -80,6 +86,24 @@ class BalancedTaskBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next iteration, if it is over `epoch`, leaves out its first `batches` batches (a checkpoint's
+        position). An iteration over a later epoch starts at its beginning: a checkpoint taken at an epoch's end
+        says (that epoch, all of its batches), and the loop moves on to the next epoch."""
+        self.epoch = epoch
+        self._resume = (epoch, batches)
+
+    def order_settings(self) -> dict[str, Any]:
+        """What the batch order is a function of, besides the epoch."""
+        _, world = self._rank_and_world()
+        return {
+            "seed": self.seed,
+            "task_sizes": self.task_sizes,
+            "batch_size": self.batch_size,
+            "rounds": self.rounds,
+            "world_size": world,
+        }
 
     @property
     def batches_per_task(self) -> int:
@@ -130,6 +154,13 @@ class BalancedTaskBatchSampler:
         return math.ceil(units / world)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the epoch is read at the first batch, after the loop's `set_epoch`.
+        start = 0
+        if self._resume is not None:
+            epoch, taken = self._resume
+            self._resume = None
+            start = taken if epoch == self.epoch else 0
+        self.iteration_epoch, self.iteration_start = self.epoch, start
         rank, world = self._rank_and_world()
         batches = [[self.offsets[task] + row for row in rows] for task, rows in self.global_batches()]
         if self.rounds:  # consecutive batches task0..taskN-1 form one round
@@ -137,7 +168,7 @@ class BalancedTaskBatchSampler:
             batches = [sum(batches[i : i + n], []) for i in range(0, len(batches), n)]
         total = len(self) * world
         padded = [batches[i % len(batches)] for i in range(total)]
-        yield from padded[rank::world]
+        yield from padded[rank::world][start:]
 
 
 def interleaved_batches(

@@ -468,6 +468,99 @@ def test_lightning_trainer_sets_the_epoch_and_sees_balanced_batches(three_tasks,
     assert epochs[0] != epochs[1]  # Lightning reached the sampler's set_epoch
 
 
+def test_train_loader_state_resumes_at_the_batch_it_was_taken_at(three_tasks, tokenizer_dir):
+    dm = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=2)  # 12 batches per epoch
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(1)
+    whole_epoch = batch_keys(loader)
+    loader.batch_sampler.set_epoch(2)
+    next_epoch = batch_keys(loader)
+
+    loader.batch_sampler.set_epoch(1)
+    taken = []
+    for batch in loader:
+        taken.append((batch["task_index"], tuple(batch["sample_index"].tolist())))
+        if len(taken) == 5:
+            state = loader.state_dict()
+            break
+    assert (state["epoch"], state["batches"]) == (1, 5)
+
+    restored = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=2)
+    restored.setup()
+    resumed = restored.train_dataloader()
+    resumed.load_state_dict(state)
+    resumed.batch_sampler.set_epoch(1)  # Lightning sets the restored epoch again
+    assert taken + batch_keys(resumed) == whole_epoch
+    assert resumed.state_dict()["batches"] == 12
+    # A state taken at an epoch's end: the loop goes on with the next epoch, from its first batch.
+    at_end = restored.train_dataloader()
+    at_end.load_state_dict(resumed.state_dict())
+    at_end.batch_sampler.set_epoch(2)
+    assert batch_keys(at_end) == next_epoch
+
+    # A checkpoint of other batch settings cannot say where to go on: its epoch starts over, with a warning.
+    other = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=4)
+    other.setup()
+    loader = other.train_dataloader()
+    with pytest.warns(UserWarning, match=r"batch_size 2 -> 4.*starts its epoch from the first batch"):
+        loader.load_state_dict(state)
+    assert len(batch_keys(loader)) == len(loader)
+
+
+def test_lightning_resumes_mid_epoch_with_the_same_batches_and_random_draws(
+    three_tasks, tokenizer_dir, tmp_path
+):
+    """A checkpoint taken between epochs' ends, under gradient accumulation: the resumed fit's steps see the
+    batches and draw the random numbers the uninterrupted fit's steps did."""
+    import warnings
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, int, tuple[int, ...], float]] = []
+
+        def training_step(self, batch, batch_idx):
+            noise = torch.rand(1)  # stands for any random draw of a step (dropout, noise, random prefixes)
+            rows = tuple(batch["sample_index"].tolist())
+            self.seen.append((self.global_step, batch["task_index"], rows, float(noise)))
+            return (self.weight * batch["attention_mask"].float().mean() + noise).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> list:
+        pl.seed_everything(0)
+        dm = module(three_tasks, tokenizer_dir, samples_per_task=8, batch_size=2)  # 12 batches per epoch
+        recorder = Recorder()
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            accumulate_grad_batches=2,  # 6 steps per epoch
+            accelerator="cpu",
+            logger=False,
+            callbacks=[ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=8, save_top_k=-1)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            limit_val_batches=0,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
+            trainer.fit(recorder, datamodule=dm, ckpt_path=ckpt_path)
+        return recorder.seen
+
+    straight = fit(max_steps=11)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert "step=8" in checkpoint.name  # 16 batches in: 4 batches into the second epoch
+    resumed = fit(max_steps=11, ckpt_path=str(checkpoint))
+    assert len(straight) == 22 and len(resumed) == 6
+    assert resumed == straight[16:]
+
+
 # ------------------------------------------------------------------------------------------- fingerprints
 def test_fingerprints_are_stable_and_follow_the_data(tmp_path, tokenizer_dir):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts("t", 12)])

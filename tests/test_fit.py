@@ -171,8 +171,7 @@ def test_stage2_checkpoint_resumes_the_chunkwise_stage(tiny_zoo, tmp_path: Path)
 
     from lightning_modules.merging import checkpoint_stage
 
-    # Checkpoints at epoch boundaries (4 steps), as in test_robustness: the calibration DataLoader has no
-    # state_dict, so only a resume from an epoch's end replays the same batches. Each stage's Trainer writes
+    # Checkpoints at epoch boundaries (4 steps; test_robustness resumes mid-epoch). Each stage's Trainer writes
     # into its own log version folder.
     common = (
         "--model.chunking", "true", "--model.scheduler", "constant", "--trainer.max_steps", "4",

@@ -2,10 +2,10 @@
 half-written and damaged files.
 
 Resume semantics: Lightning restores the coefficients, Adam's state, the scheduler and the loop counters
-from a checkpoint, but not the position inside an epoch (the calibration DataLoader has no `state_dict`), so
-a checkpoint written mid-epoch would replay that epoch's first batches after a resume. The tiny config has
-12 single-task batches per epoch and accumulates 3, i.e. 4 optimiser steps per epoch, so a checkpoint every
-4 steps lands exactly on epoch ends, and a resume from any of them continues with the next epoch's batches.
+from a checkpoint, and the calibration train loader's `state_dict` (calib_data/resume.py): the position inside
+the epoch and the random states. A fit resumed from any step, mid-epoch and under gradient accumulation
+included, ends where the uninterrupted fit ends (the mid-epoch tests at the end). The tiny config has 12
+single-task batches per epoch and accumulates 3, i.e. 4 optimiser steps per epoch.
 """
 
 from __future__ import annotations
@@ -295,3 +295,76 @@ def test_teacher_cache_entry_damaged_inside_its_data_is_not_trusted(tmp_path: Pa
     path.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="damaged teacher cache entry"):
         assert load_cached("flipped") is None
+
+
+# ----------------------------------------------------------------------------------- mid-epoch resume
+
+
+def checkpoints_by_stage_and_step(logs: Path) -> dict[tuple[int, int], Path]:
+    from lightning_modules.merging import checkpoint_stage
+
+    return {
+        (checkpoint_stage(c), torch.load(c, map_location="cpu", weights_only=False)["global_step"]): c
+        for c in logs.rglob("*.ckpt")
+    }
+
+
+def max_difference(first: Path, second: Path) -> float:
+    return max(abs(a - b) for a, b in zip(coefficients(first), coefficients(second), strict=True))
+
+
+def resume_check_args(every: int, *overrides: str) -> tuple[str, ...]:
+    """A fit with a checkpoint every `every` steps (Lightning's log folder, one version per stage's Trainer)."""
+    return (
+        *LEAN_FIT[:4],  # no evaluation, no validation; checkpoints and their callback stay on
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        str(every),
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        *overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "every", "steps"),
+    # 12 single-task batches per epoch. Without accumulation the step-15 checkpoint is 3 batches into the second
+    # epoch; accumulating 3 batches per step (4 steps per epoch), the step-6 one is 6 batches into it.
+    [(1, 15, 17), (3, 6, 8)],
+    ids=["one-batch-per-step", "accumulating-3"],
+)
+def test_layerwise_fit_resumed_mid_epoch_ends_where_the_uninterrupted_fit_ends(
+    tiny_zoo, tmp_path: Path, accumulate: int, every: int, steps: int
+) -> None:
+    common = resume_check_args(
+        every, "--trainer.max_steps", str(steps), "--trainer.accumulate_grad_batches", str(accumulate)
+    )
+    straight = tmp_path / "straight"
+    assert main(tiny_fit_args(tmp_path, "straight", *common)) == 0
+    saved = checkpoints_by_stage_and_step(tmp_path / "straight-logs")
+    assert set(saved) == {(1, every)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
+        code = main(tiny_fit_args(tmp_path, "resumed", *common, "--ckpt_path", str(saved[(1, every)])))
+    assert code == 0
+    assert max_difference(tmp_path / "resumed", straight) < 1e-6
+
+
+def test_chunkwise_fit_resumed_mid_epoch_under_accumulation_ends_where_the_uninterrupted_fit_ends(
+    tiny_zoo, tmp_path: Path
+) -> None:
+    # Stage 1 runs 2 steps (half an epoch), stage 2 8 steps; stage 2's step-6 checkpoint is 6 batches into
+    # its second epoch (3 batches per step, 12 per epoch).
+    common = resume_check_args(
+        6, "--model.chunking", "true", "--trainer.max_steps", "2", "--model.stage2_steps", "8"
+    )
+    straight = tmp_path / "straight"
+    assert main(tiny_fit_args(tmp_path, "straight", *common)) == 0
+    saved = checkpoints_by_stage_and_step(tmp_path / "straight-logs")
+    assert set(saved) == {(2, 6)}
+    code = main(tiny_fit_args(tmp_path, "resumed", *common, "--ckpt_path", str(saved[(2, 6)])))
+    assert code == 0
+    assert (tmp_path / "resumed" / "chunk_allocation.json").is_file()
+    assert max_difference(tmp_path / "resumed", straight) < 1e-6
