@@ -34,6 +34,7 @@ from expertmerge.fsdp import (
     shard_learned,
     sharded_merge,
 )
+from expertmerge.io.fit_checkpoint import MODEL_HASHES, check_same_models, load_fit_checkpoint
 from expertmerge.losses import (
     aligned_hidden_layers,
     expert_gain_scales,
@@ -943,10 +944,16 @@ class ExpertMergingModule(pl.LightningModule):
             "stage1_values": self.stage1_values,
             "task_scales": self.task_scales,
             "start": [self.start_merge, self.start_alpha],  # what the coefficients are relative to
+            # what they were learned on: a resume or export onto other weights of the same names is refused
+            MODEL_HASHES: self.pool.content_hashes() if self.pool is not None else {},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("expertmerge", {})
+        if self.pool is not None:  # the CLIs compared already, before any model loaded; "last" / "best" not
+            path = str(getattr(self._trainer, "ckpt_path", None) or "being loaded")
+            folders = {"base": self.pool.base_dir, **self.pool.expert_dirs}
+            check_same_models(checkpoint, self.pool.content_hashes(), folders, path, "--ckpt_path")
         if (
             self.coefficients is not None
             and saved
@@ -1007,8 +1014,5 @@ def checkpoint_stage(path: str | Path) -> int | None:
     (Lightning's "last" / "best" names, resolved by the Trainer itself)."""
     if not Path(path).is_file():
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as error:
-        raise ExpertMergeError(f"--ckpt_path: cannot read checkpoint '{path}' ({error}).") from error
+    checkpoint = load_fit_checkpoint(path, "--ckpt_path")
     return int(checkpoint.get("expertmerge", {}).get("stage", 1))

@@ -296,7 +296,7 @@ def test_export_from_a_fit_checkpoint_writes_the_trained_router(tiny_zoo: Path, 
         "false",
     )
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert set(stored) == {"model.router.weight", "model.router.bias"}  # only what the fit trains
     again = tmp_path / "again"
     assert main(["export", "--config", CONFIG, "--ckpt_path", str(checkpoint), "--out", str(again)]) == 0

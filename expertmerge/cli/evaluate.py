@@ -19,6 +19,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
     from calib_data.tasks import BASE_TEACHER
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
+    from expertmerge.io.reader import Checkpoint
     from expertmerge.paths import resolve_path
     from expertmerge.pool import ExpertPool, model_dir
     from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
@@ -38,7 +39,10 @@ def evaluate_main(argv: Sequence[str]) -> int:
     given = {}
     for item in options.model:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        given[name or path] = str(model_dir(path, f"evaluate --model {item}"))
+        folder = model_dir(path, f"evaluate --model {item}")
+        # Its weights' headers (a .bin: its tensors, weights only) now, not in from_pretrained after the teachers.
+        Checkpoint(folder, f"evaluate --model {item}")
+        given[name or path] = str(folder)
     inputs = [options.config, *given.values()]
     if options.json:
         check_output_file(options.json, options.force, inputs, JSON_LABEL, existing=False)

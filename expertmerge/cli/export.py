@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from expertmerge.cli.fit import _fit_inputs, configured
+from expertmerge.cli.fit import _fit_inputs, check_pool_matches, configured
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -18,32 +17,11 @@ _STRUCTURE_KEYS = ("learn_include", "learn_exclude", "learn_matrices_only", "moe
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """The checkpoint at `path`, or one clear error when it is missing, empty or not a `fit` checkpoint."""
-    import torch
+    """The checkpoint at `path` as plain data, or one clear error when it is missing, empty, not a `fit`
+    checkpoint or holds other Python objects (never unpickled: they could run code)."""
+    from expertmerge.io.fit_checkpoint import load_fit_checkpoint
 
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise ExpertMergeError(
-            f"export --ckpt_path '{path}' does not exist; give a .ckpt file written by `fit`."
-        )
-    if file.is_dir():
-        raise ExpertMergeError(f"export --ckpt_path '{path}' is a folder; give the .ckpt file inside it.")
-    if file.stat().st_size == 0:
-        raise ExpertMergeError(
-            f"export --ckpt_path '{path}' is empty (a fit killed while saving?); use another one."
-        )
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not a checkpoint
-        reason = " ".join(str(error).split())[:200]
-        raise ExpertMergeError(
-            f"export --ckpt_path '{path}' is not a checkpoint written by `fit` ({type(error).__name__}: {reason})."
-        ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ExpertMergeError(
-            f"export --ckpt_path '{path}' is not a Lightning checkpoint (it has no state_dict)."
-        )
-    return checkpoint
+    return load_fit_checkpoint(path, "export --ckpt_path")
 
 
 def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str, config: str) -> None:
@@ -67,6 +45,8 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str,
                 f"export: the checkpoint '{path}' has model.{key} = {saved[key]!r}, '{config}' has "
                 f"{current[key]!r}; {fix}."
             )
+    if "expertmerge" in checkpoint:
+        check_pool_matches(checkpoint, current, path, "export")
 
 
 def export_main(argv: Sequence[str]) -> int:

@@ -141,8 +141,19 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 kwargs = {**kwargs, "strategy": LayerShardedStrategy()}  # Lightning's fsdp refuses the CPU
             return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            # Before Lightning reads the checkpoint's hyperparameters into the config (it would fail there with
+            # a traceback) and before any model loads.
+            subcommand = self.config.get("subcommand")
+            self.resume_checkpoint = read_resume_checkpoint(self.config[subcommand]) if subcommand else None
+
         def before_fit(self) -> None:
             self.export_settings = ExportSettings(**vars(self.config.fit.export))
+            if self.resume_checkpoint is not None and isinstance(self.model, ExpertMergingModule):
+                check_pool_matches(
+                    self.resume_checkpoint, self.model.hparams, self.config.fit.ckpt_path, "--ckpt_path"
+                )
             inputs, estimate = _fit_inputs(self.config.fit.model, self.datamodule)
             settings = self.export_settings
             check_output_dir(settings.output_dir, settings.force, inputs, estimate)  # fail before work
@@ -159,6 +170,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
             """The command's steps (LightningCLI runs this method in place of `Trainer.fit`)."""
             started = time.perf_counter()
+            # Checkpoints are plain data: never unpickle other objects (`--weights_only false` included).
+            kwargs = {**kwargs, "weights_only": True}
             if isinstance(model, ExpertMergingModule):
                 trainers = run_stages(self, model, **kwargs)
             else:
@@ -225,6 +238,31 @@ _DESCRIPTION = (
     "`--model.help ExpertMergingModule` lists the model options; a sequence-MoE config names "
     f"`model.class_path: {SEQUENCE_MOE_CLASS}`."
 )
+
+
+def check_pool_matches(checkpoint: dict[str, Any], hparams: Any, path: str, label: str) -> None:
+    """Refuse an Expert Merging checkpoint learned on other weights of the same-named base or experts than
+    the config's (content hashes; read from cache, no model loads)."""
+    from expertmerge.io.fit_checkpoint import check_same_models
+    from expertmerge.pool import BASE, ExpertPool
+
+    pool = ExpertPool(
+        hparams["base"], hparams["experts"], trust_remote_code=hparams.get("trust_remote_code", False)
+    )
+    folders = {BASE: pool.base_dir, **pool.expert_dirs}
+    check_same_models(checkpoint, pool.content_hashes(), folders, path, label)
+
+
+def read_resume_checkpoint(config: Any) -> dict[str, Any] | None:
+    """`fit --ckpt_path` (from the command line or the config) read as plain data, before Lightning or any
+    model touches it: a missing, empty, foreign or crafted file is one clear error. None: no checkpoint, or a
+    name Lightning resolves itself ("last", "best"), which it loads weights-only too."""
+    from expertmerge.io.fit_checkpoint import is_lightning_checkpoint_name, load_fit_checkpoint
+
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path or is_lightning_checkpoint_name(str(ckpt_path)):
+        return None
+    return load_fit_checkpoint(str(ckpt_path), "--ckpt_path")
 
 
 def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: Any) -> list[Any]:

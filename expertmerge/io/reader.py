@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.fit_checkpoint import refused_object
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -205,7 +206,15 @@ class Checkpoint:
             except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ExpertMergeError(f"{self.label}: cannot read '{path}' (weights only): {error}") from error
+            refused = refused_object(error)
+            if refused:
+                raise ExpertMergeError(
+                    f"{self.label}: '{path}' is not a plain tensor file ({refused}); re-save it as safetensors."
+                ) from error
+            reason = " ".join(str(error).split())[:200]
+            raise ExpertMergeError(
+                f"{self.label}: cannot read '{path}' ({type(error).__name__}: {reason})."
+            ) from error
         if not isinstance(state, Mapping):
             raise ExpertMergeError(f"{self.label}: '{filename}' does not hold a state dict.")
         self._bin_state[filename] = state
