@@ -11,7 +11,8 @@ Sources, per model:
   safetensors are there) `pytorch_model.bin` / `pytorch_model.bin.index.json`, read with `weights_only=True`;
 - `zoo://<zoo>/<path>`: a registered model zoo (see `expertmerge.zoo_registry`);
 - a hub id such as `org/name` that is not an existing path: downloaded with `huggingface_hub.snapshot_download`
-  (config, tokenizer and weights only) and then read like a local folder.
+  (config, tokenizer and weights only; a silent network is an error after `EXPERTMERGE_HUB_TIMEOUT`
+  seconds without progress, see `expertmerge.hub`) and then read like a local folder.
 
 Which tensors are merged (`merged_names`): every floating-point tensor whose name matches one of the `include`
 regular expressions (default: all) and none of the `exclude` ones (default: none), matched with `re.search`.
@@ -32,6 +33,7 @@ import torch
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hashing import file_hash, model_content_hash
+from expertmerge.hub import bounded_hub_call
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
     BIN_SINGLE,
@@ -74,10 +76,18 @@ def _download(reference: str, label: str) -> Path:
         raise ExpertMergeError(
             f"{label}: '{reference}' looks like a hub id but huggingface_hub is missing."
         ) from error
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            bounded_hub_call(lambda: snapshot_download(reference, allow_patterns=patterns), label, reference)
+        )
+
     try:
-        folder = Path(snapshot_download(reference, allow_patterns=_HUB_PATTERNS))
+        folder = fetch(_HUB_PATTERNS)
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(reference, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+            folder = fetch([*_HUB_PATTERNS, "*.bin"])
+    except ExpertMergeError:
+        raise
     except Exception as error:  # network, auth, missing repo: all mean "cannot use this source"
         raise ExpertMergeError(
             f"{label}: '{reference}' is not a local folder and downloading it from the Hugging Face hub "
