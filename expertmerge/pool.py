@@ -289,7 +289,7 @@ class ExpertPool:
             )
 
     def content_hashes(self) -> dict[str, str]:
-        """`{"base": hash, expert: hash, ...}` of weights and config (cached by path, size and mtime)."""
+        """`{"base": hash, expert: hash, ...}` of weights and config (cached per file version, see `file_hash`)."""
         hashes = {BASE: model_content_hash(self.base_dir)}
         hashes.update({name: model_content_hash(folder) for name, folder in self.expert_dirs.items()})
         return hashes
@@ -431,11 +431,13 @@ def tokenizer_json_ids(path: Path) -> tuple[Any, Any]:
     """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id).
     Parsed once per file version: the base's file is compared with every expert's (2 MB for SmolLM2)."""
     stat = Path(path).stat()
-    return _tokenizer_json_ids(str(path), stat.st_mtime_ns, stat.st_size)
+    return _tokenizer_json_ids(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=16)
-def _tokenizer_json_ids(path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+def _tokenizer_json_ids(path: str, version: tuple[int, int, int, int]) -> tuple[Any, Any]:
+    # `version` (mtime, size, inode, ctime) only keys the cache: a file replaced with the same size and a forged
+    # mtime still has a new inode or ctime (see `file_hash`).
     data = json.loads(Path(path).read_text())
     vocab = data.get("model", {}).get("vocab")
     added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens", []))

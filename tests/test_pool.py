@@ -293,3 +293,23 @@ def test_bad_or_empty_patterns_are_refused(tiny_models):
         _pool(tiny_models, include=["["])
     with pytest.raises(ExpertMergeError, match="No tensor matches"):
         _pool(tiny_models, include=["no_such_tensor"]).validate()
+
+
+def test_a_tokenizer_json_replaced_with_the_same_size_and_mtime_is_read_anew(tiny_models, tmp_path):
+    import os
+
+    from expertmerge.pool import tokenizer_json_ids
+
+    path = copy_model(tiny_models.base, tmp_path / "base") / "tokenizer.json"
+    before = path.stat()
+    vocab, _ = tokenizer_json_ids(path)
+    assert (vocab["w4"], vocab["w5"]) == (4, 5)
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["w4"], data["model"]["vocab"]["w5"] = 5, 4  # two ids swapped: same byte count
+    replacement = tmp_path / "tokenizer.json"
+    replacement.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    assert replacement.stat().st_size == before.st_size
+    os.replace(replacement, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    vocab, _ = tokenizer_json_ids(path)
+    assert (vocab["w4"], vocab["w5"]) == (5, 4)

@@ -306,3 +306,43 @@ def test_a_base_task_in_the_fused_moe_runs_through_the_base_ffn_or_is_refused_wi
     assert gate.shape[0] == 4
     # The base row comes from the 'general' task's data (a class of its own), not the experts' mean row.
     assert not torch.allclose(gate[3], gate[:3].mean(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["renamed_over", "overwritten_in_place"])
+def test_an_expert_replaced_with_the_same_size_and_mtime_is_hashed_and_taught_anew(
+    tiny_models, private_cache: Path, tmp_path: Path, how: str
+) -> None:
+    import os
+
+    from expertmerge.cli.fit import configured
+    from expertmerge.hashing import file_hash, model_content_hash
+    from expertmerge.teachers import teacher_targets
+
+    expert = copy_model(tiny_models.experts["alpha"], tmp_path / "alpha")
+    weights = expert / "model.safetensors"
+    experts = {"alpha": expert}
+    _, datamodule = configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    datamodule.setup("validate")
+    settings = TeacherSettings(hidden_layers=())
+    before, old_file, old_model = weights.stat(), file_hash(weights), model_content_hash(expert)
+    old_targets, stats = teacher_targets(datamodule, experts, settings, ("eval",))
+    assert (stats.computed, stats.reused) == (1, 0)
+
+    # Other weights of the same shapes: the same file size to the byte. The mtime is put back as it was.
+    other = tmp_path / "other.safetensors"
+    save_model(perturbed(tiny_llama(seed=0), seed=99), tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").rename(other)
+    assert other.stat().st_size == before.st_size and other.read_bytes() != weights.read_bytes()
+    if how == "renamed_over":
+        os.replace(other, weights)
+    else:
+        weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    assert file_hash(weights) != old_file and model_content_hash(expert) != old_model
+    new_targets, stats = teacher_targets(datamodule, experts, settings, ("eval",))
+    assert (stats.computed, stats.reused) == (1, 0)  # the old expert's cached targets are not reused
+    old, new = old_targets[("task0", "eval")].tensors, new_targets[("task0", "eval")].tensors
+    assert set(old) == set(new) and any(not torch.equal(old[k], new[k]) for k in old)
