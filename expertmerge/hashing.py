@@ -53,6 +53,16 @@ def model_content_hash(model: str | os.PathLike) -> str:
     return combined.hexdigest()
 
 
+def weights_hash(model: str | os.PathLike) -> str:
+    """Hash of a model folder's weight files only (names and bytes): equal for a copy whose config was edited."""
+    folder = Path(model)
+    combined = hashlib.blake2b(digest_size=16)
+    for item in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        combined.update(item.name.encode())
+        combined.update(file_hash(item).encode())
+    return combined.hexdigest()
+
+
 def json_hash(value: object) -> str:
     """Stable short hash of a JSON-serialisable value (settings that key a cache)."""
     text = json.dumps(value, sort_keys=True, default=str)

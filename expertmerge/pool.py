@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.hashing import file_hash, model_content_hash
+from expertmerge.hashing import file_hash, model_content_hash, weights_hash
 from expertmerge.hub import bounded_hub_call
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
@@ -128,7 +128,12 @@ class ExpertPool:
         trust_remote_code: passed to `AutoConfig` for the config; never on unless given.
         include / exclude: regular expressions (`re.search`) choosing which tensors are merged;
             default: every floating-point tensor is merged (training-free merges), none is excluded.
+        distinct: `validate` refuses an expert that is the base (same folder or same weights) and one model
+            listed under two names. Off only where mergekit allows it (a MoE may route to the base's FFN).
     """
+
+    # An expert that may be the base itself (Symphony's reference expert is its base by design).
+    _base_expert: str | None = None
 
     def __init__(
         self,
@@ -137,8 +142,10 @@ class ExpertPool:
         trust_remote_code: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        distinct: bool = True,
     ) -> None:
         self.base_source = str(base)
+        self.distinct = bool(distinct)
         self.expert_sources: dict[str, str] = _name_experts(experts)
         self.trust_remote_code = bool(trust_remote_code)
         self.include = _compile(include, "include")
@@ -304,15 +311,19 @@ class ExpertPool:
         """Check that the experts can be merged onto the base; raise one `ExpertMergeError` otherwise.
 
         Checks, in this order, naming the model (name and path) and the tensor at fault: folders and configs
-        exist, same `model_type`, same tied/untied embeddings, same vocabulary size, same tokenizer (where an
-        expert ships one; a missing one is noted in `notes`), same tensor names, same shapes. Tensor values
-        are checked for NaN/Inf when they are read. Cheap: reads configs and checkpoint headers only.
+        exist, no folder is listed twice (`distinct`), same `model_type`, same tied/untied embeddings, same
+        vocabulary size, same tokenizer (where an expert ships one; a missing one is noted in `notes`), same
+        tensor names, same shapes, and last no expert has the base's or another expert's weights (`distinct`).
+        Tensor values are checked for NaN/Inf when they are read. Cheap: reads configs and checkpoint headers,
+        and hashes the weight files once (remembered per file version; the teacher cache needs the hashes too).
         """
         if self._validated:
             return self
         models = [BASE, *self.expert_sources]
         for model in models:
             self._dir(model)
+        if self.distinct:
+            self._check_distinct(lambda model: self._dir(model).resolve(), "is the same folder as")
         raw = {model: self.raw_config(model) for model in models}
         base_type = raw[BASE].get("model_type")
         for model in self.expert_sources:
@@ -364,8 +375,32 @@ class ExpertPool:
                 f"No tensor matches include={_patterns(self.include)} / exclude={_patterns(self.exclude)}; "
                 f"tensor names look like '{base.names[0]}'."
             )
+        if self.distinct:
+            self._check_distinct(lambda model: weights_hash(self._dir(model)), "has the same weights as")
         self._validated = True
         return self
+
+    def _check_distinct(self, identity: Any, relation: str) -> None:
+        """No two models with the same `identity(model)`: an expert equal to the base has a zero task vector
+        (it adds nothing, and a gain measured against the base divides by zero), and an expert listed twice
+        counts twice."""
+        seen: dict[Any, str] = {}
+        for model in [BASE, *self.expert_sources]:
+            key = identity(model)
+            first = seen.setdefault(key, model)
+            if first == model or (first == BASE and model == self._base_expert):
+                continue
+            if first == BASE and self._base_expert is not None:
+                first = self._base_expert  # the base is one of the experts: a twin of it is listed twice
+            if first == BASE:
+                raise ExpertMergeError(
+                    f"{self.label(model)} {relation} the {self.label(BASE)}: its task vector is zero, so it "
+                    "adds nothing and its gain over the base cannot be measured; give the fine-tuned expert."
+                )
+            raise ExpertMergeError(
+                f"{self.label(model)} {relation} {self.label(first)}: one model listed under two names "
+                "would count twice; list each expert once."
+            )
 
     def _check_tokenizer(self, model: str) -> None:
         base_dir, folder = self.base_dir, self._dir(model)

@@ -346,3 +346,18 @@ def test_an_expert_replaced_with_the_same_size_and_mtime_is_hashed_and_taught_an
     assert (stats.computed, stats.reused) == (1, 0)  # the old expert's cached targets are not reused
     old, new = old_targets[("task0", "eval")].tensors, new_targets[("task0", "eval")].tensors
     assert set(old) == set(new) and any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_fit_and_evaluate_refuse_an_expert_that_is_the_base_before_any_work(
+    tiny_models, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    experts = {"alpha": tiny_models.experts["alpha"], "same": copy_model(tiny_models.base, tmp_path / "same")}
+    config = write_config(tmp_path, tiny_models.base, experts)
+    assert run_fit(config, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: expert 'same'") and "has the same weights as the base model" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+    assert not (private_cache / "teachers").exists()  # refused before any teacher pass
+    assert main(["evaluate", "--config", str(config), "--model", str(tiny_models.experts["beta"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: expert 'same'") and "has the same weights as the base model" in err
