@@ -7,6 +7,7 @@ Real tiny Llama models (conftest) and real safetensors; the only thing wrapped i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,33 @@ def test_fit_and_evaluate_refuse_an_expert_that_is_the_base_before_any_work(
     assert main(["evaluate", "--config", str(config), "--model", str(tiny_models.experts["beta"])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: expert 'same'") and "has the same weights as the base model" in err
+
+
+def test_evaluate_refuses_a_nan_model_and_another_vocabulary_and_scores_a_sound_one(
+    tiny_models, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_models.base, tiny_models.experts)
+    nan = copy_model(tiny_models.experts["beta"], tmp_path / "nan-model")
+    weights = load_file(nan / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    wider = save_model(tiny_llama(seed=5, vocab_size=80), tmp_path / "vocab-80")
+    capsys.readouterr()  # the save's progress bar
+    for model, expected in (
+        (nan, r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' holds 1 NaN/Inf value\(s\)"),
+        (wider, r"has vocab_size=80 but the base model \(.*\) has 64; .* cannot be scored"),
+    ):
+        assert main(["evaluate", "--config", str(config), "--model", f"x={model}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: evaluate --model x={model}") and "\n" not in err
+        assert re.search(expected, err), err
+    assert not (private_cache / "teachers").exists()  # refused before any teacher pass
+
+    # Finite weights whose logits overflow: refused once scored, not a row of nonsense.
+    huge = copy_model(tiny_models.experts["beta"], tmp_path / "huge-logits")
+    weights = load_file(huge / "model.safetensors")
+    weights["lm_head.weight"].fill_(3e38)
+    save_file(weights, huge / "model.safetensors", metadata={"format": "pt"})
+    assert main(["evaluate", "--config", str(config), "--model", f"x={huge}"]) == 2
+    assert "NaN/Inf logits on the held-out samples" in capsys.readouterr().err
+    assert main(["evaluate", "--config", str(config), "--model", f"x={tiny_models.experts['beta']}"]) == 0
