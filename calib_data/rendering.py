@@ -14,6 +14,7 @@ import torch
 from calib_data.sources import load_source, looks_like_hub_id, resolve_task_sources
 from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, group_column, needed_columns
 from expertmerge.errors import ExpertMergeError
+from expertmerge.hub import bounded_hub_call
 from expertmerge.paths import resolve_path
 
 if TYPE_CHECKING:
@@ -54,7 +55,12 @@ def load_tokenizer(reference: str | None) -> PreTrainedTokenizerBase:
         )
     path = check_tokenizer_path(reference)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if os.path.exists(path):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            tokenizer = bounded_hub_call(
+                lambda: AutoTokenizer.from_pretrained(path), "`data.tokenizer` (`model.base`)", path
+            )
     except (OSError, ValueError) as error:
         if not os.path.exists(path):
             raise ExpertMergeError(

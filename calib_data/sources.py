@@ -5,6 +5,7 @@ ids), a cheap look at each file's first rows (empty? valid JSON? which columns?)
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from calib_data.tasks import TaskSpec
+from calib_data.tasks import TaskSpec, describe_columns
 from expertmerge.errors import ExpertMergeError
+from expertmerge.hub import bounded_hub_call, folder_bytes, hub_cache_size
 from expertmerge.paths import resolve_path
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
@@ -202,8 +204,15 @@ def _csv_columns(path: str) -> list[str]:
         header = next(rows, None)
         if header is None:
             raise _BadFile("is empty: it has no header row")
-        if next(rows, None) is None:
-            raise _BadFile(f"has a header ({', '.join(header)}) but no rows")
+        count = 0
+        for count, row in enumerate(itertools.islice(rows, _PEEK_ROWS), 1):
+            if len(row) > len(header):  # the CSV reader of `datasets` refuses it too, only later
+                raise _BadFile(
+                    f"is not valid CSV: row {count + 1} has {len(row)} fields but the header row has "
+                    f"{len(header)}"
+                )
+        if count == 0:
+            raise _BadFile(f"has a header ({describe_columns(header)}) but no rows")
     return header
 
 
@@ -217,7 +226,7 @@ def _parquet_columns(path: str) -> list[str]:
     except (pa.ArrowException, OSError) as error:
         raise _BadFile(f"is not a valid Parquet file: {error}") from error
     if metadata.num_rows == 0:
-        raise _BadFile(f"is empty: it has columns ({', '.join(names)}) but no rows")
+        raise _BadFile(f"is empty: it has columns ({describe_columns(names)}) but no rows")
     return names
 
 
@@ -299,6 +308,15 @@ def load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, b
         return _load_source(task, index, source)
 
 
+def _hub_dataset_bytes(repo_id: str) -> int:
+    """Bytes downloaded for a hub dataset plus the Arrow files `datasets` writes from them: converting a large
+    download takes minutes without a byte from the network, and that is progress too."""
+    import datasets
+
+    arrow = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
+    return hub_cache_size(repo_id, "dataset") + folder_bytes(arrow)
+
+
 def _load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, bool]]:
     import datasets
 
@@ -307,7 +325,16 @@ def _load_source(task: TaskSpec, index: int, source: Source) -> list[tuple[Any, 
         return [(load_saved(task, index, source), False)]
     if source.kind == "hub":
         try:
-            return [(datasets.load_dataset(source.path, split=task.split), False)]
+            loaded_hub = bounded_hub_call(
+                lambda: datasets.load_dataset(source.path, split=task.split),
+                f"Task '{task.name}' (`{key}`)",
+                source.path,
+                "dataset",
+                lambda: _hub_dataset_bytes(source.path),
+            )
+            return [(loaded_hub, False)]
+        except ExpertMergeError:
+            raise
         except Exception as error:  # the hub client raises many types (offline, gated, missing)
             raise ExpertMergeError(
                 f"Task '{task.name}': could not load '{source.given}' (`{key}`) as a "

@@ -7,6 +7,7 @@ with the config key named.
 from __future__ import annotations
 
 import numbers
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from expertmerge.errors import ExpertMergeError
 # base could do while it learns the experts. Equal to `expertmerge.pool.BASE`, which no expert may be called.
 BASE_TEACHER = "base"
 MESSAGES_COLUMN = "messages"  # a chat-format column, used as-is with `chat_template: true`
+# What a column name looks like. Anything else read as a "column" is a line of some other file given under a data
+# suffix (a `.csv` link to /etc/shadow makes its first line one "column"): errors never echo it.
+_COLUMN_NAME = re.compile(r"\w[\w .\-()\[\]#%+&']{0,63}")
 TxtSampleBy = Literal["line", "paragraph", "document"]
 
 
@@ -180,12 +184,26 @@ def group_column(task: TaskSpec) -> list[str]:
     return [task.group_field] if task.group_field else []
 
 
+def describe_columns(columns: Sequence[Any]) -> str:
+    """The column names for an error message, leaving out every name that does not look like one: such a
+    "column" is file content (a password line, a key), and errors must not print it."""
+    shown = [str(c) for c in columns if isinstance(c, str) and _COLUMN_NAME.fullmatch(c)]
+    hidden = len(columns) - len(shown)
+    text = ", ".join(shown) or "(none)"
+    if hidden:
+        text += (
+            f" and {hidden} more that do not look like column names (not shown; is the file really in the "
+            "format its name says?)"
+        )
+    return text
+
+
 def check_columns(task: TaskSpec, index: int, where: str, available: Sequence[str]) -> None:
     """Every column the task reads is among `available` (the columns of the file or dataset `where`)."""
     if task.group_field and task.group_field not in available:
         raise ExpertMergeError(
             f"Task '{task.name}': {where} has no column '{task.group_field}' (named by "
-            f"`data.tasks[{index}].group_field`); its columns are: {', '.join(available) or '(none)'}. Set it "
+            f"`data.tasks[{index}].group_field`); its columns are: {describe_columns(available)}. Set it "
             "to the column naming each text's source, or leave it empty for a random held-out split."
         )
     if task.chat_template and MESSAGES_COLUMN in available:
@@ -198,5 +216,5 @@ def check_columns(task: TaskSpec, index: int, where: str, available: Sequence[st
             key = f"data.tasks[{index}].response_field"
         raise ExpertMergeError(
             f"Task '{task.name}': {where} has no column '{column}' (named by `{key}`); its columns "
-            f"are: {', '.join(available) or '(none)'}. Set `{key}` to one of them."
+            f"are: {describe_columns(available)}. Set `{key}` to one of them."
         )

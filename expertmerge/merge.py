@@ -160,6 +160,7 @@ def _open_inputs(config: MergeConfig) -> _Inputs:
         trust_remote_code=config.trust_remote_code,
         include=config.include,
         exclude=config.exclude,
+        distinct=False,  # mergekit's meaning: a merge may list the base among its models
     )
     keys = {structure: BASE, **{source: name for name, source in pool.expert_sources.items()}}
     inputs = _Inputs(pool, structure, keys)

@@ -11,7 +11,8 @@ Sources, per model:
   safetensors are there) `pytorch_model.bin` / `pytorch_model.bin.index.json`, read with `weights_only=True`;
 - `zoo://<zoo>/<path>`: a registered model zoo (see `expertmerge.zoo_registry`);
 - a hub id such as `org/name` that is not an existing path: downloaded with `huggingface_hub.snapshot_download`
-  (config, tokenizer and weights only) and then read like a local folder.
+  (config, tokenizer and weights only; a silent network is an error after `EXPERTMERGE_HUB_TIMEOUT`
+  seconds without progress, see `expertmerge.hub`) and then read like a local folder.
 
 Which tensors are merged (`merged_names`): every floating-point tensor whose name matches one of the `include`
 regular expressions (default: all) and none of the `exclude` ones (default: none), matched with `re.search`.
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.hashing import file_hash, model_content_hash
+from expertmerge.hashing import file_hash, model_content_hash, weights_hash
+from expertmerge.hub import bounded_hub_call
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
     BIN_SINGLE,
@@ -74,10 +76,18 @@ def _download(reference: str, label: str) -> Path:
         raise ExpertMergeError(
             f"{label}: '{reference}' looks like a hub id but huggingface_hub is missing."
         ) from error
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(
+            bounded_hub_call(lambda: snapshot_download(reference, allow_patterns=patterns), label, reference)
+        )
+
     try:
-        folder = Path(snapshot_download(reference, allow_patterns=_HUB_PATTERNS))
+        folder = fetch(_HUB_PATTERNS)
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(reference, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+            folder = fetch([*_HUB_PATTERNS, "*.bin"])
+    except ExpertMergeError:
+        raise
     except Exception as error:  # network, auth, missing repo: all mean "cannot use this source"
         raise ExpertMergeError(
             f"{label}: '{reference}' is not a local folder and downloading it from the Hugging Face hub "
@@ -118,7 +128,12 @@ class ExpertPool:
         trust_remote_code: passed to `AutoConfig` for the config; never on unless given.
         include / exclude: regular expressions (`re.search`) choosing which tensors are merged;
             default: every floating-point tensor is merged (training-free merges), none is excluded.
+        distinct: `validate` refuses an expert that is the base (same folder or same weights) and one model
+            listed under two names. Off only where mergekit allows it (a MoE may route to the base's FFN).
     """
+
+    # An expert that may be the base itself (Symphony's reference expert is its base by design).
+    _base_expert: str | None = None
 
     def __init__(
         self,
@@ -127,8 +142,10 @@ class ExpertPool:
         trust_remote_code: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        distinct: bool = True,
     ) -> None:
         self.base_source = str(base)
+        self.distinct = bool(distinct)
         self.expert_sources: dict[str, str] = _name_experts(experts)
         self.trust_remote_code = bool(trust_remote_code)
         self.include = _compile(include, "include")
@@ -279,7 +296,7 @@ class ExpertPool:
             )
 
     def content_hashes(self) -> dict[str, str]:
-        """`{"base": hash, expert: hash, ...}` of weights and config (cached by path, size and mtime)."""
+        """`{"base": hash, expert: hash, ...}` of weights and config (cached per file version, see `file_hash`)."""
         hashes = {BASE: model_content_hash(self.base_dir)}
         hashes.update({name: model_content_hash(folder) for name, folder in self.expert_dirs.items()})
         return hashes
@@ -294,15 +311,19 @@ class ExpertPool:
         """Check that the experts can be merged onto the base; raise one `ExpertMergeError` otherwise.
 
         Checks, in this order, naming the model (name and path) and the tensor at fault: folders and configs
-        exist, same `model_type`, same tied/untied embeddings, same vocabulary size, same tokenizer (where an
-        expert ships one; a missing one is noted in `notes`), same tensor names, same shapes. Tensor values
-        are checked for NaN/Inf when they are read. Cheap: reads configs and checkpoint headers only.
+        exist, no folder is listed twice (`distinct`), same `model_type`, same tied/untied embeddings, same
+        vocabulary size, same tokenizer (where an expert ships one; a missing one is noted in `notes`), same
+        tensor names, same shapes, and last no expert has the base's or another expert's weights (`distinct`).
+        Tensor values are checked for NaN/Inf when they are read. Cheap: reads configs and checkpoint headers,
+        and hashes the weight files once (remembered per file version; the teacher cache needs the hashes too).
         """
         if self._validated:
             return self
         models = [BASE, *self.expert_sources]
         for model in models:
             self._dir(model)
+        if self.distinct:
+            self._check_distinct(lambda model: self._dir(model).resolve(), "is the same folder as")
         raw = {model: self.raw_config(model) for model in models}
         base_type = raw[BASE].get("model_type")
         for model in self.expert_sources:
@@ -354,8 +375,32 @@ class ExpertPool:
                 f"No tensor matches include={_patterns(self.include)} / exclude={_patterns(self.exclude)}; "
                 f"tensor names look like '{base.names[0]}'."
             )
+        if self.distinct:
+            self._check_distinct(lambda model: weights_hash(self._dir(model)), "has the same weights as")
         self._validated = True
         return self
+
+    def _check_distinct(self, identity: Any, relation: str) -> None:
+        """No two models with the same `identity(model)`: an expert equal to the base has a zero task vector
+        (it adds nothing, and a gain measured against the base divides by zero), and an expert listed twice
+        counts twice."""
+        seen: dict[Any, str] = {}
+        for model in [BASE, *self.expert_sources]:
+            key = identity(model)
+            first = seen.setdefault(key, model)
+            if first == model or (first == BASE and model == self._base_expert):
+                continue
+            if first == BASE and self._base_expert is not None:
+                first = self._base_expert  # the base is one of the experts: a twin of it is listed twice
+            if first == BASE:
+                raise ExpertMergeError(
+                    f"{self.label(model)} {relation} the {self.label(BASE)}: its task vector is zero, so it "
+                    "adds nothing and its gain over the base cannot be measured; give the fine-tuned expert."
+                )
+            raise ExpertMergeError(
+                f"{self.label(model)} {relation} {self.label(first)}: one model listed under two names "
+                "would count twice; list each expert once."
+            )
 
     def _check_tokenizer(self, model: str) -> None:
         base_dir, folder = self.base_dir, self._dir(model)
@@ -421,11 +466,13 @@ def tokenizer_json_ids(path: Path) -> tuple[Any, Any]:
     """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id).
     Parsed once per file version: the base's file is compared with every expert's (2 MB for SmolLM2)."""
     stat = Path(path).stat()
-    return _tokenizer_json_ids(str(path), stat.st_mtime_ns, stat.st_size)
+    return _tokenizer_json_ids(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=16)
-def _tokenizer_json_ids(path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+def _tokenizer_json_ids(path: str, version: tuple[int, int, int, int]) -> tuple[Any, Any]:
+    # `version` (mtime, size, inode, ctime) only keys the cache: a file replaced with the same size and a forged
+    # mtime still has a new inode or ctime (see `file_hash`).
     data = json.loads(Path(path).read_text())
     vocab = data.get("model", {}).get("vocab")
     added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens", []))

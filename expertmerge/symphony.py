@@ -89,6 +89,7 @@ class SymphonyPool(ExpertPool):
             )
         super().__init__(experts[reference], dict(experts), **options)
         self.reference = reference
+        self._base_expert = reference  # the reference is the base: the same folder and weights by design
         self.alignments: dict[str, Alignment] = {}
 
     def label(self, model: str) -> str:

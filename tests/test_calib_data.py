@@ -1094,3 +1094,43 @@ def test_fit_reports_bad_calibration_input_in_one_line(tiny_models, tmp_path, ca
     message = " ".join(err[err.index("error:") :].split())  # the console wraps long lines
     assert expected in message
     assert not out.exists()  # nothing exported
+
+
+SECRET = "S3CRETMARK"  # stands for a password hash or key that a wrong file would put into an error message
+
+
+@pytest.mark.parametrize(
+    ("suffix", "contents", "expected"),
+    [
+        # /etc/shadow-like lines: no comma, so a CSV reader sees one "column" per line, the whole line
+        (".csv", f"root:$6${SECRET}:19000:0:99999:7:::\nbin:*:19000:0:99999:7:::\n", "no column 'text'"),
+        (".csv", f"root:$6${SECRET}:19000:0:99999:7:::\n", "but no rows"),
+        (".csv", f"API_TOKEN={SECRET}\nOTHER=1\n", "no column 'text'"),
+        (".csv", f"user,{SECRET}\nroot,x,0,0\n", "row 2 has 4 fields but the header row has 2"),
+        (".jsonl", f"root:$6${SECRET}:19000:0:99999:7:::\n", "not valid JSON or JSON Lines: line 1"),
+        (".json", f'["{SECRET}"]', "holds a JSON str as record 1"),
+        (".parquet", f"root:$6${SECRET}:19000:0:99999:7:::\n", "not a valid Parquet file"),
+    ],
+)
+def test_a_file_that_is_not_what_its_suffix_says_is_never_echoed(
+    tmp_path, tokenizer_dir, suffix, contents, expected
+):
+    secret = tmp_path / "shadow"
+    secret.write_text(contents, encoding="utf-8")
+    link = tmp_path / f"data{suffix}"
+    link.symlink_to(secret)
+    with pytest.raises(ExpertMergeError) as error:
+        module([TaskSpec("t", "e", str(link))], tokenizer_dir).check(["e"])
+    message = str(error.value)
+    assert expected in message and f"file '{link}'" in message
+    assert SECRET not in message and "root:" not in message and "API_TOKEN" not in message
+
+
+def test_columns_that_look_like_names_are_still_listed_next_to_hidden_ones(tmp_path, tokenizer_dir):
+    path = tmp_path / "data.csv"
+    path.write_text(f"id,body,x:{SECRET}:y\n1,hello,z\n", encoding="utf-8")
+    with pytest.raises(ExpertMergeError) as error:
+        module([TaskSpec("t", "e", str(path))], tokenizer_dir).check(["e"])
+    message = str(error.value)
+    assert "its columns are: id, body and 1 more that do not look like column names (not shown;" in message
+    assert SECRET not in message

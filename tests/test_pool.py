@@ -293,3 +293,66 @@ def test_bad_or_empty_patterns_are_refused(tiny_models):
         _pool(tiny_models, include=["["])
     with pytest.raises(ExpertMergeError, match="No tensor matches"):
         _pool(tiny_models, include=["no_such_tensor"]).validate()
+
+
+def test_a_tokenizer_json_replaced_with_the_same_size_and_mtime_is_read_anew(tiny_models, tmp_path):
+    import os
+
+    from expertmerge.pool import tokenizer_json_ids
+
+    path = copy_model(tiny_models.base, tmp_path / "base") / "tokenizer.json"
+    before = path.stat()
+    vocab, _ = tokenizer_json_ids(path)
+    assert (vocab["w4"], vocab["w5"]) == (4, 5)
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["w4"], data["model"]["vocab"]["w5"] = 5, 4  # two ids swapped: same byte count
+    replacement = tmp_path / "tokenizer.json"
+    replacement.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    assert replacement.stat().st_size == before.st_size
+    os.replace(replacement, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    vocab, _ = tokenizer_json_ids(path)
+    assert (vocab["w4"], vocab["w5"]) == (5, 4)
+
+
+def test_an_expert_that_is_the_base_or_another_expert_is_refused(tiny_models, tmp_path):
+    base, alpha = tiny_models.base, tiny_models.experts["alpha"]
+    (tmp_path / "link").symlink_to(base)
+    edited = copy_model(base, tmp_path / "base-copy")
+    _edit_config(edited, _name_or_path="my-finetune")  # only the config differs: the task vector is zero
+    cases = [
+        ({"a": str(alpha), "b": f"{base}/."}, r"expert 'b' \(.*\) is the same folder as the base model"),
+        (
+            {"a": str(alpha), "b": str(tmp_path / "link")},
+            r"expert 'b' .* is the same folder as the base model",
+        ),
+        (
+            {"a": str(alpha), "b": str(edited)},
+            r"expert 'b' .* has the same weights as the base model .*task vector is zero",
+        ),
+        (
+            {"a": str(alpha), "b": f"{alpha}/"},
+            r"expert 'b' .* is the same folder as expert 'a' .*list each expert once",
+        ),
+        (
+            {"a": str(alpha), "b": str(copy_model(alpha, tmp_path / "alpha-copy"))},
+            r"has the same weights as expert 'a'",
+        ),
+    ]
+    for experts, expected in cases:
+        with pytest.raises(ExpertMergeError, match=expected):
+            ExpertPool(str(base), experts).validate()
+        ExpertPool(str(base), experts, distinct=False).validate()  # mergekit's merges and MoEs allow it
+    ExpertPool(str(base), {"a": str(alpha), "b": str(tiny_models.experts["beta"])}).validate()
+
+
+def test_symphony_reference_is_its_own_base_but_two_equal_experts_are_refused(tiny_models, tmp_path):
+    from expertmerge.symphony import SymphonyPool
+
+    alpha, beta = str(tiny_models.experts["alpha"]), str(tiny_models.experts["beta"])
+    SymphonyPool({"a": alpha, "b": beta}, "b").validate()  # the reference is the base: same folder, by design
+    twin = str(copy_model(tiny_models.experts["beta"], tmp_path / "beta-twin"))
+    with pytest.raises(
+        ExpertMergeError, match=r"expert 'c' .* has the same weights as expert 'b' .*list each expert once"
+    ):
+        SymphonyPool({"a": alpha, "b": beta, "c": twin}, "b").validate()

@@ -7,6 +7,7 @@ Real tiny Llama models (conftest) and real safetensors; the only thing wrapped i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,88 @@ def test_a_base_task_in_the_fused_moe_runs_through_the_base_ffn_or_is_refused_wi
     assert gate.shape[0] == 4
     # The base row comes from the 'general' task's data (a class of its own), not the experts' mean row.
     assert not torch.allclose(gate[3], gate[:3].mean(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["renamed_over", "overwritten_in_place"])
+def test_an_expert_replaced_with_the_same_size_and_mtime_is_hashed_and_taught_anew(
+    tiny_models, private_cache: Path, tmp_path: Path, how: str
+) -> None:
+    import os
+
+    from expertmerge.cli.fit import configured
+    from expertmerge.hashing import file_hash, model_content_hash
+    from expertmerge.teachers import teacher_targets
+
+    expert = copy_model(tiny_models.experts["alpha"], tmp_path / "alpha")
+    weights = expert / "model.safetensors"
+    experts = {"alpha": expert}
+    _, datamodule = configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    datamodule.setup("validate")
+    settings = TeacherSettings(hidden_layers=())
+    before, old_file, old_model = weights.stat(), file_hash(weights), model_content_hash(expert)
+    old_targets, stats = teacher_targets(datamodule, experts, settings, ("eval",))
+    assert (stats.computed, stats.reused) == (1, 0)
+
+    # Other weights of the same shapes: the same file size to the byte. The mtime is put back as it was.
+    other = tmp_path / "other.safetensors"
+    save_model(perturbed(tiny_llama(seed=0), seed=99), tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").rename(other)
+    assert other.stat().st_size == before.st_size and other.read_bytes() != weights.read_bytes()
+    if how == "renamed_over":
+        os.replace(other, weights)
+    else:
+        weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    assert file_hash(weights) != old_file and model_content_hash(expert) != old_model
+    new_targets, stats = teacher_targets(datamodule, experts, settings, ("eval",))
+    assert (stats.computed, stats.reused) == (1, 0)  # the old expert's cached targets are not reused
+    old, new = old_targets[("task0", "eval")].tensors, new_targets[("task0", "eval")].tensors
+    assert set(old) == set(new) and any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_fit_and_evaluate_refuse_an_expert_that_is_the_base_before_any_work(
+    tiny_models, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    experts = {"alpha": tiny_models.experts["alpha"], "same": copy_model(tiny_models.base, tmp_path / "same")}
+    config = write_config(tmp_path, tiny_models.base, experts)
+    assert run_fit(config, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: expert 'same'") and "has the same weights as the base model" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+    assert not (private_cache / "teachers").exists()  # refused before any teacher pass
+    assert main(["evaluate", "--config", str(config), "--model", str(tiny_models.experts["beta"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: expert 'same'") and "has the same weights as the base model" in err
+
+
+def test_evaluate_refuses_a_nan_model_and_another_vocabulary_and_scores_a_sound_one(
+    tiny_models, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_models.base, tiny_models.experts)
+    nan = copy_model(tiny_models.experts["beta"], tmp_path / "nan-model")
+    weights = load_file(nan / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    wider = save_model(tiny_llama(seed=5, vocab_size=80), tmp_path / "vocab-80")
+    capsys.readouterr()  # the save's progress bar
+    for model, expected in (
+        (nan, r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' holds 1 NaN/Inf value\(s\)"),
+        (wider, r"has vocab_size=80 but the base model \(.*\) has 64; .* cannot be scored"),
+    ):
+        assert main(["evaluate", "--config", str(config), "--model", f"x={model}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: evaluate --model x={model}") and "\n" not in err
+        assert re.search(expected, err), err
+    assert not (private_cache / "teachers").exists()  # refused before any teacher pass
+
+    # Finite weights whose logits overflow: refused once scored, not a row of nonsense.
+    huge = copy_model(tiny_models.experts["beta"], tmp_path / "huge-logits")
+    weights = load_file(huge / "model.safetensors")
+    weights["lm_head.weight"].fill_(3e38)
+    save_file(weights, huge / "model.safetensors", metadata={"format": "pt"})
+    assert main(["evaluate", "--config", str(config), "--model", f"x={huge}"]) == 2
+    assert "NaN/Inf logits on the held-out samples" in capsys.readouterr().err
+    assert main(["evaluate", "--config", str(config), "--model", f"x={tiny_models.experts['beta']}"]) == 0

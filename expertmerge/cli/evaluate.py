@@ -4,13 +4,56 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from expertmerge.cli.fit import _fit_inputs, configured
+from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import check_output_file, write_json_output
 
 JSON_LABEL = "evaluate --json"
+
+
+def finite_logits(logits: Any, label: str) -> Any:
+    """Finite weights can still overflow (e.g. half precision): such logits score as nonsense, not as a row."""
+    import torch
+
+    if not bool(torch.isfinite(logits).all()):
+        raise ExpertMergeError(
+            f"{label}: the model gives NaN/Inf logits on the held-out samples, so it cannot be scored; check its "
+            "weights and dtype."
+        )
+    return logits
+
+
+def check_scorable(
+    path: str, label: str, base_vocab: int | None, base_label: str, trust_remote_code: bool = False
+) -> None:
+    """A model is scored on the base's token ids, so it must have the base's vocabulary and finite weights;
+    otherwise its row would be a table of meaningless numbers. Reads the config and then the weights one
+    tensor at a time (NaN/Inf raise, naming the tensor), before any teacher pass."""
+    from transformers import AutoConfig
+
+    from expertmerge.io.reader import Checkpoint
+    from expertmerge.pool import _vocab_size
+
+    try:
+        vocab = _vocab_size(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except Exception as error:  # transformers raises several types for an unreadable or unknown config
+        raise ExpertMergeError(f"{label}: cannot load the config of '{path}': {error}") from error
+    if base_vocab is not None and vocab is not None and vocab != base_vocab:
+        raise ExpertMergeError(
+            f"{label}: '{path}' has vocab_size={vocab} but the {base_label} has {base_vocab}; the held-out samples "
+            "are the base's token ids, so a model with another vocabulary cannot be scored on them."
+        )
+    checkpoint = Checkpoint(Path(path), label)
+    try:
+        for name in checkpoint.names:
+            checkpoint.tensor(name)
+    finally:
+        checkpoint.close()
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
@@ -21,7 +64,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.io.reader import Checkpoint
     from expertmerge.paths import resolve_path
-    from expertmerge.pool import ExpertPool, model_dir
+    from expertmerge.pool import ExpertPool, _vocab_size, model_dir
     from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
 
     parser = argparse.ArgumentParser(
@@ -36,13 +79,14 @@ def evaluate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace the --json file of an earlier evaluate")
     options, overrides = parser.parse_known_args(argv)
     # The models to score and the JSON target are checked before the config's data and experts are touched.
-    given = {}
+    given, items = {}, {}
     for item in options.model:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         folder = model_dir(path, f"evaluate --model {item}")
         # Its weights' headers (a .bin: its tensors, weights only) now, not in from_pretrained after the teachers.
-        Checkpoint(folder, f"evaluate --model {item}")
+        Checkpoint(folder, f"evaluate --model {item}").close()
         given[name or path] = str(folder)
+        items[name or path] = item
     inputs = [options.config, *given.values()]
     if options.json:
         check_output_file(options.json, options.force, inputs, JSON_LABEL, existing=False)
@@ -54,6 +98,15 @@ def evaluate_main(argv: Sequence[str]) -> int:
     if options.json:  # now the config's base, experts and calibration files are known too
         check_output_file(options.json, options.force, inputs, JSON_LABEL)
     pool.validate()
+    labels = {
+        "base": pool.label("base"),
+        **{name: f"evaluate --model {item}" for name, item in items.items()},
+    }
+    for name, path in named.items():
+        folder = str(pool.base_dir) if name == "base" and path == resolve_path(hp.base) else path
+        check_scorable(
+            folder, labels[name], _vocab_size(pool.config), pool.label("base"), hp.trust_remote_code
+        )
     datamodule.check([*module.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")
     settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
@@ -72,7 +125,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
         ).eval()
         rows[name] = {
             task: score_task(
-                lambda ids, mask, m=model: m(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                lambda ids, mask, m=model, n=name: finite_logits(
+                    m(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels[n]
+                ),
                 datamodule.task_samples(task, "eval").input_ids,
                 datamodule.task_samples(task, "eval").attention_mask,
                 targets[(task, "eval")],

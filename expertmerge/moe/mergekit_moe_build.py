@@ -123,7 +123,7 @@ def build_mergekit_moe(
         donor = "shared_tensors"  # ours: the non-FFN tensors (and the gates' model) from e.g. a learned merge
         names[donor] = config.options.shared_tensors
         sources.append(config.options.shared_tensors)
-    pool = ExpertPool(config.base_model, names)
+    pool = ExpertPool(config.base_model, names, distinct=False)  # mergekit-moe: the base may be an expert
     pool.validate()
     router_calibration = router_data(config, pool.base_dir, source)  # checked before any long work
     model_types = [pool.raw_config(m).get("model_type") for m in (BASE, *names) if m != "shared_tensors"]
