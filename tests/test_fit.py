@@ -140,7 +140,7 @@ def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Pa
     straight = fit(tmp_path, "straight", "--trainer.max_steps", "24", *common)
     fit(tmp_path, "first-half", "--trainer.max_steps", "12", *common)
     checkpoint = next((tmp_path / "first-half-logs").rglob("*.ckpt"))
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert all(key.startswith("coefficients.") for key in stored["state_dict"])  # no model weights inside
     assert sum(stored["expertmerge"]["task_scales"].values()) == pytest.approx(3.0)
     resumed = fit(tmp_path, "resumed", "--trainer.max_steps", "24", "--ckpt_path", str(checkpoint), *common)
@@ -181,7 +181,7 @@ def test_stage2_checkpoint_resumes_the_chunkwise_stage(tiny_zoo, tmp_path: Path)
     )  # fmt: skip
     straight = fit(tmp_path, "straight", *common)
     saved = {
-        (checkpoint_stage(c), torch.load(c, weights_only=False)["global_step"]): c
+        (checkpoint_stage(c), torch.load(c, weights_only=True)["global_step"]): c
         for c in (tmp_path / "straight-logs").rglob("*.ckpt")
     }
     assert set(saved) == {(1, 4), (2, 4), (2, 8)}  # each stage's Trainer checkpoints, saying its stage

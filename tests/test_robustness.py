@@ -114,7 +114,7 @@ def test_fit_killed_mid_way_resumes_from_its_last_checkpoint_to_the_uninterrupte
     last = max(checkpoints.glob("*.ckpt"), key=checkpoint_step)
     step = checkpoint_step(last)
     assert step % STEPS_PER_EPOCH == 0 and 0 < step < TOTAL_STEPS, step
-    stored = torch.load(last, map_location="cpu", weights_only=False)  # complete: renamed into place
+    stored = torch.load(last, map_location="cpu", weights_only=True)  # complete: renamed into place
     assert stored["global_step"] == step
 
     resumed = run_fit(tmp_path, "resumed", "--trainer.max_steps", str(TOTAL_STEPS), "--ckpt_path", str(last))
@@ -304,7 +304,7 @@ def checkpoints_by_stage_and_step(logs: Path) -> dict[tuple[int, int], Path]:
     from lightning_modules.merging import checkpoint_stage
 
     return {
-        (checkpoint_stage(c), torch.load(c, map_location="cpu", weights_only=False)["global_step"]): c
+        (checkpoint_stage(c), torch.load(c, map_location="cpu", weights_only=True)["global_step"]): c
         for c in logs.rglob("*.ckpt")
     }
 
