@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from expertmerge.errors import ExpertMergeError
@@ -95,10 +94,9 @@ def load_symphony_config(source: str | Path | dict[str, Any]) -> SymphonyConfig:
     if isinstance(source, dict):
         raw = source
     else:
-        try:
-            raw = yaml.safe_load(Path(source).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ExpertMergeError(f"{where}: cannot read it: {error}") from error
+        from expertmerge.config_file import read_config_file
+
+        raw = read_config_file(source, "symphony --config")
     if not isinstance(raw, dict):
         raise ExpertMergeError(f"{where}: expected a mapping with `experts:` and `data:`.")
     if "base" in raw or "base_model" in raw:

@@ -32,7 +32,6 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -530,13 +529,6 @@ def parse_merge_config(data: Any, path: str = "<config>") -> MergeConfig:
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and validate a merge YAML; relative model paths are taken as given (relative to the cwd)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ExpertMergeError(f"Cannot read merge config '{path}': {error}") from error
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ExpertMergeError(f"{path}: not valid YAML: {error}") from error
-    return parse_merge_config(data, str(path))
+    from expertmerge.config_file import read_config_file
+
+    return parse_merge_config(read_config_file(path, "merge --config"), str(path))

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from expertmerge.errors import ExpertMergeError
@@ -222,15 +221,10 @@ def parse_moe_config(data: Any, source: str = "config", allow_all_same: bool = F
 
 def load_moe_config(path: str | Path, allow_all_same: bool = False) -> tuple[MergekitMoeConfig, str]:
     """Read and validate a mergekit-moe YAML file; returns the config and the file's text."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except OSError as error:
-        raise ExpertMergeError(f"Cannot read the config '{path}': {error.strerror or error}.") from None
-    except yaml.YAMLError as error:
-        raise ExpertMergeError(f"{path}: not valid YAML ({' '.join(str(error).split())}).") from None
-    return parse_moe_config(data, str(path), allow_all_same), text
+    from expertmerge.config_file import read_config_file
+
+    data = read_config_file(path, "moe --config")
+    return parse_moe_config(data, str(path), allow_all_same), Path(path).read_text()
 
 
 def check_moe_config(config: MergekitMoeConfig, source: str = "config", allow_all_same: bool = False) -> None:
