@@ -155,6 +155,14 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 kwargs = {**kwargs, "strategy": LayerShardedStrategy()}  # Lightning's fsdp refuses the CPU
             return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
+        def before_instantiate_classes(self) -> None:
+            from expertmerge.validation import positive_int
+
+            trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+            accumulate = trainer.get("accumulate_grad_batches")
+            if accumulate is not None:  # Lightning divides by it mid-fit (ZeroDivisionError at step 0)
+                positive_int("trainer.accumulate_grad_batches", accumulate)
+
         def before_fit(self) -> None:
             self.export_settings = ExportSettings(**vars(self.config.fit.export))
             inputs, estimate = _fit_inputs(self.config.fit.model, self.datamodule)
