@@ -42,6 +42,7 @@ from expertmerge.symphony import (
     write_moe,
 )
 from expertmerge.symphony_learned import LearnedBackboneOptions, learned_backbone
+from expertmerge.validation import expert_names
 
 
 class _Strict(BaseModel):
@@ -109,6 +110,7 @@ def load_symphony_config(source: str | Path | dict[str, Any]) -> SymphonyConfig:
         first = error.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise ExpertMergeError(f"{where}: `{key}`: {first['msg']}.") from error
+    expert_names(f"{where}: `experts`", config.experts)
     if len(config.experts) < 2:
         raise ExpertMergeError(f"{where}: `experts` needs at least two models, got {len(config.experts)}.")
     if config.moe.top_k < 1 or config.moe.router_tuning_steps < 0:
