@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.symphony import (
@@ -46,7 +46,7 @@ from expertmerge.validation import expert_names
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
 
 class AlignmentOptions(_Strict):
@@ -67,8 +67,8 @@ class MoeOptions(_Strict):
     top_k: int = 2
     router: Literal["hidden", "cheap_embed", "random"] = "hidden"
     router_tuning_steps: int = 40
-    router_lr: float = 0.01
-    balance: float = 0.01
+    router_lr: float = Field(0.01, gt=0)
+    balance: float = Field(0.01, ge=0)
 
 
 class DenseOptions(_Strict):

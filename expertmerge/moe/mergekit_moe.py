@@ -59,7 +59,7 @@ CONFIG_COPY = "mergekit_moe_config.yml"  # mergekit's name for the copy of the c
 class MoeExpert(BaseModel):
     """One entry of `experts` / `shared_experts` (mergekit's `Expert`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     source_model: str
     positive_prompts: list[str] | None = None
@@ -94,7 +94,7 @@ class RouterOptions(BaseModel):
       weight) against each text's own expert's logits (KL, teacher targets cached); needs `calib` texts.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     calib: list[dict[str, Any]] = []
     data: dict[str, Any] = {}
@@ -117,7 +117,7 @@ class ExpertMergeOptions(BaseModel):
       stays mergekit's.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     seed: int | None = None
     shared_tensors: str | None = None
@@ -127,7 +127,7 @@ class ExpertMergeOptions(BaseModel):
 class MergekitMoeConfig(BaseModel):
     """A `mergekit-moe` YAML (mergekit's `MoEMergeConfig`), plus our opt-in `expertmerge` block."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     base_model: str
     experts: list[MoeExpert]
