@@ -382,6 +382,17 @@ def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str, warnings: li
             "base_model",
             f"missing; '{schema.merge_method}' works on task vectors (model - base), so it needs a base model.",
         )
+    distinct = {schema.base_model, *(m.source for m in models)} - {None}
+    for piece in slices or ():
+        distinct |= {piece.base_model, *(s.source for s in piece.sources)} - {None}
+    if len(distinct) == 1:  # the pool reads the layout from one model and merges the others in: none left
+        (only,) = distinct
+        raise _fail(
+            path,
+            "base_model" if schema.base_model is not None else "models",
+            f"the merge names one model only ('{only}'); add the model it was fine-tuned from as `base_model` "
+            f"(a passthrough then copies '{only}' alone), or list more models.",
+        )
     seeds = {k: v for k, v in (("random_seed", schema.random_seed), ("seed", schema.seed)) if v is not None}
     if len(set(seeds.values())) > 1:
         raise _fail(
