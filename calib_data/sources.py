@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from calib_data.tasks import TaskSpec, describe_columns
+from expertmerge.config_file import check_regular_file
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hub import bounded_hub_call, folder_bytes, hub_cache_size
 from expertmerge.paths import resolve_path
@@ -112,6 +113,8 @@ def resolve_task_sources(task: TaskSpec, index: int) -> list[Source]:
         elif os.path.isfile(path):
             _check_suffix(task, index, given, path)
             resolved.append(Source(given, "files", files=[path]))
+        elif os.path.exists(path):  # a device such as /dev/zero, a named pipe: reading it would never end
+            check_regular_file(path, f"Task '{task.name}': `{key}` entry")
         elif looks_like_hub_id(reference):
             resolved.append(Source(given, "hub", path=reference))
         elif given.startswith(CORPORA_SCHEME):

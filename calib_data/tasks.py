@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.validation import module_name
 
 # A task whose `expert` is this name is taught by the base model itself (general text): the merge keeps what the
 # base could do while it learns the experts. Equal to `expertmerge.pool.BASE`, which no expert may be called.
@@ -111,8 +112,7 @@ def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int
     seen: dict[str, int] = {}
     for index, task in enumerate(tasks):
         prefix = f"data.tasks[{index}]"
-        if not isinstance(task.name, str) or not task.name.strip():
-            raise ExpertMergeError(f"`{prefix}.name` is {task.name!r}; give the task a non-empty name.")
+        module_name(f"`{prefix}.name`", task.name)
         if task.name in seen:
             raise ExpertMergeError(
                 f"Duplicate task name '{task.name}' in `data.tasks[{seen[task.name]}]` and "

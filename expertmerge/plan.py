@@ -202,14 +202,10 @@ class PlanInputs:
 
 def inputs_from_fit_config(path: str | Path, model_config: str | None = None) -> PlanInputs:
     """Read a fit YAML (`model.base`, `model.experts`, `data.batch_size`, `data.max_length`, ...)."""
-    import yaml
-
+    from expertmerge.config_file import read_config_file
     from expertmerge.paths import resolve_path
 
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ExpertMergeError(f"plan: cannot read config '{path}': {error}") from error
+    raw = read_config_file(path, "plan --config")
     model, data = raw.get("model") or {}, raw.get("data") or {}
     if model_config is None:
         if "base" not in model:

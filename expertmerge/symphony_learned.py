@@ -32,7 +32,7 @@ from expertmerge.symphony import SymphonyPool, write_dense_folder
 class LearnedBackboneOptions(BaseModel):
     """`backbone.learned` of the symphony config: the learned merge's settings (the fit's `model.*` keys)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     steps: int = Field(60, ge=1)  # optimiser steps; each sees one batch of every task
     lr: float = Field(0.1, gt=0)

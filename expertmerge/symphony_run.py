@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.symphony import (
@@ -43,10 +42,11 @@ from expertmerge.symphony import (
     write_moe,
 )
 from expertmerge.symphony_learned import LearnedBackboneOptions, learned_backbone
+from expertmerge.validation import expert_names
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
 
 class AlignmentOptions(_Strict):
@@ -67,8 +67,8 @@ class MoeOptions(_Strict):
     top_k: int = 2
     router: Literal["hidden", "cheap_embed", "random"] = "hidden"
     router_tuning_steps: int = 40
-    router_lr: float = 0.01
-    balance: float = 0.01
+    router_lr: float = Field(0.01, gt=0)
+    balance: float = Field(0.01, ge=0)
 
 
 class DenseOptions(_Strict):
@@ -95,10 +95,9 @@ def load_symphony_config(source: str | Path | dict[str, Any]) -> SymphonyConfig:
     if isinstance(source, dict):
         raw = source
     else:
-        try:
-            raw = yaml.safe_load(Path(source).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ExpertMergeError(f"{where}: cannot read it: {error}") from error
+        from expertmerge.config_file import read_config_file
+
+        raw = read_config_file(source, "symphony --config")
     if not isinstance(raw, dict):
         raise ExpertMergeError(f"{where}: expected a mapping with `experts:` and `data:`.")
     if "base" in raw or "base_model" in raw:
@@ -111,6 +110,7 @@ def load_symphony_config(source: str | Path | dict[str, Any]) -> SymphonyConfig:
         first = error.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise ExpertMergeError(f"{where}: `{key}`: {first['msg']}.") from error
+    expert_names(f"{where}: `experts`", config.experts)
     if len(config.experts) < 2:
         raise ExpertMergeError(f"{where}: `experts` needs at least two models, got {len(config.experts)}.")
     if config.moe.top_k < 1 or config.moe.router_tuning_steps < 0:

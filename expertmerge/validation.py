@@ -134,8 +134,29 @@ def patterns(key: str, value: Sequence[str] | None) -> None:
             ) from None
 
 
+def module_name(key: str, value: Any) -> str:
+    """An expert or task name: it becomes a torch module name and a file name, where '.' and '/' break."""
+    if not isinstance(value, str) or not value.strip():
+        raise ExpertMergeError(f"{key} is {_shown(value)}; give a non-empty name.")
+    bad = [c for c in "./" if c in value]
+    if bad:
+        raise ExpertMergeError(
+            f"{key} '{value}' contains {' and '.join(repr(c) for c in bad)}; rename it without '.' or '/' "
+            "(e.g. with '_' or '-')."
+        )
+    return value
+
+
+def expert_names(key: str, experts: Any) -> None:
+    """The keys of a `{name: model}` mapping of experts (a list names none: its names are made up)."""
+    if isinstance(experts, Mapping):
+        for expert in experts:
+            module_name(f"{key} name", expert)
+
+
 def check_merging_options(hp: Mapping[str, Any]) -> None:
     """Every numeric option of `ExpertMergingModule` (its constructor arguments), before any work."""
+    expert_names("model.experts", hp["experts"])
     experts = list(hp["experts"])
     per_name("model.alpha0", hp["alpha0"], experts, lambda k, v: in_range(k, v, 0, 1, True, True), "experts")
     search = hp.get("alpha0_search")
@@ -204,6 +225,7 @@ def check_merging_options(hp: Mapping[str, Any]) -> None:
 
 def check_sequence_moe_options(hp: Mapping[str, Any]) -> None:
     """Every numeric option of `SequenceMoEModule`, before any expert is resolved or loaded."""
+    expert_names("model.experts", hp["experts"])
     integer("model.top_k", hp["top_k"], 1, len(hp["experts"]))
     positive("model.router_lr", hp["router_lr"])
     positive("model.projector_lr", hp["projector_lr"])

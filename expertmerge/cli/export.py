@@ -50,6 +50,7 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str,
 
 
 def export_main(argv: Sequence[str]) -> int:
+    from expertmerge.config_file import read_config_file
     from expertmerge.io.folder import check_output_dir
     from lightning_modules.callbacks import export_dense
 
@@ -67,6 +68,7 @@ def export_main(argv: Sequence[str]) -> int:
         "calibration data; model.moe_* and model.router_* keys of the config apply)",
     )
     options, overrides = parser.parse_known_args(argv)
+    read_config_file(options.config, "--config")  # a broken config is named before the checkpoint is read
     inputs = [options.config, options.ckpt_path]
     check_output_dir(options.out, options.force, inputs)
     module, datamodule = configured(options.config, overrides)

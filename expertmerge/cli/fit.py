@@ -94,7 +94,23 @@ def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
     return inputs, estimate
 
 
+def _config_files(args: Sequence[str]) -> list[str]:
+    """The files given as `--config F` / `--config=F` (jsonargparse reads them in order, later ones win)."""
+    files = []
+    for index, arg in enumerate(args):
+        if arg == "--config" and index + 1 < len(args):
+            files.append(args[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
 def _fit_cli(args: Sequence[str], run: bool = True):
+    from expertmerge.config_file import read_config_file
+
+    # jsonargparse's own messages for a binary, malformed, empty or non-mapping file name no file (or raise).
+    configs = {path: read_config_file(path, "--config") for path in _config_files(args)}
+
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ProgressBar
     from pytorch_lightning.cli import LightningCLI
@@ -147,6 +163,14 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             # a traceback) and before any model loads.
             subcommand = self.config.get("subcommand")
             self.resume_checkpoint = read_resume_checkpoint(self.config[subcommand]) if subcommand else None
+
+        def before_instantiate_classes(self) -> None:
+            from expertmerge.validation import positive_int
+
+            trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+            accumulate = trainer.get("accumulate_grad_batches")
+            if accumulate is not None:  # Lightning divides by it mid-fit (ZeroDivisionError at step 0)
+                positive_int("trainer.accumulate_grad_batches", accumulate)
 
         def before_fit(self) -> None:
             self.export_settings = ExportSettings(**vars(self.config.fit.export))
@@ -203,9 +227,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
         "log_every_n_steps": 5,
         "default_root_dir": "outputs/fit-logs",
     }
-    return ExpertMergeCLI(
-        pl.LightningModule,
-        CalibrationDataModule,
+    cli_kwargs = dict(
         subclass_mode_model=True,
         args=list(args),
         run=run,
@@ -231,6 +253,54 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             ),
         },
     )
+    from argparse import ArgumentError
+
+    try:
+        return ExpertMergeCLI(pl.LightningModule, CalibrationDataModule, **cli_kwargs)
+    except ArgumentError as error:
+        message = _unknown_key_message(" ".join(str(error).split()), configs)
+        if message is None:
+            raise
+        raise ExpertMergeError(message) from error
+
+
+def _unknown_key_message(message: str, configs: dict[str, Any]) -> str | None:
+    """jsonargparse's report of a key the model class does not take, buried in a failed Union of classes, as
+    one line: the key, where it was written (which --config file, or the command line), the closest valid key."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    found = re.search(
+        r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes.*?'
+        r"Problem with given class_path '([\w.]+)': Option '([\w.]+)' is not accepted",
+        message,
+    )
+    if not found:
+        return None
+    group, class_path, option = found[1], found[2], found[3]
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        init = getattr(importlib.import_module(module_name), class_name).__init__
+        valid = [
+            name
+            for name, p in inspect.signature(init).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        valid = []
+    where = "on the command line"
+    for path, data in reversed(configs.items()):  # the last file that sets it is the one that counts
+        block = data.get(group) if isinstance(data, dict) else None
+        if isinstance(block, dict) and (option in block or option in (block.get("init_args") or {})):
+            where = f"in '{path}'"
+            break
+    close = difflib.get_close_matches(option, valid, n=1)
+    hint = (
+        f'did you mean "{group}.{close[0]}"?' if close else f"`--{group}.help {class_name}` lists its keys."
+    )
+    return f'unknown key "{group}.{option}" {where} ({class_name} takes no `{option}`); {hint}'
 
 
 _DESCRIPTION = (

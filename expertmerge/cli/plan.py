@@ -16,6 +16,8 @@ from expertmerge.io.folder import human_bytes
 from expertmerge.io.writer import parse_size
 from expertmerge.plan import STRATEGIES, describe, fits, inputs_from_fit_config, plan, to_json
 
+DEFAULT_DEVICE_MEMORY = "80GB"  # one H100 / A100-80GB
+
 
 def plan_table(estimates: dict, devices: int, device_memory: int, title: str) -> Table:
     table = Table(title=title)
@@ -51,7 +53,11 @@ def plan_main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", required=True, help="fit config YAML (model.base, model.experts, data.*)")
     parser.add_argument("--devices", type=int, default=1, help="devices for the FSDP column (default 1)")
-    parser.add_argument("--device_memory", default="80GB", help="memory of one device, e.g. 24GB, 80GB")
+    parser.add_argument(
+        "--device_memory",
+        default=DEFAULT_DEVICE_MEMORY,
+        help=f"memory of one device, a number with a unit: 24GB, 80GB, 40GiB (default {DEFAULT_DEVICE_MEMORY})",
+    )
     parser.add_argument("--experts", type=int, default=None, help="plan for this many experts instead")
     parser.add_argument(
         "--model_config", default=None, help="a config.json (or folder) instead of model.base's"
@@ -62,9 +68,13 @@ def plan_main(argv: list[str]) -> int:
     options = parser.parse_args(argv)
     if options.devices < 1:
         raise ExpertMergeError(f"plan: --devices must be at least 1, got {options.devices}.")
-    device_memory = parse_size(options.device_memory)
+    device_memory = parse_size(options.device_memory, "plan: --device_memory")
     if device_memory <= 0:
         raise ExpertMergeError(f"plan: --device_memory must be positive, got {options.device_memory!r}.")
+    for flag in ("experts", "batch_size", "max_length"):
+        value = getattr(options, flag)
+        if value is not None and value < 1:  # a count of 0 or less plans nothing, and everything "fits"
+            raise ExpertMergeError(f"plan: --{flag} must be at least 1, got {value}.")
     inputs = inputs_from_fit_config(options.config, options.model_config)
     if options.experts is not None:
         inputs.num_experts = options.experts
@@ -80,7 +90,8 @@ def plan_main(argv: list[str]) -> int:
     title = (
         f"plan: {info['type']} {info['parameters'] / 1e9:.2f}B parameters, {info['layers']} layers, "
         f"{len(learned)} learned tensors, {inputs.num_experts} experts; batch {inputs.batch_size} x "
-        f"{inputs.seq_len} tokens"
+        f"{inputs.seq_len} tokens; device memory {options.device_memory}"
+        + (" (the default, --device_memory)" if options.device_memory == DEFAULT_DEVICE_MEMORY else "")
     )
     Console(width=140).print(plan_table(estimates, options.devices, device_memory, title))
     return 0

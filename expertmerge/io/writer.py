@@ -38,13 +38,16 @@ _TEST_DELAY_ENV = "EXPERTMERGE_TEST_WRITE_DELAY"
 Produce = Callable[[], "torch.Tensor | Iterable[torch.Tensor]"]
 
 
-def parse_size(size: str | int) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, ints pass (the units of `transformers`)."""
+def parse_size(size: str | int, what: str = "Shard size") -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, ints pass (the units of `transformers`); `what`
+    names the option in the error."""
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
     if not match:
-        raise ExpertMergeError(f"Shard size '{size}' is not a size like 2GB, 500MB or 1GiB.")
+        raise ExpertMergeError(
+            f"{what} '{size}' is not a size; give a number of bytes with a unit, like 24GB, 500MB or 80GiB."
+        )
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})

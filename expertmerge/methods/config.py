@@ -32,7 +32,6 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -383,6 +382,17 @@ def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str, warnings: li
             "base_model",
             f"missing; '{schema.merge_method}' works on task vectors (model - base), so it needs a base model.",
         )
+    distinct = {schema.base_model, *(m.source for m in models)} - {None}
+    for piece in slices or ():
+        distinct |= {piece.base_model, *(s.source for s in piece.sources)} - {None}
+    if len(distinct) == 1:  # the pool reads the layout from one model and merges the others in: none left
+        (only,) = distinct
+        raise _fail(
+            path,
+            "base_model" if schema.base_model is not None else "models",
+            f"the merge names one model only ('{only}'); add the model it was fine-tuned from as `base_model` "
+            f"(a passthrough then copies '{only}' alone), or list more models.",
+        )
     seeds = {k: v for k, v in (("random_seed", schema.random_seed), ("seed", schema.seed)) if v is not None}
     if len(set(seeds.values())) > 1:
         raise _fail(
@@ -530,13 +540,6 @@ def parse_merge_config(data: Any, path: str = "<config>") -> MergeConfig:
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and validate a merge YAML; relative model paths are taken as given (relative to the cwd)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ExpertMergeError(f"Cannot read merge config '{path}': {error}") from error
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ExpertMergeError(f"{path}: not valid YAML: {error}") from error
-    return parse_merge_config(data, str(path))
+    from expertmerge.config_file import read_config_file
+
+    return parse_merge_config(read_config_file(path, "merge --config"), str(path))

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from expertmerge.errors import ExpertMergeError
@@ -60,7 +59,7 @@ CONFIG_COPY = "mergekit_moe_config.yml"  # mergekit's name for the copy of the c
 class MoeExpert(BaseModel):
     """One entry of `experts` / `shared_experts` (mergekit's `Expert`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     source_model: str
     positive_prompts: list[str] | None = None
@@ -95,7 +94,7 @@ class RouterOptions(BaseModel):
       weight) against each text's own expert's logits (KL, teacher targets cached); needs `calib` texts.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     calib: list[dict[str, Any]] = []
     data: dict[str, Any] = {}
@@ -118,7 +117,7 @@ class ExpertMergeOptions(BaseModel):
       stays mergekit's.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     seed: int | None = None
     shared_tensors: str | None = None
@@ -128,7 +127,7 @@ class ExpertMergeOptions(BaseModel):
 class MergekitMoeConfig(BaseModel):
     """A `mergekit-moe` YAML (mergekit's `MoEMergeConfig`), plus our opt-in `expertmerge` block."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no option means anything at NaN or inf
 
     base_model: str
     experts: list[MoeExpert]
@@ -222,15 +221,10 @@ def parse_moe_config(data: Any, source: str = "config", allow_all_same: bool = F
 
 def load_moe_config(path: str | Path, allow_all_same: bool = False) -> tuple[MergekitMoeConfig, str]:
     """Read and validate a mergekit-moe YAML file; returns the config and the file's text."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except OSError as error:
-        raise ExpertMergeError(f"Cannot read the config '{path}': {error.strerror or error}.") from None
-    except yaml.YAMLError as error:
-        raise ExpertMergeError(f"{path}: not valid YAML ({' '.join(str(error).split())}).") from None
-    return parse_moe_config(data, str(path), allow_all_same), text
+    from expertmerge.config_file import read_config_file
+
+    data = read_config_file(path, "moe --config")
+    return parse_moe_config(data, str(path), allow_all_same), Path(path).read_text()
 
 
 def check_moe_config(config: MergekitMoeConfig, source: str = "config", allow_all_same: bool = False) -> None:
