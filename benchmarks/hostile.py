@@ -520,12 +520,13 @@ def cases(work: Path, inputs: Path) -> list[Case]:
         out / "m6",
     )
     add(
-        "merge: expert is the base",
+        "merge: the base among the models (mergekit allows it)",
         "merge",
         "--config",
         merge_variant("mergebase", lambda v: v["models"][0].update(model=str(base))),
         "--out",
         out / "m7",
+        expect="ok",
     )
     add(
         "merge: passthrough of one source",
