@@ -115,6 +115,7 @@ def learned_backbone(
             learn_include=options.learn_include,
             moe=True,
         )
+        module.distinct_experts = False  # the reference expert is the base here, by design
         losses = _loss_log(pl)
         with _quiet_trainer():  # the Trainer announces the devices when it is built
             trainer = pl.Trainer(

@@ -223,6 +223,9 @@ class ExpertMergingModule(pl.LightningModule):
         self.coefficient_names: list[str] = []
         self.pool = None
         self.datamodule = None
+        # False only where the base is one of the experts on purpose (Symphony's learned backbone: the aligned
+        # reference expert is the base); a user's fit refuses that expert (its task vector is zero).
+        self.distinct_experts = True
         self.stage = 1
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
         self.chunk_allocation: dict[str, Any] | None = None
@@ -251,7 +254,9 @@ class ExpertMergingModule(pl.LightningModule):
         from expertmerge.pool import ExpertPool
 
         hp = self.hparams
-        pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
+        pool = ExpertPool(
+            hp.base, hp.experts, trust_remote_code=hp.trust_remote_code, distinct=self.distinct_experts
+        )
         pool.validate()
         datamodule.check([*self.expert_names, BASE_TEACHER])  # `expert: base`: the base teaches that task
         datamodule.setup("fit")

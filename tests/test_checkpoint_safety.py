@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.fit_checkpoint import MODEL_HASHES
@@ -154,8 +155,10 @@ def test_checkpoint_of_other_experts_with_the_same_names_is_refused(
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert set(stored["expertmerge"][MODEL_HASHES]) == {"base", "arith", "reverse", "sort"}
 
-    # The same names, other weights: 'reverse' now holds the sort expert.
-    shutil.copy(models / "sort" / "model.safetensors", models / "reverse" / "model.safetensors")
+    # The same names, other weights: 'reverse' re-trained (here: its weights moved a little; a copy of another
+    # expert's weights would be refused as a duplicate before the checkpoint is compared).
+    weights = models / "reverse" / "model.safetensors"
+    save_file({name: tensor * 1.01 for name, tensor in load_file(str(weights)).items()}, str(weights))
     monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
     out = tmp_path / "export"
     export = ["export", "--config", str(config_file), "--ckpt_path", str(ckpt), "--out", str(out)]

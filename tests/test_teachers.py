@@ -254,8 +254,9 @@ def test_a_base_task_is_taught_by_the_base_once_cached_and_fits_layer_and_chunk_
     )
     forwards = teacher_forwards()
     assert run_fit(config, tmp_path / "cold") == 0
-    # the base: once for the merge, once as the teacher of 'general' (both of its splits)
-    assert model_loads.count(tiny_models.base.resolve()) == 2
+    # the base: once for the merge, once as the teacher of 'general' (both of its splits), once for the export's
+    # health check (its perplexity beside the merge's)
+    assert model_loads.count(tiny_models.base.resolve()) == 3
     out = capsys.readouterr().out
     assert "8 / 0" in out and "chunk" in out  # 4 tasks x 2 splits computed; stage 2 ran
     assert teacher_forwards() - forwards == 8  # one batch per (task, split) here
