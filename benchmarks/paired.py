@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
     transformers.utils.logging.set_verbosity_error()
+    import expertmerge.moe.sequence  # noqa: F401  (A or B may be an exported sequence MoE)
     from benchmarks.quality import load_heldout
 
     for given in (options.a, options.b):

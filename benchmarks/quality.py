@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    import expertmerge.moe.sequence  # noqa: F401  (an --add-row folder may be an exported sequence MoE)
+
     transformers.utils.logging.disable_progress_bar()  # one table at the end, no loading bars per model
     transformers.utils.logging.set_verbosity_error()
     console = Console(width=200)  # the table is wide; never wrap it, even in a log file

@@ -1,18 +1,34 @@
-"""Calibration data: per-task unlabeled text for learning merge coefficients, and small corpora we ship."""
+"""Calibration data: per-task unlabeled text for learning merge coefficients, and small corpora we ship.
 
-from calib_data.datamodule import CalibrationDataModule
-from calib_data.rendering import TokenizedSamples
-from calib_data.sampler import BalancedTaskBatchSampler, collate_task_batch
-from calib_data.sources import CORPORA_DIR, CORPORA_SCHEME, resolve_source
-from calib_data.tasks import TaskSpec
+The names below are imported on first use, so `import calib_data` (or one light submodule such as
+`calib_data.sources`) does not start Lightning, torch or `datasets`.
+"""
 
-__all__ = [
-    "CORPORA_DIR",
-    "CORPORA_SCHEME",
-    "BalancedTaskBatchSampler",
-    "CalibrationDataModule",
-    "TaskSpec",
-    "TokenizedSamples",
-    "collate_task_batch",
-    "resolve_source",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CORPORA_DIR": "calib_data.sources",
+    "CORPORA_SCHEME": "calib_data.sources",
+    "BalancedTaskBatchSampler": "calib_data.sampler",
+    "CalibrationDataModule": "calib_data.datamodule",
+    "TaskSpec": "calib_data.tasks",
+    "TokenizedSamples": "calib_data.rendering",
+    "collate_task_batch": "calib_data.sampler",
+    "resolve_source": "calib_data.sources",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -14,10 +14,9 @@ import torch
 from conftest import tiny_model_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-import expertmerge  # noqa: F401  (registers the model type with the Auto classes)
 from expertmerge.cli import main
 from expertmerge.errors import ExpertMergeError
-from expertmerge.moe.sequence import SequenceMoEForCausalLM
+from expertmerge.moe.sequence import SequenceMoEForCausalLM  # the import registers it with the Auto classes
 from expertmerge.moe.sequence_build import REMOTE_CODE_FILE, build_sequence_moe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +139,7 @@ def test_fit_trains_the_learned_router_reports_routing_and_exports_a_loadable_mo
     card = (folder / "README.md").read_text()
     assert '"router": "learned"' in card and '"top_k": 1' in card and "Routing accuracy" in card
 
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # registered by `import expertmerge`
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # its module registered it on import
     assert isinstance(model, SequenceMoEForCausalLM) and model.config.router == "learned"
     assert model.router.weight.abs().sum() > 0  # the trained router was saved
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -60,6 +60,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    import expertmerge.moe.sequence  # noqa: F401  (a scored folder may be an exported sequence MoE)
     from calib_data.tasks import BASE_TEACHER
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.io.reader import Checkpoint

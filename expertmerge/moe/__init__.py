@@ -5,88 +5,65 @@
 - `router`: router initialisation maths (`hidden`, `cheap_embed`, `random`, the fit's linear discriminant).
 - `router_inputs`: what the routers see on calibration data (one hook-based collection) and `initial_router_rows`.
 - `router_tuning`: `tune_router`, training only the gates against the oracle-routed targets.
+- `sequence`: the sequence-level MoE model class; importing it registers the model type with the Auto classes.
+
+The names below are imported from their module on first use, so `import expertmerge.moe` starts no torch.
 """
 
-from expertmerge.moe.checkpoint import (
-    MoeExportSummary,
-    expert_shared_tensors,
-    shared_tensor_names,
-    write_moe_checkpoint,
-)
-from expertmerge.moe.formats import (
-    MOE_FORMATS,
-    DenseLayout,
-    MoeFormat,
-    MoeLayerNames,
-    build_moe_config,
-    expected_tensors,
-    moe_format_for,
-    moe_layer_names,
-    split_dense_names,
-    supported_families,
-)
-from expertmerge.moe.router import (
-    DEGENERATE_COSINE,
-    ROUTER_GAP,
-    ROUTER_METHODS,
-    DegenerateRouterWarning,
-    RouterDegeneracy,
-    add_generalist_row,
-    calibrate_margin,
-    pooled_within_scatter,
-    router_degeneracy,
-    router_from_discriminant,
-    router_from_embeddings,
-    router_from_hidden,
-    router_random,
-    warn_if_degenerate,
-)
-from expertmerge.moe.router_inputs import (
-    RouterInputs,
-    initial_router_rows,
-    mean_token_embeddings,
-    router_input_modules,
-    router_input_statistics,
-    split_batches,
-)
-from expertmerge.moe.router_tuning import gate_parameters, router_tuning_loss, tune_router
+from __future__ import annotations
 
-__all__ = [
-    "DEGENERATE_COSINE",
-    "MOE_FORMATS",
-    "ROUTER_GAP",
-    "ROUTER_METHODS",
-    "DegenerateRouterWarning",
-    "DenseLayout",
-    "MoeExportSummary",
-    "MoeFormat",
-    "MoeLayerNames",
-    "RouterDegeneracy",
-    "RouterInputs",
-    "add_generalist_row",
-    "build_moe_config",
-    "calibrate_margin",
-    "expected_tensors",
-    "expert_shared_tensors",
-    "gate_parameters",
-    "initial_router_rows",
-    "mean_token_embeddings",
-    "moe_format_for",
-    "moe_layer_names",
-    "pooled_within_scatter",
-    "router_degeneracy",
-    "router_from_discriminant",
-    "router_from_embeddings",
-    "router_from_hidden",
-    "router_input_modules",
-    "router_input_statistics",
-    "router_random",
-    "router_tuning_loss",
-    "shared_tensor_names",
-    "split_batches",
-    "split_dense_names",
-    "supported_families",
-    "tune_router",
-    "warn_if_degenerate",
-    "write_moe_checkpoint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MoeExportSummary": "expertmerge.moe.checkpoint",
+    "expert_shared_tensors": "expertmerge.moe.checkpoint",
+    "shared_tensor_names": "expertmerge.moe.checkpoint",
+    "write_moe_checkpoint": "expertmerge.moe.checkpoint",
+    "MOE_FORMATS": "expertmerge.moe.formats",
+    "DenseLayout": "expertmerge.moe.formats",
+    "MoeFormat": "expertmerge.moe.formats",
+    "MoeLayerNames": "expertmerge.moe.formats",
+    "build_moe_config": "expertmerge.moe.formats",
+    "expected_tensors": "expertmerge.moe.formats",
+    "moe_format_for": "expertmerge.moe.formats",
+    "moe_layer_names": "expertmerge.moe.formats",
+    "split_dense_names": "expertmerge.moe.formats",
+    "supported_families": "expertmerge.moe.formats",
+    "DEGENERATE_COSINE": "expertmerge.moe.router",
+    "ROUTER_GAP": "expertmerge.moe.router",
+    "ROUTER_METHODS": "expertmerge.moe.router",
+    "DegenerateRouterWarning": "expertmerge.moe.router",
+    "RouterDegeneracy": "expertmerge.moe.router",
+    "add_generalist_row": "expertmerge.moe.router",
+    "calibrate_margin": "expertmerge.moe.router",
+    "pooled_within_scatter": "expertmerge.moe.router",
+    "router_degeneracy": "expertmerge.moe.router",
+    "router_from_discriminant": "expertmerge.moe.router",
+    "router_from_embeddings": "expertmerge.moe.router",
+    "router_from_hidden": "expertmerge.moe.router",
+    "router_random": "expertmerge.moe.router",
+    "warn_if_degenerate": "expertmerge.moe.router",
+    "RouterInputs": "expertmerge.moe.router_inputs",
+    "initial_router_rows": "expertmerge.moe.router_inputs",
+    "mean_token_embeddings": "expertmerge.moe.router_inputs",
+    "router_input_modules": "expertmerge.moe.router_inputs",
+    "router_input_statistics": "expertmerge.moe.router_inputs",
+    "split_batches": "expertmerge.moe.router_inputs",
+    "gate_parameters": "expertmerge.moe.router_tuning",
+    "router_tuning_loss": "expertmerge.moe.router_tuning",
+    "tune_router": "expertmerge.moe.router_tuning",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

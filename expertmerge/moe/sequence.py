@@ -20,8 +20,13 @@ Embeddings:
   The widest expert's projectors start as identities; the others start as least-squares fits and are
   trained by distillation to the expert's own logits.
 
-This file imports only torch and transformers: an export copies it next to the weights so the folder also
-loads with `trust_remote_code=True` where expertmerge is not installed.
+Loading an export: `import expertmerge.moe.sequence` registers the model type with `AutoConfig` and
+`AutoModelForCausalLM` (importing this module is the registration; `import expertmerge` alone does not
+load torch or transformers, so it cannot register anything), after which
+`AutoModelForCausalLM.from_pretrained(folder)` builds this module's `SequenceMoEForCausalLM`. This file
+imports only torch and transformers: an export copies it next to the weights and names it in the config's
+`auto_map`, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` also loads the folder
+where expertmerge is not installed.
 """
 
 from __future__ import annotations
@@ -346,3 +351,8 @@ def register() -> None:
     if MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(MODEL_TYPE, SequenceMoEConfig)
         AutoModelForCausalLM.register(SequenceMoEConfig, SequenceMoEForCausalLM)
+
+
+# Importing the module that defines the model is what makes its exports loadable by the Auto classes; the copy
+# an export carries registers the same way (idempotent, so whichever is imported first stays registered).
+register()
