@@ -2,6 +2,8 @@
 
 The registry (`METHODS`, `get_method`, and how to add a method) is `expertmerge.methods.registry`; its names are
 re-exported here lazily, so importing this package (e.g. for `expertmerge.methods.schema`) starts no torch.
+No submodule may share a re-exported name: importing it would set the package attribute to the module (the
+masks live in `sparsification`, the function `sparsify` is re-exported).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 
 from expertmerge.methods.base import TensorMethod
 from expertmerge.methods.parameters import Parameter
-from expertmerge.methods.sparsify import sign_consensus
+from expertmerge.methods.sparsification import sign_consensus
 
 
 def _overlap(experts: list[torch.Tensor], base: torch.Tensor, epsilon: float):

@@ -14,7 +14,7 @@ from expertmerge.methods.model_stock import ANCHORED_METHODS
 from expertmerge.methods.parameters import Parameter
 from expertmerge.methods.passthrough import PassthroughMethod
 from expertmerge.methods.ram import OVERLAP_METHODS
-from expertmerge.methods.sparsify import (
+from expertmerge.methods.sparsification import (
     della_mask,
     magnitude_mask,
     outlier_mask,

@@ -8,7 +8,7 @@ Parameters mean exactly what they mean in mergekit (checked against mergekit 0.1
 - DARE keeps each entry with probability `density`.
 - Breadcrumbs drops the `int(gamma * numel)` largest and then the smallest entries, keeping
   `int(density * numel)`; DELLA keeps each entry with a probability rising with its magnitude rank in its
-  row, from density - epsilon to density + epsilon (see `expertmerge.methods.sparsify`).
+  row, from density - epsilon to density + epsilon (see `expertmerge.methods.sparsification`).
 - `rescale` (sparsifying methods only) multiplies the sparsified task vector so that its L1 norm equals
   the L1 norm before sparsification. This is mergekit's current rule; it is close to, but not exactly,
   the DARE paper's `1 / density` (the two agree in expectation over large tensors).
@@ -35,7 +35,7 @@ import torch
 from expertmerge.errors import ExpertMergeError
 from expertmerge.methods.base import MergeMethod, check_inputs
 from expertmerge.methods.parameters import Parameter
-from expertmerge.methods.sparsify import sign_consensus, sparsify
+from expertmerge.methods.sparsification import sign_consensus, sparsify
 
 # Below this value mergekit leaves a divisor at 1.
 _DIVISOR_EPS = 1e-8
