@@ -6,8 +6,7 @@ The names below are imported on first use, so `import calib_data` (or one light 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from expertmerge.lazy import lazy_exports
 
 _EXPORTS = {
     "CORPORA_DIR": "calib_data.sources",
@@ -22,13 +21,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -292,6 +292,27 @@ def texts_or_builtin(texts: Sequence[str], source: str, tokenizer: Any) -> Healt
     return encode_texts(tokenizer, [*unique, *BUILTIN_TEXTS], f"{source} and {BUILTIN_SOURCE}")
 
 
+def _measured(
+    samples: HealthSamples,
+    output: tuple[float, float],
+    base: tuple[float, float],
+    vocab_size: int,
+    started: float,
+) -> HealthCheck:
+    """The check's record: (perplexity, spread) of the output and of the base on `samples`."""
+    return HealthCheck(
+        output_perplexity=output[0],
+        output_spread=output[1],
+        base_perplexity=base[0],
+        base_spread=base[1],
+        vocab_size=vocab_size,
+        texts=int(samples.input_ids.shape[0]),
+        tokens=samples.predicted_tokens,
+        source=samples.source,
+        seconds=time.perf_counter() - started,
+    )
+
+
 def check_folder(
     output: Path,
     base: Path,
@@ -329,17 +350,7 @@ def check_folder(
         return HealthCheck(
             skipped=f"could not run the model ({type(error).__name__}: {error})".split("\n")[0]
         )
-    return HealthCheck(
-        output_perplexity=out_ppl,
-        output_spread=spread,
-        base_perplexity=base_ppl,
-        base_spread=base_spread,
-        vocab_size=vocab,
-        texts=int(samples.input_ids.shape[0]),
-        tokens=samples.predicted_tokens,
-        source=samples.source,
-        seconds=time.perf_counter() - started,
-    )
+    return _measured(samples, (out_ppl, spread), (base_ppl, base_spread), vocab, started)
 
 
 def check_model(
@@ -355,14 +366,4 @@ def check_model(
         return HealthCheck(skipped="the texts give no token to predict")
     base_ppl, base_spread = _base_perplexity(base, samples, None, False, device)
     out_ppl, spread = score(logits_of, samples)
-    return HealthCheck(
-        output_perplexity=out_ppl,
-        output_spread=spread,
-        base_perplexity=base_ppl,
-        base_spread=base_spread,
-        vocab_size=vocab_size,
-        texts=int(samples.input_ids.shape[0]),
-        tokens=samples.predicted_tokens,
-        source=samples.source,
-        seconds=time.perf_counter() - started,
-    )
+    return _measured(samples, (out_ppl, spread), (base_ppl, base_spread), vocab_size, started)

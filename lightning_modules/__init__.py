@@ -5,19 +5,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from expertmerge.lazy import lazy_exports
 
 __all__ = ["ExpertMergingModule"]
 
 
-def __getattr__(name: str) -> Any:
-    if name != "ExpertMergingModule":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = importlib.import_module("lightning_modules.merging").ExpertMergingModule
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, {"ExpertMergingModule": "lightning_modules.merging"})

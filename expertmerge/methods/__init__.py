@@ -2,14 +2,12 @@
 
 The registry (`METHODS`, `get_method`, and how to add a method) is `expertmerge.methods.registry`; its names are
 re-exported here lazily, so importing this package (e.g. for `expertmerge.methods.schema`) starts no torch.
-No submodule may share a re-exported name: importing it would set the package attribute to the module (the
-masks live in `sparsification`, the function `sparsify` is re-exported).
+(The masks' module is `sparsification`: see `expertmerge.lazy` on names shared with submodules.)
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from expertmerge.lazy import lazy_exports
 
 __all__ = [
     "METHODS",
@@ -33,13 +31,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module("expertmerge.methods.registry"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "expertmerge.methods.registry"))

@@ -12,8 +12,7 @@ The names below are imported from their module on first use, so `import expertme
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from expertmerge.lazy import lazy_exports
 
 _EXPORTS = {
     "MoeExportSummary": "expertmerge.moe.checkpoint",
@@ -57,13 +56,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
