@@ -46,7 +46,9 @@ def main() -> int:
     console = Console()
     started = time.perf_counter()
     config = load_symphony_config(options.config)
-    run = prepare(config, progress=False)
+    from lightning_modules.trainer import plain_trainers
+
+    run = prepare(config, progress=False, trainer_factory=plain_trainers())
     rows: dict[str, dict[str, float]] = {}
 
     def record(name: str, scores: dict[str, float]) -> None:

@@ -163,7 +163,7 @@ def estimate_fit(
             host=vectors,
         ),
     }
-    # FSDP (`expertmerge/fsdp.py`): the learned tensors' base and task vectors are sharded 1/D; up to two
+    # FSDP (`expertmerge/fit/sharding.py`): the learned tensors' base and task vectors are sharded 1/D; up to two
     # decoder layers are gathered in full at a time (the one merging and the one FSDP prefetches); every rank
     # builds all merged tensors and holds the rest of the base (embeddings, norms, lm_head) whole.
     shard = max(1, devices)

@@ -295,6 +295,16 @@ class ExpertPool:
                 [self.expert_tensor(e, name, dtype) for e in self.expert_sources],
             )
 
+    def load_model(self, model: str = BASE) -> torch.nn.Module:
+        """The base (`"base"`) or an expert as a `transformers` model in fp32, eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        folder = self.base_dir if model == BASE else self.expert_dirs[model]
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=self.trust_remote_code
+        )
+        return loaded.eval()
+
     def content_hashes(self) -> dict[str, str]:
         """`{"base": hash, expert: hash, ...}` of weights and config (cached per file version, see `file_hash`)."""
         hashes = {BASE: model_content_hash(self.base_dir)}

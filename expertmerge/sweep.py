@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.table import Table
@@ -30,6 +30,9 @@ from rich.table import Table
 from expertmerge.errors import ExpertMergeError
 from expertmerge.evaluate import TaskScores, expert_scores, gain_retained, score_task
 from expertmerge.validation import non_negative
+
+if TYPE_CHECKING:
+    from expertmerge.fit.learned import LearnedMerge
 
 
 @dataclass
@@ -88,18 +91,19 @@ def check_swept_task(
 
 
 @torch.no_grad()
-def held_out_scores(module: Any, model: Any | None = None) -> dict[str, TaskScores]:
-    """Every task's held-out scores of the module's learned merge (its dense merge; in MoE mode the backbone
-    with each task's own FFN), or of a plain `transformers` model `model` (e.g. the base)."""
-    module.eval()
+def held_out_scores(learned: LearnedMerge, model: Any | None = None) -> dict[str, TaskScores]:
+    """Every task's held-out scores of the learned merge (its dense merge; in MoE mode the backbone with each
+    task's own FFN), or of a plain `transformers` model `model` (e.g. the base)."""
+    merged, calibration = learned.merged, learned.calibration
+    merged.eval()
     result = {}
-    for task in module.task_names:
-        samples = module.datamodule.task_samples(task, "eval")
+    for task in learned.task_names:
+        samples = calibration.samples(task, "eval")
         if model is None:
-            expert = module.oracle_expert(task)
+            expert = merged.oracle_expert(task)
 
             def forward(ids: torch.Tensor, mask: torch.Tensor, expert: Any = expert) -> torch.Tensor:
-                return module(ids, mask, output_hidden_states=False, oracle_expert=expert).logits
+                return merged(ids, mask, output_hidden_states=False, oracle_expert=expert).logits
 
         else:
 
@@ -110,20 +114,19 @@ def held_out_scores(module: Any, model: Any | None = None) -> dict[str, TaskScor
             forward,
             samples.input_ids,
             samples.attention_mask,
-            module.targets[(task, "eval")],
-            module.hparams.temperature,
-            device=module.device,
+            calibration.targets[(task, "eval")],
+            learned.options.loss.temperature,
+            device=merged.device,
         )
     return result
 
 
-def teacher_scores(module: Any) -> dict[str, TaskScores]:
+def teacher_scores(learned: LearnedMerge) -> dict[str, TaskScores]:
     """Each task's teacher (its expert, or the base) against itself, from the cached targets."""
+    calibration = learned.calibration
     return {
-        task: expert_scores(
-            module.datamodule.task_samples(task, "eval").attention_mask, module.targets[(task, "eval")]
-        )
-        for task in module.task_names
+        task: expert_scores(calibration.samples(task, "eval").attention_mask, calibration.targets[(task, "eval")])
+        for task in learned.task_names
     }
 
 
@@ -140,24 +143,6 @@ def complete_point(
         else:
             point.gains[task] = gain_retained(base[task], scores, teachers[task])
     return point
-
-
-def reset_coefficients(module: Any) -> None:
-    """Fresh coefficients at the configured start (layer-wise, stage 1; or stage 2 from `stage1_result`), so
-    the next fit owes nothing to the previous weight's. The base, task vectors and targets stay."""
-    from expertmerge.chunking import read_stage1_result
-    from expertmerge.coefficients import MergeCoefficients
-
-    hp = module.hparams
-    module.stage, module.stage1_values, module.chunk_allocation, module.stage2_choice = 1, None, None, None
-    rows = [module.task_vectors[i].shape[1] for i in range(len(module.coefficient_names))]
-    module.coefficients = MergeCoefficients(
-        module.coefficient_names, rows, len(module.expert_names), alpha0=module.start_alpha
-    ).to(module.task_vectors[0].device)
-    if hp.stage1_result:
-        module.start_stage2(
-            read_stage1_result(hp.stage1_result, module.expert_names, module.coefficient_names)
-        )
 
 
 # ------------------------------------------------------------------------------------------- the outputs

@@ -129,6 +129,17 @@ class SymphonyPool(ExpertPool):
     def base_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.expert_tensor(self.reference, name, dtype)  # the reference, aligned like the others
 
+    @torch.no_grad()
+    def load_model(self, model: str = BASE) -> torch.nn.Module:
+        """The base (the reference) or an expert, as aligned now: its folder's model with every parameter
+        replaced by the aligned tensor (no copy of the aligned weights is written anywhere)."""
+        expert = self.reference if model == BASE else model
+        loaded = super().load_model(model)
+        keys = self.parameter_keys(loaded)
+        for name, parameter in loaded.named_parameters():
+            parameter.copy_(self.expert_tensor(expert, keys[name], torch.float32))
+        return loaded
+
 
 # ------------------------------------------------------------------------------------------- backbone
 def _fused(

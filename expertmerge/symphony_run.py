@@ -127,6 +127,8 @@ class SymphonyRun:
     targets: dict[tuple[str, str], Any]
     reports: dict[str, dict[str, float]] = field(default_factory=dict)
     backbone_report: dict[str, Any] = field(default_factory=dict)  # the learned backbone's fit, if any
+    # trains the learned backbone (`lightning_modules.trainer.plain_trainers`); only that backbone needs one
+    trainer_factory: Any = None
 
     @property
     def task_names(self) -> list[str]:
@@ -164,15 +166,18 @@ class SymphonyRun:
     def align(self, residual: bool = True, ffn: bool = True, heads: bool = False) -> None:
         self.reports = align(self.pool, self.calibration_batches(), residual=residual, ffn=ffn, heads=heads)
 
-    def shared_backbone(
-        self, options: BackboneOptions | None = None, progress: bool = False
-    ) -> dict[str, torch.Tensor]:
+    def shared_backbone(self, options: BackboneOptions | None = None) -> dict[str, torch.Tensor]:
         """The shared tensors of the pool's experts as aligned now, fused as `options` say."""
         options = options or BackboneOptions()
         if options.method != "learned":
             return backbone(self.pool, options.t, options.method)
+        if self.trainer_factory is None:
+            raise ExpertMergeError(
+                "symphony: backbone method 'learned' trains a merge; give prepare() / run_symphony() a "
+                "trainer_factory (lightning_modules.trainer.plain_trainers())."
+            )
         shared, self.backbone_report = learned_backbone(
-            self.pool, self.datamodule, options.learned, progress=progress
+            self.pool, self.datamodule, self.trainer_factory, options.learned
         )
         return shared
 
@@ -237,8 +242,9 @@ class SymphonyRun:
         return {t: scores.kl for t, scores in score_model_tasks(model, self.datamodule, self.targets).items()}
 
 
-def prepare(config: SymphonyConfig, progress: bool = True) -> SymphonyRun:
-    """Validate the experts (before any work), load the calibration data, compute the teacher targets."""
+def prepare(config: SymphonyConfig, progress: bool = True, trainer_factory: Any = None) -> SymphonyRun:
+    """Validate the experts (before any work), load the calibration data, compute the teacher targets.
+    `trainer_factory` trains the learned backbone, when the config asks for one."""
     from calib_data.datamodule import CalibrationDataModule
     from expertmerge.teachers import TeacherSettings, teacher_targets
 
@@ -255,7 +261,7 @@ def prepare(config: SymphonyConfig, progress: bool = True) -> SymphonyRun:
     targets, _ = teacher_targets(
         datamodule, pool.expert_dirs, TeacherSettings(hidden_layers=()), splits=("train", "eval")
     )
-    return SymphonyRun(pool, datamodule, targets)
+    return SymphonyRun(pool, datamodule, targets, trainer_factory=trainer_factory)
 
 
 @dataclass
@@ -276,6 +282,7 @@ def run_symphony(
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    trainer_factory: Any = None,
 ) -> SymphonySummary:
     """Align the experts, fuse the backbone and write the MoE (or the dense model) to `out`, then score it."""
     from transformers import AutoModelForCausalLM
@@ -295,11 +302,11 @@ def run_symphony(
             [s for s in (task.get("sources") or []) if isinstance(s, str)] if isinstance(task, dict) else []
         )
     out = check_output_dir(out, force, inputs)
-    run = prepare(config, progress)
+    run = prepare(config, progress, trainer_factory)
     run.align(config.alignment.residual, config.alignment.ffn, config.alignment.heads)
     pool, losses = run.pool, []
     if config.output == "moe":
-        shared = run.shared_backbone(config.backbone, progress)
+        shared = run.shared_backbone(config.backbone)
         candidates, losses = run.routers(shared, config.moe, progress)
         rows = candidates.get("tuned", candidates["init"])
         method = config.moe.router + ("+tuned" if "tuned" in candidates else "")

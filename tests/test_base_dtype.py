@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import FIT_TINY
 
-from expertmerge.cli.fit import configured
+from expertmerge.cli.fit import read_fit_config
 from expertmerge.plan import estimate_fit
 
 STEPS = 6
@@ -19,16 +19,21 @@ MEAN_TOLERANCE = 1.5e-3
 
 
 def fitted(base_dtype: str) -> tuple[torch.Tensor, object]:
-    """The tiny config's module after STEPS hand-run steps (training_step + backward + Adam)."""
-    module, datamodule = configured(FIT_TINY, ["--model.base_dtype", base_dtype])
-    module.prepare(datamodule)
-    optimizer = torch.optim.Adam(module.coefficients.parameters(), lr=0.1)
-    batches = iter(datamodule.train_dataloader())
-    for step in range(STEPS):
-        module.training_step(next(batches), step).backward()
+    """The tiny config's merge after STEPS hand-run steps (the fit's loss + backward + Adam)."""
+    config = read_fit_config(FIT_TINY, ["--model.base_dtype", base_dtype])
+    config.model.run.datamodule = config.datamodule
+    learned = config.model.run.prepare()
+    learned.before_training()
+    merged = learned.merged
+    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=0.1)
+    batches = iter(config.datamodule.train_dataloader())
+    for _ in range(STEPS):
+        batch = next(batches)
+        loss, _, _ = learned.objective.training_loss(batch if isinstance(batch, list) else [batch])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return module.coefficients.layerwise_values(), module
+    return merged.coefficients.layerwise_values(), merged
 
 
 def test_bf16_base_halves_the_learned_base_and_learns_the_fp32_coefficients(tiny_zoo) -> None:

@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.fit.run import FitRun
 from expertmerge.io.fit_checkpoint import MODEL_HASHES
 from expertmerge.pool import ExpertPool
-from lightning_modules.merging import ExpertMergingModule
 from tests.test_validation import CONFIG, _tripwire, _written, assert_clean_error, fit_args, run
 
 
@@ -41,7 +41,7 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
 
 @pytest.fixture
 def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
+    monkeypatch.setattr(FitRun, "prepare", _tripwire("loading the models"))
 
 
 def test_payload_runs_when_unpickled(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_checkpoint_of_other_experts_with_the_same_names_is_refused(
     # expert's weights would be refused as a duplicate before the checkpoint is compared).
     weights = models / "reverse" / "model.safetensors"
     save_file({name: tensor * 1.01 for name, tensor in load_file(str(weights)).items()}, str(weights))
-    monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
+    monkeypatch.setattr(FitRun, "prepare", _tripwire("loading the models"))
     out = tmp_path / "export"
     export = ["export", "--config", str(config_file), "--ckpt_path", str(ckpt), "--out", str(out)]
     line = assert_clean_error(*run(capsys, export), f"checkpoint '{ckpt}'", "expert 'reverse'")

@@ -158,7 +158,7 @@ def test_two_ranks_learn_the_single_process_coefficients_in_both_stages(
 ) -> None:
     """ddp: stage 2 is a second Trainer, its reducer must hold the chunk-wise coefficients, not stage 1's.
     fsdp: the learned tensors' base and task vectors are sharded by decoder layer over the ranks
-    (`expertmerge/fsdp.py`), the coefficients replicated with averaged gradients, and the export is gathered
+    (`expertmerge/fit/sharding.py`), the coefficients replicated with averaged gradients, and the export is gathered
     layer by layer on rank 0 and written by the one writer: compared tensor by tensor."""
     single_folder, single = single_chunked
     ranked = fit_in_subprocess(

@@ -96,11 +96,11 @@ def test_second_fit_reuses_teacher_targets_and_is_deterministic(
 
 
 def test_progress_bar_is_a_default_that_can_be_turned_off(tiny_zoo) -> None:
-    from expertmerge.cli.fit import _fit_cli
+    from expertmerge.cli.fit import read_fit_config
     from lightning_modules.progress import StepProgressBar
 
-    quiet = _fit_cli(["--config", CONFIG, "--trainer.enable_progress_bar", "false"], run=False).trainer
-    default = _fit_cli(["--config", CONFIG], run=False).trainer
+    quiet = read_fit_config(CONFIG, ["--trainer.enable_progress_bar", "false"]).trainer
+    default = read_fit_config(CONFIG).trainer
     assert quiet.progress_bar_callback is None
     assert isinstance(default.progress_bar_callback, StepProgressBar)
 
@@ -169,7 +169,7 @@ def test_stage2_checkpoint_resumes_the_chunkwise_stage(tiny_zoo, tmp_path: Path)
     # checkpoint with the same config (Lightning's CLI takes a checkpoint's hyperparameters over the config's).
     import torch
 
-    from lightning_modules.merging import checkpoint_stage
+    from expertmerge.fit.stages import checkpoint_stage
 
     # Checkpoints at epoch boundaries (4 steps; test_robustness resumes mid-epoch). Each stage's Trainer writes
     # into its own log version folder.
@@ -256,23 +256,21 @@ def test_rounds_give_the_same_fit_as_accumulating_one_batch_per_task(
 def test_task_balance_divides_each_task_by_its_start_kl(tiny_zoo) -> None:
     """`task_balance: start_kl`: scale_t = (1 / KL_t at the start) / mean over tasks, KL_t token-weighted over
     all of the task's training samples (checked here in one batch per task, against the chunked pass)."""
-    from expertmerge.cli.fit import _fit_cli
     from expertmerge.losses import kl_to_teacher
 
-    cli = _fit_cli(["--config", CONFIG, "--model.task_balance", "start_kl"], run=False)
-    module, datamodule = cli.model, cli.datamodule
-    module.prepare(datamodule)
-    module.hparams.teacher_batch_size = 5  # chunks that do not divide the sample count
-    scales = module.start_task_scales()
+    module = _prepared_tiny("--model.task_balance", "start_kl")
+    datamodule = module.calibration.datamodule
+    module.options.loss.teacher_batch_size = 5  # chunks that do not divide the sample count
+    scales = module.objective.start_task_scales(module.options.loss.task_balance)
     kls = {}
     with torch.no_grad():
         for task in module.task_names:
             samples = datamodule.task_samples(task, "train")
             ids, mask = samples.input_ids, samples.attention_mask
-            targets = module.targets[(task, "train")].rows(
+            targets = module.calibration.targets[(task, "train")].rows(
                 torch.arange(ids.shape[0]), ids.shape[1], ids.device
             )
-            per_token = kl_to_teacher(module(ids, mask).logits, targets)
+            per_token = kl_to_teacher(module.merged(ids, mask).logits, targets)
             kls[task] = float((per_token * mask).sum() / mask.sum())
     inverse = {t: 1 / kl for t, kl in kls.items()}
     expected = {t: v * len(inverse) / sum(inverse.values()) for t, v in inverse.items()}
@@ -285,13 +283,11 @@ def test_expert_gain_balance_divides_each_task_by_its_experts_gain_over_the_base
     """`task_balance: expert_gain`: scale_t = (1 / gain_t) / mean, gain_t = base NLL - expert NLL on the task's
     training texts, each measured here by loading the real base and expert models (the tiny experts are full
     fine-tunes, so the fit's own model already holds folded tensors and cannot stand in for the base)."""
-    from expertmerge.cli.fit import _fit_cli
     from expertmerge.losses import next_token_nll
 
-    cli = _fit_cli(["--config", CONFIG, "--model.task_balance", "expert_gain"], run=False)
-    module, datamodule = cli.model, cli.datamodule
-    module.prepare(datamodule)
-    scales = module.start_task_scales()
+    module = _prepared_tiny("--model.task_balance", "expert_gain")
+    datamodule = module.calibration.datamodule
+    scales = module.objective.start_task_scales(module.options.loss.task_balance)
 
     def nll(folder: Path, task: str) -> float:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -302,7 +298,7 @@ def test_expert_gain_balance_divides_each_task_by_its_experts_gain_over_the_base
         return float((per_token * mask).sum() / mask.sum())
 
     gains = {t: nll(tiny_zoo / "base", t) - nll(tiny_zoo / "experts" / t, t) for t in module.task_names}
-    assert module.expert_gains() == pytest.approx(gains, rel=1e-4, abs=1e-5)
+    assert module.calibration.expert_gains() == pytest.approx(gains, rel=1e-4, abs=1e-5)
     assert all(g > 0.05 for g in gains.values()), gains  # each tiny expert really learned its task
     inverse = {t: 1 / g for t, g in gains.items()}
     expected = {t: v * len(inverse) / sum(inverse.values()) for t, v in inverse.items()}
@@ -323,48 +319,42 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
     """`alpha0_search`: each candidate's recorded objective is that of a module prepared at that fixed alpha0
     (learned coefficients and the unlearned tensors, which full fine-tunes change, at the value); the lowest
     one is the start, and the unlearned tensors are left merged at it."""
-    from expertmerge.cli.fit import _fit_cli
-
     def objective(module) -> float:
         """The fit's start objective: task losses weighted by the `expert_gain` scales (the default balance)."""
-        losses = module.start_losses()
+        losses = module.objective.split_losses()
         scales = {t: module.task_scales[t] for t in losses}
-        return sum(scales[t] * float(module.task_objective(losses[t])) for t in losses) / sum(scales.values())
-
-    def prepared(*overrides: str):
-        cli = _fit_cli(["--config", CONFIG, *overrides], run=False)
-        cli.model.prepare(cli.datamodule)
-        return cli.model
+        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(scales.values())
 
     candidates = [0.1, 0.3, 0.6]
-    searched = prepared("--model.alpha0_search", json.dumps(candidates))
+    searched = _prepared_tiny("--model.alpha0_search", json.dumps(candidates))
     assert list(searched.start_scores) == [("task_arithmetic", v) for v in candidates]
     scores = {value: searched.start_scores[("task_arithmetic", value)] for value in candidates}
     best = min(candidates, key=scores.__getitem__)
-    assert searched.start_alpha == best and searched.start_merge == "task_arithmetic"
-    assert float(searched.coefficients.alpha0[0]) == pytest.approx(best)
+    assert searched.merged.start_alpha == best and searched.merged.start_merge == "task_arithmetic"
+    assert float(searched.merged.coefficients.alpha0[0]) == pytest.approx(best)
     assert objective(searched) == pytest.approx(scores[best], rel=1e-5)
     fixed = {}
     for value in candidates:
-        fixed[value] = prepared("--model.alpha0", str(value))
+        fixed[value] = _prepared_tiny("--model.alpha0", str(value))
         assert objective(fixed[value]) == pytest.approx(scores[value], rel=1e-5)
     spread = max(scores.values()) - min(scores.values())
     assert spread > 1e-3, scores  # the candidates really differ on the tiny zoo
-    other = dict(fixed[next(v for v in candidates if v != best)].model.named_parameters())
-    at_best = dict(fixed[best].model.named_parameters())
-    unlearned = [n for n in at_best if n not in searched.coefficient_names]
+    other = dict(fixed[next(v for v in candidates if v != best)].merged.model.named_parameters())
+    at_best = dict(fixed[best].merged.model.named_parameters())
+    unlearned = [n for n in at_best if n not in searched.merged.coefficient_names]
     for name in unlearned:
-        torch.testing.assert_close(searched.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(searched.merged.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6)
     # some unlearned tensor has a task vector (full fine-tunes), so the fold at the chosen value was exercised
     assert any(not torch.equal(at_best[name], other[name]) for name in unlearned)
 
 
 def _prepared_tiny(*overrides: str):
-    from expertmerge.cli.fit import _fit_cli
+    """The tiny config's learned merge, prepared (models, task vectors, teacher targets, start) and not fitted."""
+    from expertmerge.cli.fit import read_fit_config
 
-    cli = _fit_cli(["--config", CONFIG, *overrides], run=False)
-    cli.model.prepare(cli.datamodule)
-    return cli.model
+    config = read_fit_config(CONFIG, overrides)
+    config.model.run.datamodule = config.datamodule
+    return config.model.run.prepare()
 
 
 def _tiny_regmean_merge(module, alpha: float) -> dict[str, torch.Tensor]:
@@ -372,18 +362,18 @@ def _tiny_regmean_merge(module, alpha: float) -> dict[str, torch.Tensor]:
     training calibration samples (`expertmerge.regmean`), the learned linear weights only."""
     from expertmerge.regmean import input_grams, regmean_state_dict
 
-    learned = set(module.coefficient_names)
+    learned = set(module.merged.coefficient_names)
     names = [
         n
-        for n, m in module.model.named_modules()
+        for n, m in module.merged.model.named_modules()
         if isinstance(m, torch.nn.Linear) and f"{n}.weight" in learned
     ]
     states, grams = [], []
-    for task, k in zip(module.task_names, module.task_experts, strict=True):
+    for task, k in zip(module.task_names, module.calibration.task_experts, strict=True):
         expert = AutoModelForCausalLM.from_pretrained(
             str(module.pool.expert_dirs[module.expert_names[k]]), dtype=torch.float32
         ).eval()
-        samples = module.datamodule.task_samples(task, "train")
+        samples = module.calibration.datamodule.task_samples(task, "train")
         grams.append(input_grams(expert, names, samples.input_ids, samples.attention_mask))
         states.append({f"{n}.weight": expert.get_submodule(n).weight.detach().clone() for n in names})
     return regmean_state_dict(states, grams, alpha)
@@ -398,29 +388,29 @@ def test_regmean_start_is_regmean_and_learns_on_top_of_it(tiny_zoo) -> None:
     third = 1.0 / 3.0
     fp32 = ("--model.task_vector_dtype", "float32")
     module = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", str(third), *fp32)
-    assert module.start_merge == "regmean" and module.start_alpha == pytest.approx(third)
+    assert module.merged.start_merge == "regmean" and module.merged.start_alpha == pytest.approx(third)
     expected = _tiny_regmean_merge(module, 0.9)
     assert expected  # the tiny Llama's attention and MLP projections
-    start = module.merged_parameters(module.alpha0_coefficients)
+    start = module.merged.merged_parameters(module.merged.alpha0_coefficients)
     for name, tensor in expected.items():
         torch.testing.assert_close(start[name], tensor, rtol=0, atol=2e-5)
     base = {
         n: AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir)).get_parameter(n) for n in expected
     }
     average = {
-        n: base[n] + module.task_vectors[module.coefficient_names.index(n)].float().mean(0) for n in expected
+        n: base[n] + module.merged.task_vectors[module.merged.coefficient_names.index(n)].float().mean(0) for n in expected
     }
     moved = max(float((expected[n] - average[n]).abs().max()) for n in expected)
     assert moved > 1e-3, moved  # RegMean really differs from the average here
     scaled = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", "0.5", *fp32)
-    start = scaled.merged_parameters(scaled.alpha0_coefficients)
+    start = scaled.merged.merged_parameters(scaled.merged.alpha0_coefficients)
     for name, tensor in expected.items():
         torch.testing.assert_close(start[name], base[name] + 1.5 * (tensor - base[name]), rtol=0, atol=5e-5)
     # the learned coefficients act on top of the start: c = alpha0 + 0.1 moves by 0.1 x the summed vectors
-    index = module.coefficient_names.index(next(iter(expected)))
-    name = module.coefficient_names[index]
-    shifted = module.merged_parameters(lambda i: module.alpha0_coefficients(i) + 0.1)
-    tau = module.task_vectors[index].float().sum(0)
+    index = module.merged.coefficient_names.index(next(iter(expected)))
+    name = module.merged.coefficient_names[index]
+    shifted = module.merged.merged_parameters(lambda i: module.merged.alpha0_coefficients(i) + 0.1)
+    tau = module.merged.task_vectors[index].float().sum(0)
     torch.testing.assert_close(shifted[name], expected[name] + 0.1 * tau, rtol=0, atol=5e-5)
 
 
@@ -429,9 +419,9 @@ def test_start_search_over_task_arithmetic_and_regmean(tiny_zoo) -> None:
     prepared at that single start, and the chosen one is the lowest, left in place."""
 
     def objective(module) -> float:
-        losses = module.start_losses()
+        losses = module.objective.split_losses()
         scales = {t: module.task_scales[t] for t in losses}
-        return sum(scales[t] * float(module.task_objective(losses[t])) for t in losses) / sum(scales.values())
+        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(scales.values())
 
     both = '["task_arithmetic", "regmean"]'
     searched = _prepared_tiny("--model.start_merges", both, "--model.alpha0_search", "[0.2, 0.6]")
@@ -443,7 +433,7 @@ def test_start_search_over_task_arithmetic_and_regmean(tiny_zoo) -> None:
         ("regmean", 0.6),
     ] + [("regmean", pytest.approx(1 / 3))]
     best = min(keys, key=searched.start_scores.__getitem__)
-    assert (searched.start_merge, searched.start_alpha) == best
+    assert (searched.merged.start_merge, searched.merged.start_alpha) == best
     assert objective(searched) == pytest.approx(searched.start_scores[best], rel=1e-5)
     single = _prepared_tiny("--model.start_merges", '["regmean"]', "--model.alpha0", "0.6")
     assert objective(single) == pytest.approx(searched.start_scores[("regmean", 0.6)], rel=1e-5)
@@ -464,15 +454,15 @@ def test_start_search_can_judge_the_candidates_on_the_held_out_calibration_sampl
     assert list(held_out.start_scores) == list(training.start_scores)
     for merge, value in [("regmean", 0.6), ("task_arithmetic", 0.2)]:
         single = _prepared_tiny("--model.start_merges", f'["{merge}"]', "--model.alpha0", str(value))
-        assert single.calibration_objective("eval") == pytest.approx(
+        assert single.objective.split_objective("eval") == pytest.approx(
             held_out.start_scores[(merge, value)], rel=1e-5
         )
-        assert single.calibration_objective("train") == pytest.approx(
+        assert single.objective.split_objective("train") == pytest.approx(
             training.start_scores[(merge, value)], rel=1e-5
         )
         assert abs(held_out.start_scores[(merge, value)] - training.start_scores[(merge, value)]) > 1e-3
     best = min(held_out.start_scores, key=held_out.start_scores.__getitem__)
-    assert (held_out.start_merge, held_out.start_alpha) == best
+    assert (held_out.merged.start_merge, held_out.merged.start_alpha) == best
 
 
 def test_stage2_select_goes_back_to_the_layer_wise_values_when_the_chunks_do_worse(tiny_zoo) -> None:
@@ -480,13 +470,13 @@ def test_stage2_select_goes_back_to_the_layer_wise_values_when_the_chunks_do_wor
     layer-wise values (each chunk at its tensor's stage-1 value). (A real fit whose chunks do better keeps them:
     test_expert_merging_plus_plus_improves_on_layerwise.)"""
     module = _prepared_tiny("--model.chunking", "true")
-    stage1 = module.stage1_snapshot()
-    module.start_stage2(stage1)
-    at_stage1 = module.calibration_objective("eval")
+    stage1 = module.merged.stage1_snapshot()
+    module.enter_stage2(stage1)
+    at_stage1 = module.objective.split_objective("eval")
     with torch.no_grad():  # chunk-wise coefficients far from stage 1: every chunk of every tensor near 1
-        for logits in module.coefficients.logits:
+        for logits in module.merged.coefficients.logits:
             logits.fill_(6.0)
-    worse = module.calibration_objective("eval")
+    worse = module.objective.split_objective("eval")
     assert worse > at_stage1 + 1e-3
     choice = module.select_stage2()
     assert choice["kept"] is False
@@ -494,13 +484,13 @@ def test_stage2_select_goes_back_to_the_layer_wise_values_when_the_chunks_do_wor
         worse - at_stage1, rel=0.2
     )
     assert choice["standard_error"] > 0
-    values = module.coefficients.layerwise_values()
-    for i, name in enumerate(module.coefficient_names):
+    values = module.merged.coefficients.layerwise_values()
+    for i, name in enumerate(module.merged.coefficient_names):
         torch.testing.assert_close(values[:, i].cpu(), stage1[name], rtol=0, atol=1e-5)
 
 
 def test_paired_objectives_weigh_tokens_within_and_tasks_across() -> None:
-    from lightning_modules.merging import paired_objectives
+    from expertmerge.fit.stages import paired_objectives
 
     def t(*values: float) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float64)
@@ -539,12 +529,12 @@ def test_a_checkpoint_from_another_start_is_refused(tiny_zoo) -> None:
 
     module = _prepared_tiny()
     checkpoint: dict = {"state_dict": {}}
-    module.on_save_checkpoint(checkpoint)
+    checkpoint["expertmerge"] = module.checkpoint_section()
     assert checkpoint["expertmerge"]["start"] == ["task_arithmetic", 0.3]
-    module.on_load_checkpoint(checkpoint)  # its own start: accepted
+    module.restore(checkpoint["expertmerge"])  # its own start: accepted
     checkpoint["expertmerge"]["start"] = ["regmean", 0.3]
     with pytest.raises(ExpertMergeError, match="learned from the start regmean at alpha0 0.3"):
-        module.on_load_checkpoint(checkpoint)
+        module.restore(checkpoint["expertmerge"])
 
 
 def test_kl_where_expert_better_counts_the_kl_only_where_the_expert_predicts_the_text_better(
@@ -553,21 +543,21 @@ def test_kl_where_expert_better_counts_the_kl_only_where_the_expert_predicts_the
     """`kl_where: expert_better`: the objective's KL is the per-token KL times 1 where the cached expert NLL of
     the next token is below the merge's (positions without a next token keep theirs), over all real tokens;
     the reported KL stays the full one, and the option needs the text's own loss."""
-    from expertmerge.cli.fit import _fit_cli
+    from expertmerge.cli.fit import read_fit_config
     from expertmerge.errors import ExpertMergeError
     from expertmerge.losses import next_token_nll
 
     plain = _prepared_tiny()
     module = _prepared_tiny("--model.kl_where", "expert_better")
-    batch = next(iter(module.datamodule.train_dataloader()))
+    batch = next(iter(module.calibration.datamodule.train_dataloader()))
     batch = batch[0] if isinstance(batch, list) else batch
-    parts, reference = module.task_losses(batch), plain.task_losses(batch)
+    parts, reference = module.objective.task_losses(batch), plain.objective.task_losses(batch)
     torch.testing.assert_close(parts["kl"], reference["kl"])  # same coefficients, same full KL
     task = module.task_names[int(batch["task_index"])]
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    expert_nll = module.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1])["nll"]
+    expert_nll = module.calibration.targets[(task, "train")].rows(batch["sample_index"], ids.shape[1])["nll"]
     with torch.no_grad():
-        logits = module(ids, mask).logits
+        logits = module.merged(ids, mask).logits
     merge_nll, _ = next_token_nll(logits, ids, mask)
     behind = (expert_nll[:, :-1] < merge_nll).float()
     weight = torch.cat([behind, torch.ones(behind.shape[0], 1)], dim=1)
@@ -575,10 +565,8 @@ def test_kl_where_expert_better_counts_the_kl_only_where_the_expert_predicts_the
     expected = (parts["kl_tokens"] * weight * mask).sum() / mask.sum()
     torch.testing.assert_close(parts["kl_fit"], expected, rtol=1e-5, atol=1e-7)
     assert float(parts["kl_fit"].detach()) < float(parts["kl"].detach())
-    objective = module.task_objective(parts)
-    torch.testing.assert_close(objective, parts["kl_fit"] + module.hparams.ce_weight * parts["ce"])
+    objective = module.objective.task_objective(parts)
+    torch.testing.assert_close(objective, parts["kl_fit"] + module.options.loss.ce_weight * parts["ce"])
     assert "kl_fit" not in reference
     with pytest.raises((ExpertMergeError, ValueError), match="set model.ce_weight > 0"):
-        _fit_cli(
-            ["--config", CONFIG, "--model.kl_where", "expert_better", "--model.ce_weight", "0"], run=False
-        )
+        read_fit_config(CONFIG, ["--model.kl_where", "expert_better", "--model.ce_weight", "0"])

@@ -218,17 +218,20 @@ def test_dense_export_reloads_to_the_in_memory_merge_with_usual_permissions(tiny
     """The writer path gives the same tensor names as `save_pretrained` and the same logits as the module."""
     from transformers import AutoModelForCausalLM
 
-    from expertmerge.cli.fit import configured
-    from lightning_modules.callbacks import export_dense
+    from expertmerge.cli.fit import read_fit_config
+    from expertmerge.fit.outputs import export_dense
 
-    module, datamodule = configured(FIT_CONFIG, ["--trainer.default_root_dir", str(tmp_path / "logs")])
-    module.prepare(datamodule)
+    config = read_fit_config(FIT_CONFIG, ["--trainer.default_root_dir", str(tmp_path / "logs")])
+    datamodule = config.datamodule
+    config.model.run.datamodule = datamodule
+    learned = config.model.run.prepare()
+    module = learned.merged
     with torch.no_grad():  # move the coefficients off alpha0, so the merge is not plain task arithmetic
         for parameter in module.coefficients.parameters():
             parameter.add_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
     previous = os.umask(0o022)
     try:
-        out = export_dense(module, tmp_path / "dense", force=False)
+        out = export_dense(learned, tmp_path / "dense", force=False)
     finally:
         os.umask(previous)
     assert {p.name: _mode(p) for p in out.iterdir() if _mode(p) != 0o644} == {}
@@ -245,7 +248,7 @@ def test_dense_export_reloads_to_the_in_memory_merge_with_usual_permissions(tiny
     for name in ours:
         assert torch.equal(ours[name], reference[name].to(ours[name].dtype)), name
 
-    samples = datamodule.task_samples(module.task_names[0], "eval")
+    samples = datamodule.task_samples(learned.task_names[0], "eval")
     ids, mask = samples.input_ids[:4], samples.attention_mask[:4]
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():

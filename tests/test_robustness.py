@@ -301,7 +301,7 @@ def test_teacher_cache_entry_damaged_inside_its_data_is_not_trusted(tmp_path: Pa
 
 
 def checkpoints_by_stage_and_step(logs: Path) -> dict[tuple[int, int], Path]:
-    from lightning_modules.merging import checkpoint_stage
+    from expertmerge.fit.stages import checkpoint_stage
 
     return {
         (checkpoint_stage(c), torch.load(c, map_location="cpu", weights_only=True)["global_step"]): c

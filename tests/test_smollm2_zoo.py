@@ -342,7 +342,7 @@ def test_demo_builds_the_real_zoo_and_fits(tmp_path: Path) -> None:
     # A third of the demo's steps improves on the searched start (RegMean at alpha0 0.3 since session 9) in the
     # gain retained, the objective's aim (4 steps gave +0.009 from that start); its KL to the experts stays far
     # below the base's.
-    from lightning_modules.callbacks import start_row_name
+    from expertmerge.fit.outputs import start_row_name
 
     assert mean_gain("expert merging") > mean_gain(start_row_name(scores)) + 0.01
     assert mean_kl("expert merging") < 0.5 * mean_kl("base")

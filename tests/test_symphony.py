@@ -45,7 +45,9 @@ def run():
     from expertmerge.symphony_run import load_symphony_config, prepare
 
     ensure_zoo("diffinit")
-    return prepare(load_symphony_config(_config()), progress=False)
+    from lightning_modules.trainer import plain_trainers
+
+    return prepare(load_symphony_config(_config()), progress=False, trainer_factory=plain_trainers())
 
 
 def _mean(scores: dict[str, float]) -> float:

@@ -146,7 +146,9 @@ def test_task_vectors_of_a_tied_model_come_from_the_checkpoints_and_merge_like_t
     from transformers import AutoModelForCausalLM
 
     from expertmerge.coefficients import TaskVectors
-    from lightning_modules.merging import ExpertMergingModule
+    from expertmerge.fit.merged import MergedModel
+    from expertmerge.fit.options import FitOptions, StartOptions
+    from expertmerge.fit.prepare import read_task_vectors
 
     tokenizer = tiny_tokenizer()
     base = tiny_llama(seed=3, tie_word_embeddings=True)
@@ -163,17 +165,16 @@ def test_task_vectors_of_a_tied_model_come_from_the_checkpoints_and_merge_like_t
 
     # The fit's own reader, over one learned tensor: its task vectors go to the buffer, the rest merge now.
     learned = "model.layers.0.mlp.up_proj.weight"
-    module = ExpertMergingModule(str(base_dir), expert_dirs, alpha0=ALPHA0)
-    module.coefficient_names, module.ffn_names = [learned], []
-    module.task_vectors = TaskVectors([student.get_parameter(learned).shape], 3, torch.bfloat16)
-    module.ffn_vectors = TaskVectors([], 3, torch.bfloat16)
-    module._read_task_vectors(pool, student)
+    options = FitOptions(str(base_dir), expert_dirs, start=StartOptions(alpha0=ALPHA0))
+    tau = TaskVectors([student.get_parameter(learned).shape], 3, torch.bfloat16)
+    merged = MergedModel(student, list(expert_dirs), [learned], tau)
+    read_task_vectors(options, pool, merged)
 
     theta = {name: dict(m.named_parameters()) for name, m in experts.items()}
     theta0 = dict(base.named_parameters())
     for k, name in enumerate(EXPERT_NAMES):
         expected = (theta[name][learned] - theta0[learned]).to(torch.bfloat16)
-        assert torch.equal(module.task_vectors[0][k], expected)
+        assert torch.equal(merged.task_vectors[0][k], expected)
     for name, parameter in student.named_parameters():
         if name == learned:
             assert torch.equal(parameter, theta0[name])  # merged at every step, not now
@@ -203,7 +204,7 @@ def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
     tiny_models, private_cache: Path, tmp_path: Path
 ) -> None:
     # The sequence MoE and `evaluate` read no task vectors: the teacher pass itself must catch a NaN expert.
-    from expertmerge.cli.fit import configured
+    from expertmerge.cli.fit import read_fit_config
     from expertmerge.errors import ExpertMergeError
     from expertmerge.teachers import teacher_targets
 
@@ -212,7 +213,7 @@ def test_teacher_targets_of_a_broken_expert_are_refused_and_not_cached(
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     experts = {**tiny_models.experts, "gamma": broken}
-    _, datamodule = configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    datamodule = read_fit_config(str(write_config(tmp_path, tiny_models.base, experts))).datamodule
     datamodule.setup("validate")
 
     settings = TeacherSettings(hidden_layers=())
@@ -246,7 +247,7 @@ def with_base_task(config: Path, **model: object) -> Path:
 def test_a_base_task_is_taught_by_the_base_once_cached_and_fits_layer_and_chunk_wise(
     tiny_models, private_cache: Path, tmp_path: Path, model_loads: list[Path], capsys
 ) -> None:
-    from expertmerge.cli.fit import configured
+    from expertmerge.cli.fit import read_fit_config
     from expertmerge.teachers import teacher_forwards
 
     config = with_base_task(
@@ -268,7 +269,7 @@ def test_a_base_task_is_taught_by_the_base_once_cached_and_fits_layer_and_chunk_
 
     from expertmerge.teachers import teacher_dirs, teacher_targets
 
-    _, datamodule = configured(str(config), [])
+    datamodule = read_fit_config(str(config)).datamodule
     datamodule.setup("fit")
     pool = ExpertPool(str(tiny_models.base), {n: str(p) for n, p in tiny_models.experts.items()})
     forwards = teacher_forwards()
@@ -316,14 +317,14 @@ def test_an_expert_replaced_with_the_same_size_and_mtime_is_hashed_and_taught_an
 ) -> None:
     import os
 
-    from expertmerge.cli.fit import configured
+    from expertmerge.cli.fit import read_fit_config
     from expertmerge.hashing import file_hash, model_content_hash
     from expertmerge.teachers import teacher_targets
 
     expert = copy_model(tiny_models.experts["alpha"], tmp_path / "alpha")
     weights = expert / "model.safetensors"
     experts = {"alpha": expert}
-    _, datamodule = configured(str(write_config(tmp_path, tiny_models.base, experts)), [])
+    datamodule = read_fit_config(str(write_config(tmp_path, tiny_models.base, experts))).datamodule
     datamodule.setup("validate")
     settings = TeacherSettings(hidden_layers=())
     before, old_file, old_model = weights.stat(), file_hash(weights), model_content_hash(expert)

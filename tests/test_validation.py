@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from calib_data import CalibrationDataModule
 from expertmerge.cli import main
 from expertmerge.errors import ExpertMergeError
-from lightning_modules.merging import ExpertMergingModule
+from expertmerge.fit.options import flat_parameters
+from expertmerge.fit.run import FitRun
 from tests.test_robustness import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def _tripwire(what: str):
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Teacher passes must not start in these tests."""
-    monkeypatch.setattr("lightning_modules.merging.teacher_targets", _tripwire("the teacher pass"))
+    monkeypatch.setattr("expertmerge.fit.prepare.teacher_targets", _tripwire("the teacher pass"))
     monkeypatch.setattr("lightning_modules.sequence_moe.teacher_targets", _tripwire("the teacher pass"))
     monkeypatch.setattr("expertmerge.teachers.teacher_targets", _tripwire("the teacher pass"))
 
@@ -228,7 +229,7 @@ def test_bad_export_checkpoint_is_one_line_before_models_load(
     make: Any,
     named: str,
 ) -> None:
-    monkeypatch.setattr(ExpertMergingModule, "prepare", _tripwire("loading the models"))
+    monkeypatch.setattr(FitRun, "prepare", _tripwire("loading the models"))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     ckpt = make(inputs)
@@ -289,8 +290,9 @@ def numeric_options() -> dict[str, Any]:
     """Every model.* and data.* option whose type holds a number, read from the constructors (a new option
     is fuzzed without editing this test)."""
     options = {}
-    for prefix, cls in (("model", ExpertMergingModule), ("data", CalibrationDataModule)):
-        for name, hint in typing.get_type_hints(cls.__init__).items():
+    model = {p.name: p.annotation for p in flat_parameters()}  # the module's flat options
+    for prefix, hints in (("model", model), ("data", typing.get_type_hints(CalibrationDataModule.__init__))):
+        for name, hint in hints.items():
             if name != "return" and _holds_number(hint):
                 options[f"{prefix}.{name}"] = hint
     return options

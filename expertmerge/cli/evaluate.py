@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from expertmerge.cli.fit import _fit_inputs, configured
+from expertmerge.cli.fit import fit_inputs, read_fit_config
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import check_output_file, write_json_output
 
@@ -91,11 +91,17 @@ def evaluate_main(argv: Sequence[str]) -> int:
     inputs = [options.config, *given.values()]
     if options.json:
         check_output_file(options.json, options.force, inputs, JSON_LABEL, existing=False)
-    module, datamodule = configured(options.config, overrides)
-    hp = module.hparams
+    fit_config = read_fit_config(options.config, overrides)
+    datamodule = fit_config.datamodule
+    if not hasattr(fit_config.model, "run"):
+        raise ExpertMergeError(
+            f"evaluate needs an Expert Merging config (a base and experts); '{options.config}' fits "
+            f"{type(fit_config.model).__name__}."
+        )
+    hp = fit_config.model.run.options
     named = {"base": resolve_path(hp.base), **given}
     pool = ExpertPool(hp.base, hp.experts, trust_remote_code=hp.trust_remote_code)
-    inputs += [*_fit_inputs(hp, datamodule)[0], pool.base_dir, *pool.expert_dirs.values()]
+    inputs += [*fit_inputs(hp, datamodule)[0], pool.base_dir, *pool.expert_dirs.values()]
     if options.json:  # now the config's base, experts and calibration files are known too
         check_output_file(options.json, options.force, inputs, JSON_LABEL)
     pool.validate()
@@ -108,9 +114,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
         check_scorable(
             folder, labels[name], _vocab_size(pool.config), pool.label("base"), hp.trust_remote_code
         )
-    datamodule.check([*module.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
+    datamodule.check([*hp.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")
-    settings = TeacherSettings(hidden_layers=(), logit_topk=hp.logit_topk, temperature=hp.temperature)
+    settings = TeacherSettings(hidden_layers=(), logit_topk=hp.loss.logit_topk, temperature=hp.loss.temperature)
     targets, _ = teacher_targets(
         datamodule,
         teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
@@ -132,7 +138,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
                 datamodule.task_samples(task, "eval").input_ids,
                 datamodule.task_samples(task, "eval").attention_mask,
                 targets[(task, "eval")],
-                hp.temperature,
+                hp.loss.temperature,
             )
             for task in datamodule.task_names
         }

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from expertmerge.cli.fit import _fit_inputs, check_pool_matches, configured
+from expertmerge.cli.fit import check_pool_matches, fit_inputs, read_fit_config
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -46,13 +46,12 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str,
                 f"{current[key]!r}; {fix}."
             )
     if "expertmerge" in checkpoint:
-        check_pool_matches(checkpoint, current, path, "export")
+        check_pool_matches(checkpoint, module.run.options, path, "export")
 
 
 def export_main(argv: Sequence[str]) -> int:
     from expertmerge.config_file import read_config_file
     from expertmerge.io.folder import check_output_dir
-    from lightning_modules.callbacks import export_dense
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge export", description="Export the merged model of a fit checkpoint."
@@ -71,32 +70,38 @@ def export_main(argv: Sequence[str]) -> int:
     read_config_file(options.config, "--config")  # a broken config is named before the checkpoint is read
     inputs = [options.config, options.ckpt_path]
     check_output_dir(options.out, options.force, inputs)
-    module, datamodule = configured(options.config, overrides)
+    fit_config = read_fit_config(options.config, overrides)
+    module, datamodule = fit_config.model, fit_config.datamodule
     # The config's base, experts and calibration files are inputs too: checked before any model loads.
-    check_output_dir(options.out, options.force, [*inputs, *_fit_inputs(module.hparams, datamodule)[0]])
+    check_output_dir(options.out, options.force, [*inputs, *fit_inputs(module.hparams, datamodule)[0]])
     checkpoint = read_checkpoint(options.ckpt_path)
     check_checkpoint_matches(checkpoint, module, options.ckpt_path, options.config)  # before any model loads
-    module.prepare(datamodule)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
     from lightning_modules.sequence_moe import SequenceMoEModule
 
+    health = None
     if isinstance(module, SequenceMoEModule):
+        module.prepare(datamodule)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
         path = module.export(options.out, options.force)
-    elif options.moe:
-        from expertmerge.evaluate import scores_table
-        from lightning_modules.callbacks import evaluate_fit, export_moe
-
-        path, scores, health = export_moe(
-            module, options.out, options.force, evaluate_fit(module, include_base=False)
-        )
-        Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
     else:
-        from lightning_modules.callbacks import fit_health
+        from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_health
 
-        health = fit_health(module)
-        path = export_dense(module, options.out, options.force, health=health)
+        module.run.datamodule = datamodule
+        learned = module.run.prepare()
+        learned.restore(checkpoint.get("expertmerge", {}))
+        learned.load_coefficients(checkpoint["state_dict"])
+        if options.moe:
+            from expertmerge.evaluate import scores_table
+
+            path, scores, health = export_moe(
+                learned, options.out, options.force, evaluate_fit(learned, include_base=False)
+            )
+            Console().print(scores_table("Held-out calibration samples, per task", scores, learned.task_names))
+        else:
+            health = fit_health(learned)
+            path = export_dense(learned, options.out, options.force, health=health)
     Console().print(f"[green]exported[/green] {escape(str(path))}")
-    if not isinstance(module, SequenceMoEModule) and health is not None:
+    if health is not None:
         Console().print(f"health check: {health.summary_row()}")
     return 0

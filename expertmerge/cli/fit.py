@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,7 +46,7 @@ class _DropLines(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Silence the lines above for the duration of the command only (no process-wide filters)."""
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     drop = _DropLines()
@@ -74,7 +73,7 @@ def _tokenizer_of(model: Any) -> str | None:
     return next(iter(experts.values()), None)
 
 
-def _fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
+def fit_inputs(model: Any, datamodule: Any) -> tuple[list[str], int]:
     """The fit's input paths (base, experts, calibration sources), which its outputs may not replace, and the
     base's weight bytes (the dense output's size) when the base is a local folder."""
     from pathlib import Path
@@ -117,8 +116,8 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
     from calib_data import CalibrationDataModule
     from expertmerge.errors import ExpertMergeError
+    from expertmerge.fit.outputs import ExportSettings
     from expertmerge.io.folder import check_output_dir
-    from lightning_modules.callbacks import ExportSettings
     from lightning_modules.merging import ExpertMergingModule
     from lightning_modules.progress import StepProgressBar
 
@@ -152,7 +151,7 @@ def _fit_cli(args: Sequence[str], run: bool = True):
             ):
                 callbacks.append(StepProgressBar())
             if {**config, **kwargs}.get("strategy") == "fsdp" and isinstance(self.model, ExpertMergingModule):
-                from expertmerge.fsdp import LayerShardedStrategy
+                from lightning_modules.strategy import LayerShardedStrategy
 
                 kwargs = {**kwargs, "strategy": LayerShardedStrategy()}  # Lightning's fsdp refuses the CPU
             return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
@@ -174,50 +173,42 @@ def _fit_cli(args: Sequence[str], run: bool = True):
 
         def before_fit(self) -> None:
             self.export_settings = ExportSettings(**vars(self.config.fit.export))
-            if self.resume_checkpoint is not None and isinstance(self.model, ExpertMergingModule):
-                check_pool_matches(
-                    self.resume_checkpoint, self.model.hparams, self.config.fit.ckpt_path, "--ckpt_path"
-                )
-            inputs, estimate = _fit_inputs(self.config.fit.model, self.datamodule)
+            if isinstance(self.model, ExpertMergingModule):
+                # Resolved (a zoo:// reference built) and checked now: before any output is promised, and outside
+                # the fit's timings.
+                self.model.run.pool = self.model.run.make_pool()
+                if self.resume_checkpoint is not None:
+                    check_pool_matches(
+                        self.resume_checkpoint, self.model.run.options, self.config.fit.ckpt_path, "--ckpt_path"
+                    )
+            inputs, estimate = fit_inputs(self.config.fit.model, self.datamodule)
             settings = self.export_settings
             check_output_dir(settings.output_dir, settings.force, inputs, estimate)  # fail before work
             if getattr(self.model.hparams, "moe", False):
                 check_output_dir(settings.moe_dir(), settings.force, inputs, estimate)
-            hparams = self.model.hparams
-            if hparams.get("chunking") and not hparams.get("stage1_result") and self.trainer.max_steps < 1:
-                raise ExpertMergeError(  # stage 1 (the layer-wise fit) lasts trainer.max_steps steps
-                    f"trainer.max_steps is {self.trainer.max_steps}; model.chunking needs it >= 1 (the steps of "
-                    "the layer-wise stage before the chunk-wise one)."
-                )
             self.config_yaml = self._parser(self.subcommand).dump(self.config.fit, skip_none=False)
 
         def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
             """The command's steps (LightningCLI runs this method in place of `Trainer.fit`)."""
-            started = time.perf_counter()
-            # Checkpoints are plain data: never unpickle other objects (`--weights_only false` included).
-            kwargs = {**kwargs, "weights_only": True}
             if isinstance(model, ExpertMergingModule):
-                trainers = run_stages(self, model, **kwargs)
-            else:
-                trainers = [self.trainer]
-                self.trainer.fit(model, **kwargs)
-            trainer = trainers[-1]
-            if not trainer.interrupted and getattr(model, "layer_sharded", False):
-                # FSDP: every rank takes part in gathering the sharded tensors back; rank 0 keeps them
-                model.to(trainer.strategy.root_device)
-                model.gather_to_resident(keep=trainer.is_global_zero)
-            if trainer.interrupted or not trainer.is_global_zero:
-                _leave_process_group(trainer)
+                from expertmerge.fit.run import run_fit
+                from lightning_modules.trainer import lightning_trainers
+
+                model.run.datamodule = self.datamodule
+                trainers = lightning_trainers(model, self.instantiate_trainer, first=self.trainer)
+                result = run_fit(model.run, trainers, ckpt_path=kwargs.get("ckpt_path"))
+                if result.main_process and not result.interrupted:
+                    export_expert_merging(result, self.export_settings, self.config_yaml)
                 return
-            # Lightning hands the module back on the CPU; the evaluation and exports run where the fit ran.
-            model.to(trainer.strategy.root_device)
-            if isinstance(model, ExpertMergingModule):
-                select_stage2(model)
-                steps = " + ".join(str(t.global_step) for t in trainers)
-                seconds = time.perf_counter() - started
-                export_expert_merging(model, self.export_settings, self.config_yaml, steps, seconds)
-            else:
-                export_sequence_moe(model, self.export_settings, self.config_yaml)
+            from lightning_modules.trainer import leave_process_group
+
+            # Checkpoints are plain data: never unpickle other objects (`--weights_only false` included).
+            self.trainer.fit(model, **{**kwargs, "weights_only": True})
+            if self.trainer.interrupted or not self.trainer.is_global_zero:
+                leave_process_group(self.trainer)
+                return
+            model.to(self.trainer.strategy.root_device)
+            export_sequence_moe(model, self.export_settings, self.config_yaml)
 
     trainer_defaults = {
         "max_steps": 60,
@@ -310,15 +301,13 @@ _DESCRIPTION = (
 )
 
 
-def check_pool_matches(checkpoint: dict[str, Any], hparams: Any, path: str, label: str) -> None:
+def check_pool_matches(checkpoint: dict[str, Any], options: Any, path: str, label: str) -> None:
     """Refuse an Expert Merging checkpoint learned on other weights of the same-named base or experts than
-    the config's (content hashes; read from cache, no model loads)."""
+    the options' (`FitOptions`; content hashes, read from cache, no model loads)."""
     from expertmerge.io.fit_checkpoint import check_same_models
     from expertmerge.pool import BASE, ExpertPool
 
-    pool = ExpertPool(
-        hparams["base"], hparams["experts"], trust_remote_code=hparams.get("trust_remote_code", False)
-    )
+    pool = ExpertPool(options.base, options.experts, trust_remote_code=options.trust_remote_code)
     folders = {BASE: pool.base_dir, **pool.expert_dirs}
     check_same_models(checkpoint, pool.content_hashes(), folders, path, label)
 
@@ -335,110 +324,54 @@ def read_resume_checkpoint(config: Any) -> dict[str, Any] | None:
     return load_fit_checkpoint(str(ckpt_path), "--ckpt_path")
 
 
-def run_stages(cli: Any, module: Any, ckpt_path: str | None = None, **kwargs: Any) -> list[Any]:
-    """Stage 1 (layer-wise, `trainer.max_steps`), then for Expert Merging++ stage 2 (chunk-wise,
-    `model.stage2_steps`) as a second Trainer over the same module. Returns the Trainers that ran.
-
-    A checkpoint says its stage: a stage-2 checkpoint resumes stage 2 (stage 1 is not run again).
-    """
-    from expertmerge.errors import ExpertMergeError
-    from lightning_modules.merging import checkpoint_stage
-
-    hp = module.hparams
-    resume_stage = checkpoint_stage(ckpt_path) if ckpt_path else None
-    if resume_stage == 2 and not module.chunking_enabled:
-        raise ExpertMergeError(
-            f"--ckpt_path '{ckpt_path}' is a chunk-wise (stage 2) checkpoint: resume it with model.chunking true."
-        )
-    if resume_stage == 1 and hp.stage1_result:
-        raise ExpertMergeError(
-            f"--ckpt_path '{ckpt_path}' is a layer-wise (stage 1) checkpoint, but model.stage1_result runs "
-            "stage 2 only: drop one of the two."
-        )
-    trainers = []
-    if not hp.stage1_result and resume_stage != 2:
-        stage1 = cli.trainer
-        if module.chunking_enabled and stage1.max_steps < 0:
-            raise ExpertMergeError(
-                "model.chunking needs trainer.max_steps (the layer-wise stage's steps) to be set."
-            )
-        stage1.fit(module, ckpt_path=ckpt_path, **kwargs)
-        trainers.append(stage1)
-        if stage1.interrupted or not module.chunking_enabled:
-            return trainers
-        module.start_stage2(module.stage1_snapshot())
-        ckpt_path = None
-    # With stage1_result or a stage-2 checkpoint the module enters stage 2 while it is set up / restored.
-    stage2 = cli.instantiate_trainer(max_steps=int(hp.stage2_steps))
-    stage2.fit(module, ckpt_path=ckpt_path, **kwargs)
-    return [*trainers, stage2]
-
-
-def _leave_process_group(trainer: Any) -> None:
-    """A rank with nothing left to do (rank 0 evaluates and exports alone) leaves the process group now: left
-    to the interpreter's exit, gloo's teardown can abort the rank while rank 0 is still at work, and Lightning
-    then kills rank 0 too."""
-    import torch.distributed as dist
-
-    if (
-        trainer.world_size > 1
-        and not trainer.is_global_zero
-        and dist.is_available()
-        and dist.is_initialized()
-    ):
-        dist.destroy_process_group()
-
-
-def select_stage2(module: Any) -> None:
-    """After an Expert Merging++ fit (the module where it ran, resident): `stage2_select: held_out` keeps the
-    chunk-wise coefficients only if they beat the layer-wise ones on the held-out calibration samples."""
-    if module.stage == 2 and module.hparams.stage2_select == "held_out":
-        module.select_stage2()
-
-
-def export_expert_merging(module: Any, settings: Any, config_yaml: str, steps: str, seconds: float) -> None:
-    """After the fits: the per-task comparison, the fused MoE (with router tuning), the dense merge, a summary."""
+def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
+    """After the fits (`FitResult`): the per-task comparison, the fused MoE (with router tuning), the dense
+    merge, a summary."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from expertmerge.evaluate import scores_table
-    from lightning_modules.callbacks import evaluate_fit, export_dense, export_moe, fit_health
+    from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_health
 
+    learned = result.learned
+    merged, options = learned.merged, learned.options
     console = Console()
-    scores = evaluate_fit(module) if settings.evaluate else None
+    scores = evaluate_fit(learned) if settings.evaluate else None
     moe_path, moe_health = None, None
-    if module.hparams.moe:
-        moe_path, moe_scores, moe_health = export_moe(module, settings.moe_dir(), settings.force, scores)
+    if options.moe.moe:
+        moe_path, moe_scores, moe_health = export_moe(learned, settings.moe_dir(), settings.force, scores)
         scores = moe_scores if scores is not None else None
     if scores is not None:
-        console.print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
-    health = fit_health(module)
-    path = export_dense(module, settings.output_dir, settings.force, config_yaml, scores, health)
+        console.print(scores_table("Held-out calibration samples, per task", scores, learned.task_names))
+    health = fit_health(learned)
+    last_steps = result.trainers[-1].global_step
+    path = export_dense(learned, settings.output_dir, settings.force, config_yaml, scores, health, last_steps)
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
-        summary.add_row("fused MoE", f"{escape(str(moe_path))} (router {module.hparams.moe_router})")
-    summary.add_row("experts", escape(", ".join(module.expert_names)))
-    summary.add_row("tensors with learned coefficients", str(len(module.coefficient_names)))
-    summary.add_row("coefficients", str(module.coefficients.num_trainable()))
-    summary.add_row("steps", steps)
-    if module.start_scores or module.start_merge != "task_arithmetic":
-        summary.add_row("start", f"{module.start_merge} at alpha0 {module.start_alpha:.4g}")
-    if module.stage2_choice is not None:
-        choice = module.stage2_choice
+        summary.add_row("fused MoE", f"{escape(str(moe_path))} (router {options.moe.moe_router})")
+    summary.add_row("experts", escape(", ".join(learned.expert_names)))
+    summary.add_row("tensors with learned coefficients", str(len(merged.coefficient_names)))
+    summary.add_row("coefficients", str(merged.coefficients.num_trainable()))
+    summary.add_row("steps", result.steps)
+    if learned.start_scores or merged.start_merge != "task_arithmetic":
+        summary.add_row("start", f"{merged.start_merge} at alpha0 {merged.start_alpha:.4g}")
+    if learned.stage2_choice is not None:
+        choice = learned.stage2_choice
         verdict = "kept" if choice["kept"] else "reverted to layer-wise"
         summary.add_row(
             "chunk-wise stage (held-out objective)",
             f"{verdict}: {choice['objective_chunk_wise']:.4f} vs layer-wise {choice['objective_layer_wise']:.4f}"
             f" (standard error {choice['standard_error']:.4f})",
         )
-    if module.task_scales:
-        scales = ", ".join(f"{t} {v:.2f}" for t, v in module.task_scales.items())
-        summary.add_row(f"task scales ({module.hparams.task_balance})", escape(scales))
-    stats = module.teacher_stats
+    if learned.task_scales:
+        scales = ", ".join(f"{t} {v:.2f}" for t, v in learned.task_scales.items())
+        summary.add_row(f"task scales ({options.loss.task_balance})", escape(scales))
+    stats = learned.calibration.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
-    summary.add_row("fit wall time", f"{seconds:.1f} s")
+    summary.add_row("set-up wall time (base, task vectors, teachers, start)", f"{learned.prepare_seconds:.1f} s")
+    summary.add_row("fit wall time", f"{result.seconds - learned.prepare_seconds:.1f} s")
     summary.add_row("health check", health.summary_row())
     if moe_health is not None:
         summary.add_row("fused MoE health check", moe_health.summary_row())
@@ -467,13 +400,20 @@ def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
 
 
 def fit_main(argv: Sequence[str]) -> int:
-    with _quiet_lightning():
+    if any(arg in ("-h", "--help") for arg in argv):  # ours: the merge's options; Lightning's on --help-all
+        from expertmerge.cli.fit_help import fit_help
+
+        print(fit_help())
+        return 0
+    argv = ["--help" if arg == "--help-all" else arg for arg in argv]
+    with quiet_lightning():
         _fit_cli(["fit", *argv])
     return 0
 
 
-def configured(config: str, overrides: Sequence[str]):
-    """Model (not yet prepared) and datamodule of a fit config, without running anything."""
-    with _quiet_lightning():
-        cli = _fit_cli(["--config", config, *overrides], run=False)
-    return cli.model, cli.datamodule
+def read_fit_config(config: str, overrides: Sequence[str] = ()) -> Any:
+    """A fit config, parsed and checked, nothing run: `.model` (the Lightning module, not prepared),
+    `.datamodule`, `.config` (the parsed namespace) and `.instantiate_trainer(**settings)` (a Trainer of the
+    config's settings)."""
+    with quiet_lightning():
+        return _fit_cli(["--config", config, *overrides], run=False)

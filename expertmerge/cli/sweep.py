@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 # The sweep scores every fit itself: the fit's own validation, checkpoints and logs would only cost time.
 _LEAN_TRAINER = (
@@ -32,7 +31,9 @@ def sweep_main(argv: Sequence[str]) -> int:
     from rich.table import Table
 
     from calib_data.tasks import base_task_names
-    from expertmerge.cli.fit import _fit_cli, _fit_inputs, _quiet_lightning, run_stages, select_stage2
+    from expertmerge.cli.fit import fit_inputs, quiet_lightning, read_fit_config
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.fit.run import run_fit
     from expertmerge.io.folder import atomic_output_dir, check_output_dir
     from expertmerge.plots import plot_tradeoff
     from expertmerge.sweep import (
@@ -41,12 +42,13 @@ def sweep_main(argv: Sequence[str]) -> int:
         complete_point,
         held_out_scores,
         parse_task_weights,
-        reset_coefficients,
         sweep_table,
         teacher_scores,
         write_results,
     )
     from expertmerge.teachers import teacher_forwards
+    from lightning_modules.merging import ExpertMergingModule
+    from lightning_modules.trainer import lightning_trainers
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge sweep",
@@ -68,49 +70,42 @@ def sweep_main(argv: Sequence[str]) -> int:
     task, weights = parse_task_weights(options.task_weights)
     console = Console()
 
-    with _quiet_lightning():
-        cli = _fit_cli(["--config", options.config, *_LEAN_TRAINER, *overrides], run=False)
-    module, datamodule = cli.model, cli.datamodule
-    from lightning_modules.merging import ExpertMergingModule
-
+    fit_config = read_fit_config(options.config, [*_LEAN_TRAINER, *overrides])
+    module, datamodule = fit_config.model, fit_config.datamodule
     if not isinstance(module, ExpertMergingModule):
-        from expertmerge.errors import ExpertMergeError
-
         raise ExpertMergeError(
             f"sweep needs an Expert Merging config; '{options.config}' fits {type(module).__name__}."
         )
-    configured = dict(module.hparams.task_weights or {})
+    run = module.run
+    run.datamodule = datamodule
+    configured = dict(run.options.loss.task_weights or {})
     check_swept_task(task, weights, datamodule.tasks, configured)
-    inputs, _ = _fit_inputs(cli.config.model, datamodule)
+    inputs, _ = fit_inputs(fit_config.config.model, datamodule)
     check_output_dir(options.output_dir, options.force, inputs)  # before any work
+    run.pool = run.make_pool()
     base_tasks = base_task_names(datamodule.tasks)
 
     points: list[SweepPoint] = []
     base = teachers = None
     for index, weight in enumerate(weights):
         console.print(f"[bold]sweep {index + 1}/{len(weights)}[/bold]: {escape(task)} weight {weight:g}")
-        module.hparams.task_weights = {**configured, task: weight}
-        if module.model is not None:
-            reset_coefficients(module)
+        run.options = run.options.replace(task_weights={**configured, task: weight})
+        if run.learned is not None:  # the base, task vectors and targets stay; the coefficients start afresh
+            run.learned.restart(run.options)
         forwards, started = teacher_forwards(), time.perf_counter()
-        with _quiet_lightning():  # the Trainer's device inventory and tips are noise here
-            trainer = cli.instantiate_trainer()
-            stages = SimpleNamespace(trainer=trainer, instantiate_trainer=cli.instantiate_trainer)
-            trainers = run_stages(stages, module, datamodule=datamodule)
-        if trainers[-1].interrupted:
+        with quiet_lightning():  # the Trainer's device inventory and tips are noise here
+            result = run_fit(run, lightning_trainers(module, fit_config.instantiate_trainer))
+        if result.interrupted:
             return 1
         seconds = time.perf_counter() - started
-        module.to(trainers[-1].strategy.root_device)
-        select_stage2(module)
+        learned = result.learned
         if base is None:  # once: the base's and the teachers' own scores
-            import torch
-            from transformers import AutoModelForCausalLM
 
-            plain = AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir), dtype=torch.float32)
-            base = held_out_scores(module, plain.eval().to(module.device))
+            plain = learned.pool.load_model()
+            base = held_out_scores(learned, plain.to(learned.merged.device))
             del plain
-            teachers = teacher_scores(module)
-        point = SweepPoint(weight, held_out_scores(module), teacher_forwards() - forwards, seconds)
+            teachers = teacher_scores(learned)
+        point = SweepPoint(weight, held_out_scores(learned), teacher_forwards() - forwards, seconds)
         points.append(complete_point(point, base, teachers, base_tasks))
         kl = ", ".join(f"{escape(name)} KL to base {value:.4f}" for name, value in point.base_kl.items())
         gains = ", ".join(f"{escape(name)} {value:+.3f}" for name, value in point.gains.items())

@@ -69,8 +69,15 @@ def symphony_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     options = parser.parse_args(list(argv))
+    from lightning_modules.trainer import plain_trainers
+
+    progress = not options.no_progress
     summary = run_symphony(
-        options.config, out=options.out, force=options.force, progress=not options.no_progress
+        options.config,
+        out=options.out,
+        force=options.force,
+        progress=progress,
+        trainer_factory=plain_trainers(progress=progress),
     )
     Console().print(summary_table(summary))
     return 0

@@ -1,4 +1,7 @@
-"""The fit's results: compare the merges per task and export the learned one (steps of the `fit` command)."""
+"""After a fit: compare the merges per task, check the merge's health, export the dense merge and the fused MoE.
+
+Each step reads the prepared `LearnedMerge` (on the device it was fitted on); none needs Lightning.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from expertmerge.evaluate import (
     score_task,
     scores_to_json,
 )
+from expertmerge.fit.learned import LearnedMerge
 from expertmerge.health import (
     BUILTIN_SOURCE,
     BUILTIN_TEXTS,
@@ -83,32 +87,32 @@ def start_row(rows: Mapping[str, Any]) -> Any:
     return rows[start_row_name(rows)]
 
 
-def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, TaskScores]]:
+def evaluate_fit(learned: LearnedMerge, include_base: bool = True) -> dict[str, dict[str, TaskScores]]:
     """Per-task scores of base, task arithmetic at alpha0, the learned merge and the experts (held-out split)."""
-    datamodule = module.datamodule
-    device = module.device
+    datamodule = learned.calibration.datamodule
+    device = learned.merged.device
     rows: dict[str, dict[str, TaskScores]] = {}
-    temperature = module.hparams.temperature
+    temperature = learned.options.loss.temperature
 
     def score(forward) -> dict[str, TaskScores]:
         """`forward(ids, mask, task)`: the model's logits on that task's samples."""
         result = {}
-        for task in module.task_names:
+        for task in learned.task_names:
             samples = datamodule.task_samples(task, "eval")
             result[task] = score_task(
                 lambda ids, mask, task=task: forward(ids, mask, task),
                 samples.input_ids,
                 samples.attention_mask,
-                module.targets[(task, "eval")],
+                learned.calibration.targets[(task, "eval")],
                 temperature,
                 device=device,
             )
         return result
 
-    module.eval()
+    learned.merged.eval()
     if include_base:
         base = (
-            AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir), dtype=torch.float32)
+            AutoModelForCausalLM.from_pretrained(str(learned.pool.base_dir), dtype=torch.float32)
             .eval()
             .to(device)
         )
@@ -119,43 +123,43 @@ def evaluate_fit(module: Any, include_base: bool = True) -> dict[str, dict[str, 
 
     def merged(coefficients=None, oracle: bool = False):
         def forward(ids, mask, task):
-            expert = module.oracle_expert(task) if oracle else None
-            return module(
+            expert = learned.merged.oracle_expert(task) if oracle else None
+            return learned.merged(
                 ids, mask, coefficients=coefficients, output_hidden_states=False, oracle_expert=expert
             ).logits
 
         return forward
 
-    rows[START_ROWS[module.start_merge]] = score(merged(module.alpha0_coefficients))
-    if module.stage1_values is not None:
-        stage1 = module.layerwise_coefficients(module.stage1_values)
+    rows[START_ROWS[learned.merged.start_merge]] = score(merged(learned.merged.alpha0_coefficients))
+    if learned.merged.stage1_values is not None:
+        stage1 = learned.merged.layerwise_coefficients(learned.merged.stage1_values)
         rows["expert merging (layer-wise)"] = score(merged(stage1))
         rows["expert merging++ (chunk-wise)"] = score(merged())
     else:
         rows["expert merging"] = score(merged())
-    if module.hparams.moe:
+    if learned.options.moe.moe:
         # the learned shared backbone with each task's own expert FFN: the MoE with a perfect router
         rows["MoE backbone, oracle routing"] = score(merged(oracle=True))
     rows["experts"] = {
         task: expert_scores(
-            datamodule.task_samples(task, "eval").attention_mask, module.targets[(task, "eval")]
+            datamodule.task_samples(task, "eval").attention_mask, learned.calibration.targets[(task, "eval")]
         )
-        for task in module.task_names
+        for task in learned.task_names
     }
     return rows
 
 
 @torch.no_grad()
-def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
-    """The learned merge as a plain model folder, in `dtype`; the module itself is left as it was.
+def save_merged_weights(learned: LearnedMerge, folder: Path, dtype: torch.dtype) -> None:
+    """The learned merge as a plain model folder, in `dtype`; the merge itself is left as it was.
 
     The tensor names are the base checkpoint's: what `save_pretrained` wrote there (a tied `lm_head` is not
     written twice), so the folder reloads as the merged model. Streamed through the one writer, tensor by
     tensor, each checked to be finite.
     """
-    pool = module.pool
-    state = module.model.state_dict()
-    merged = module.merged_parameters()
+    pool = learned.pool
+    state = learned.merged.model.state_dict()
+    merged = learned.merged.merged_parameters()
     missing = [name for name in pool.tensor_names if name not in merged and name not in state]
     if missing:
         raise RuntimeError(f"the fitted model lacks tensors of the base checkpoint: {missing[:5]}")
@@ -163,12 +167,12 @@ def save_merged_weights(module: Any, folder: Path, dtype: torch.dtype) -> None:
     write_config(pool.base_dir, folder, dtype)
 
 
-def health_samples(module: Any) -> Any:
+def health_samples(learned: LearnedMerge) -> Any:
     """A few held-out calibration samples, taken from every task in turn (the built-in texts without any)."""
     from expertmerge.health import MAX_TEXTS, encode_texts
     from expertmerge.io.tokenizer import load_tokenizer
 
-    splits = [module.datamodule.task_samples(task, "eval") for task in module.task_names]
+    splits = [learned.calibration.datamodule.task_samples(task, "eval") for task in learned.task_names]
     picked = [
         (split.input_ids[i], split.attention_mask[i])
         for i in range(MAX_TEXTS)
@@ -176,64 +180,69 @@ def health_samples(module: Any) -> Any:
         if i < split.input_ids.shape[0]
     ][:MAX_TEXTS]
     if not picked:
-        return encode_texts(load_tokenizer(module.pool.base_dir), BUILTIN_TEXTS, BUILTIN_SOURCE)
+        return encode_texts(load_tokenizer(learned.pool.base_dir), BUILTIN_TEXTS, BUILTIN_SOURCE)
     ids, masks = zip(*picked, strict=True)  # tasks differ in padded length: rows, not one tensor
     return samples_from_ids(list(ids), list(masks), "held-out calibration samples")
 
 
 @torch.no_grad()
-def fit_health(module: Any) -> HealthCheck:
+def fit_health(learned: LearnedMerge) -> HealthCheck:
     """The learned merge in memory (as exported, before any file is renamed into place) against the base."""
-    module.eval()
+    learned.merged.eval()
     return check_model(
         lambda ids, mask: (
-            module(ids.to(module.device), mask.to(module.device), output_hidden_states=False).logits
+            learned.merged(
+                ids.to(learned.merged.device), mask.to(learned.merged.device), output_hidden_states=False
+            ).logits
         ),
-        int(module.model.get_input_embeddings().weight.shape[0]),
-        module.pool.base_dir,
-        health_samples(module),
-        module.device,
+        int(learned.merged.model.get_input_embeddings().weight.shape[0]),
+        learned.pool.base_dir,
+        health_samples(learned),
+        learned.merged.device,
     )
 
 
 def export_dense(
-    module: Any,
+    learned: LearnedMerge,
     output_dir: str | Path,
     force: bool,
     config_yaml: str | None = None,
     scores: dict[str, dict[str, TaskScores]] | None = None,
     health: HealthCheck | None = None,
+    steps: int | None = None,
 ) -> Path:
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder.
 
-    `health` (`fit_health(module)`) goes into the merge card."""
-    pool = module.pool
+    `health` (`fit_health(learned)`) goes into the merge card; `steps` (the stages' steps) too."""
+    pool = learned.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
     with atomic_output_dir(
         output_dir, force, inputs, weights_bytes(pool.base_dir) + support_bytes(pool.base_dir), command="fit"
     ) as tmp:
-        save_merged_weights(module, tmp, _stored_dtype(pool.base_dir))
+        save_merged_weights(learned, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
         copy_support_files(pool.base_dir, tmp)
         coefficients = {
-            "experts": module.expert_names,
-            "alpha0": module.start_alpha,  # alpha0_search: the value it chose
-            "start_merge": module.start_merge,  # the training-free merge the coefficients learn over
+            "experts": learned.expert_names,
+            "alpha0": learned.merged.start_alpha,  # alpha0_search: the value it chose
+            "start_merge": learned.merged.start_merge,  # the training-free merge the coefficients learn over
             "chunk_counts": dict(
-                zip(module.coefficient_names, module.coefficients.chunk_counts, strict=True)
+                zip(learned.merged.coefficient_names, learned.merged.coefficients.chunk_counts, strict=True)
             ),
-            "coefficients": module.coefficients.to_dict(module.expert_names),
+            "coefficients": learned.merged.coefficients.to_dict(learned.expert_names),
             "layerwise": {
-                name: dict(zip(module.expert_names, [round(float(v), 6) for v in column], strict=True))
+                name: dict(zip(learned.expert_names, [round(float(v), 6) for v in column], strict=True))
                 for name, column in zip(
-                    module.coefficient_names, module.coefficients.layerwise_values().T, strict=True
+                    learned.merged.coefficient_names,
+                    learned.merged.coefficients.layerwise_values().T,
+                    strict=True,
                 )
             },
         }
         (tmp / "coefficients.json").write_text(json.dumps(coefficients, indent=1))
-        if module.chunk_allocation is not None:
-            (tmp / "chunk_allocation.json").write_text(json.dumps(module.chunk_allocation, indent=1))
-        write_plots(module, tmp)
+        if learned.merged.chunk_allocation is not None:
+            (tmp / "chunk_allocation.json").write_text(json.dumps(learned.merged.chunk_allocation, indent=1))
+        write_plots(learned.merged, tmp)
         if scores:
             (tmp / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
         if config_yaml:
@@ -251,41 +260,41 @@ def export_dense(
             sections["Evaluation (held-out calibration samples)"] = "\n".join(lines)
         if health is not None:
             sections["Health check"] = health.card_section()
-        hp = module.hparams
+        loss = learned.options.loss
         write_merge_card(
             tmp,
             title="Expert Merging result",
             method="expert_merging (learned coefficients, arXiv 2509.25712)",
             base=(pool.base_source, hashes["base"]),
-            experts={name: (pool.expert_sources[name], hashes[name]) for name in module.expert_names},
+            experts={name: (pool.expert_sources[name], hashes[name]) for name in learned.expert_names},
             parameters={
-                "alpha0": module.start_alpha,
-                "start_merge": module.start_merge,
-                "start_search": module.start_scores_json(),
-                "stage2_choice": module.stage2_choice,
-                "gamma": hp.gamma,
-                "mu": hp.mu,
-                "temperature": hp.temperature,
-                "hidden_layers": module.hidden_layers,
-                "task_weights": hp.task_weights,
-                "ce_weight": hp.ce_weight,
-                "task_balance": hp.task_balance,
-                "task_scales": module.task_scales,
+                "alpha0": learned.merged.start_alpha,
+                "start_merge": learned.merged.start_merge,
+                "start_search": learned.start_scores_json(),
+                "stage2_choice": learned.stage2_choice,
+                "gamma": loss.gamma,
+                "mu": loss.mu,
+                "temperature": loss.temperature,
+                "hidden_layers": learned.calibration.hidden_layers,
+                "task_weights": loss.task_weights,
+                "ce_weight": loss.ce_weight,
+                "task_balance": loss.task_balance,
+                "task_scales": learned.task_scales,
                 "tasks": {
-                    t: BASE_TEACHER if k is None else module.expert_names[k]
-                    for t, k in zip(module.task_names, module.task_experts, strict=True)
+                    t: BASE_TEACHER if k is None else learned.expert_names[k]
+                    for t, k in zip(learned.task_names, learned.calibration.task_experts, strict=True)
                 },
-                "learned_tensors": len(module.coefficient_names),
+                "learned_tensors": len(learned.merged.coefficient_names),
                 "chunking": (
                     None
-                    if module.chunk_allocation is None
+                    if learned.merged.chunk_allocation is None
                     else {
-                        k: module.chunk_allocation[k]
+                        k: learned.merged.chunk_allocation[k]
                         for k in ("budget", "kappa", "total_chunks", "fixed_tensors")
                     }
                 ),
-                "coefficients": module.coefficients.num_trainable(),
-                "steps": module.global_step,
+                "coefficients": learned.merged.coefficients.num_trainable(),
+                "steps": steps,
             },
             sections=sections,
         )
@@ -293,7 +302,7 @@ def export_dense(
 
 
 # --------------------------------------------------------------------------------------- fused MoE export
-def moe_router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
+def moe_router_rows(learned: LearnedMerge, method: str, seed: int = 0) -> torch.Tensor:
     """[layers, experts, hidden] initial routers of the fused MoE, from the fit's calibration data (train split).
 
     The `hidden` router sees each expert's tasks through the learned backbone with that expert's FFN (oracle
@@ -304,57 +313,64 @@ def moe_router_rows(module: Any, method: str, seed: int = 0) -> torch.Tensor:
     from expertmerge.moe import moe_format_for
     from expertmerge.moe.router_inputs import initial_router_rows, split_batches
 
-    experts = len(module.expert_names)
+    experts = len(learned.expert_names)
     routed_base = (
-        module.hparams.moe_include_base_expert
-        and None in module.task_experts
-        and not moe_format_for(getattr(module.model.config, "model_type", None)).shared_expert
+        learned.options.moe.moe_include_base_expert
+        and None in learned.calibration.task_experts
+        and not moe_format_for(getattr(learned.merged.model.config, "model_type", None)).shared_expert
     )
     groups: list[dict[str, list]] = [{} for _ in range(experts + int(routed_base))]
-    for task, k in zip(module.task_names, module.task_experts, strict=True):
+    for task, k in zip(learned.task_names, learned.calibration.task_experts, strict=True):
         if k is None and not routed_base:
             continue
-        samples = module.datamodule.task_samples(task, "train")
+        samples = learned.calibration.datamodule.task_samples(task, "train")
         groups[experts if k is None else k][task] = split_batches(samples.input_ids, samples.attention_mask)
     return initial_router_rows(
         method,
-        module.model,
+        learned.merged.model,
         groups,
-        forward=lambda k, ids, mask: module(
+        forward=lambda k, ids, mask: learned.merged(
             ids, mask, output_hidden_states=False, oracle_expert=BASE_TEACHER if k == experts else k
         ),
-        names=[*module.expert_names, BASE_TEACHER][: len(groups)],
+        names=[*learned.expert_names, BASE_TEACHER][: len(groups)],
         seed=seed,
     )
 
 
-def _moe_scores(model: torch.nn.Module, module: Any) -> dict[str, TaskScores]:
+def _moe_scores(model: torch.nn.Module, learned: LearnedMerge) -> dict[str, TaskScores]:
     return score_model_tasks(
-        model, module.datamodule, module.targets, module.hparams.temperature, device=module.device
+        model,
+        learned.calibration.datamodule,
+        learned.calibration.targets,
+        learned.options.loss.temperature,
+        device=learned.merged.device,
     )
 
 
 def export_moe(
-    module: Any, output_dir: str | Path, force: bool, scores: dict[str, dict[str, TaskScores]] | None = None
+    learned: LearnedMerge,
+    output_dir: str | Path,
+    force: bool,
+    scores: dict[str, dict[str, TaskScores]] | None = None,
 ) -> tuple[Path, dict[str, dict[str, TaskScores]], HealthCheck | None]:
     """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router);
     returns its folder, the scores and its health check (of the tuned routers, when tuned)."""
     from expertmerge.moe import write_moe_checkpoint
 
-    hp = module.hparams
-    pool = module.pool
+    hp = learned.options.moe
+    pool = learned.pool
     method = hp.moe_router
-    rows = moe_router_rows(module, method)
-    merged = {name: t.detach() for name, t in module.merged_parameters().items()}
-    state = dict(module.model.state_dict())
+    rows = moe_router_rows(learned, method)
+    merged = {name: t.detach() for name, t in learned.merged.merged_parameters().items()}
+    state = dict(learned.merged.model.state_dict())
     out = Path(output_dir)
     parameters = {
         "router_tuning_steps": hp.router_tuning_steps,
         "shared_tensors": "learned coefficients with oracle routing (expertmerge fit, model.moe)",
-        "alpha0": module.start_alpha,
-        "gamma": hp.gamma,
+        "alpha0": learned.merged.start_alpha,
+        "gamma": learned.options.loss.gamma,
     }
-    samples = health_samples(module)
+    samples = health_samples(learned)
     written = write_moe_checkpoint(
         pool,
         out,
@@ -369,25 +385,25 @@ def export_moe(
     )
     health = written.health
     scores = dict(scores or {})
-    moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(module.device)
-    scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
+    moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(learned.merged.device)
+    scores[f"MoE (router {method}, top-{hp.moe_top_k})"] = _moe_scores(moe, learned)
     if hp.router_tuning_steps > 0:
         from expertmerge.moe.router_tuning import tune_router
 
         losses = tune_router(
             moe,
-            module.datamodule.train_dataloader(),
-            module.targets,
-            module.task_names,
+            learned.calibration.datamodule.train_dataloader(),
+            learned.calibration.targets,
+            learned.task_names,
             steps=int(hp.router_tuning_steps),
-            temperature=hp.temperature,
+            temperature=learned.options.loss.temperature,
             lr=hp.router_lr,
             balance=hp.router_balance,
         )
         Console().print(
             f"router tuning: {len(losses)} steps on the mixed calibration set, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         )
-        scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, module)
+        scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, learned)
         # Replace our own output with the tuned routers: the same files, the weights written again.
         with atomic_output_dir(out, force=True, inputs=[pool.base_dir, *pool.expert_dirs.values()]) as tmp:
             for item in out.iterdir():

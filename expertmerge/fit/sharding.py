@@ -15,10 +15,8 @@ same update, because `all_reduce_gradients` averages their gradients over the ra
 (what DDP does; the strategy does not wrap the module in DDP). `gather_to_resident` undoes the sharding layer
 by layer at the end of the fit, so rank 0 evaluates and exports with the resident code and the one writer.
 
-`LayerShardedStrategy` is Lightning's DDP strategy (its launcher, process group and collectives: gloo on CPU,
-NCCL on GPU) without the DDP wrapper; the `fit` command uses it for `--trainer.strategy fsdp`, because
-Lightning's own `fsdp` (FSDP1) refuses the CPU and `ModelParallelStrategy` expects the module to shard
-everything, coefficients included.
+The Lightning side (`lightning_modules/strategy.py`, `LayerShardedStrategy`) launches the ranks; this file is
+the maths and the collectives.
 """
 
 from __future__ import annotations
@@ -27,30 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from expertmerge.streaming import layer_groups
 
 Merge = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class LayerShardedStrategy(DDPStrategy):
-    """DDP's processes and collectives, no DDP wrapper: the module shards its frozen tensors itself
-    (`ShardedMerge`) and averages the coefficients' gradients (`all_reduce_gradients`)."""
-
-    strategy_name = "fsdp"
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def _register_ddp_hooks(self) -> None:
-        pass  # no DDP wrapper, so no DDP communication hooks
-
-
-def is_layer_sharded(trainer: Any) -> bool:
-    """Whether `trainer` (or None: no Trainer) runs the layer-sharded strategy."""
-    return trainer is not None and isinstance(getattr(trainer, "strategy", None), LayerShardedStrategy)
 
 
 class LayerShard(nn.Module):
@@ -138,14 +117,18 @@ def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
 
 
-def shard_learned(module: Any, pool: Any, model: nn.Module, dtype: torch.dtype) -> ShardedMerge:
-    """The learned tensors' base and task vectors of an `ExpertMergingModule` into a `ShardedMerge`, one
-    decoder layer at a time, read from the pool; the model keeps an empty placeholder for each (the merged
-    tensor replaces it in `functional_call`)."""
+def shard_learned(
+    names: Sequence[str],
+    num_experts: int,
+    pool: Any,
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> ShardedMerge:
+    """The learned tensors' base and task vectors into a `ShardedMerge`, one decoder layer at a time, read from
+    the pool; the model keeps an empty placeholder for each (the merged tensor replaces it in
+    `functional_call`)."""
     keys = pool.parameter_keys(model)
-    names = module.coefficient_names
-    num_experts = len(module.expert_names)
-    module._learned_shapes = [model.get_parameter(n).shape for n in names]
 
     @torch.no_grad()
     def read(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,41 +139,41 @@ def shard_learned(module: Any, pool: Any, model: nn.Module, dtype: torch.dtype) 
         set_parameter(model, names[index], torch.empty(0, dtype=base.dtype))
         return base, tau
 
-    return shard_by_layer(names, read, module.trainer.strategy.root_device)
+    return shard_by_layer(names, read, device)
 
 
-def sharded_merge(module: Any, coefficients: Callable[[int], torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def sharded_merge(merged: Any, coefficients: Callable[[int], torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The merged tensors under FSDP, built inside each sharded layer's forward from its gathered base and task
     vectors by the resident fit's own ops: the learned coefficients, or `coefficients(index) -> [N, rows]`."""
 
     def merge(index: int, base: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         if coefficients is None:
-            return module.coefficients.merged_tensor(index, base, tau)
+            return merged.coefficients.merged_tensor(index, base, tau)
         row_c = coefficients(index).to(base.device)
         return base + (tau.float() * row_c.view((*row_c.shape, *([1] * (tau.dim() - 2))))).sum(0)
 
-    merged = module.task_vectors(merge)
-    return {module.coefficient_names[index]: tensor for index, tensor in merged.items()}
+    tensors = merged.task_vectors(merge)
+    return {merged.coefficient_names[index]: tensor for index, tensor in tensors.items()}
 
 
 @torch.no_grad()
-def gather_to_resident(module: Any, keep: bool) -> None:
+def gather_to_resident(merged: Any, keep: bool) -> None:
     """Undo the sharding one decoder layer at a time (a collective: every rank calls it). The ranks with `keep`
     get the resident form back (base tensors in the model, `TaskVectors`), so evaluation and export run the
     resident code and the one writer; the others drop what they gather."""
     from expertmerge.coefficients import TaskVectors
 
-    sharded = module.task_vectors
+    sharded = merged.task_vectors
     if not isinstance(sharded, ShardedMerge):
         return
     dtype = sharded.layers[0].tau[0].dtype
-    resident = TaskVectors(module._learned_shapes, len(module.expert_names), dtype) if keep else None
+    resident = TaskVectors(merged.learned_shapes, len(merged.expert_names), dtype) if keep else None
     for group in range(len(sharded.layers)):
         for index, base, tau in sharded.full_layer(group):
             if resident is not None:
                 resident[index].copy_(tau)
-                set_parameter(module.model, module.coefficient_names[index], base.clone())
-    module.task_vectors = resident.to(module.device) if resident is not None else None
+                set_parameter(merged.model, merged.coefficient_names[index], base.clone())
+    merged.task_vectors = resident.to(merged.device) if resident is not None else None
 
 
 def all_reduce_gradients(parameters: Sequence[nn.Parameter]) -> None:
