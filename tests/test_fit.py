@@ -123,6 +123,43 @@ def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path:
         assert noise not in printed, noise
 
 
+def _steps_shown(printed: str) -> list[int]:
+    """The step counts of the step bar (or plain lines) in the order they were drawn."""
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed)  # a terminal's cursor moves and colours
+    return [int(n) for n in re.findall(r"\bstep\s[^\n/]*?\b(\d+)/6\b", plain)]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_counts_optimiser_steps_forward_at_steps_per_second(
+    tiny_zoo, tmp_path: Path, capfd, monkeypatch, terminal: bool
+) -> None:
+    """3 micro-batches per step (fit_tiny accumulates one batch per task): a bar that counted micro-batches would
+    show 3/6, 6/6 ... mid-step or jump back; a log file (no terminal) gets a plain line per step of this short fit."""
+    import re
+
+    import rich
+
+    if terminal:
+        monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich then draws its live bar into the captured output
+    try:
+        fit(tmp_path, "steps", "--trainer.max_steps", "6", "--export.evaluate", "false")
+    finally:
+        monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+        rich.reconfigure()  # Lightning's bar reconfigured rich's shared console from the environment
+    printed = "".join(capfd.readouterr())
+    steps = _steps_shown(printed)
+    assert steps and steps == sorted(steps) and steps[-1] == 6, steps
+    assert "Epoch" not in printed and "it/s" not in printed
+    if terminal:
+        assert re.search(r"\d+\.\d (steps/s|s/step)", printed)
+    else:
+        lines = re.findall(r"^step (\d+)/6, \d+\.\d (?:steps/s|s/step), train/loss (\d\.\d+)", printed, re.M)
+        assert [int(step) for step, _ in lines] == [1, 2, 3, 4, 5, 6]
+        assert all(0 < float(loss) < 10 for _, loss in lines)
+
+
 def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
     # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be. With the
     # task balance (its scales are measured at the start point and must come back from the checkpoint, not be
