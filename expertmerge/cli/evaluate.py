@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from expertmerge.cli.fit import _fit_inputs, configured
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import check_output_file, write_json_output
 
@@ -141,7 +140,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         task: expert_scores(datamodule.task_samples(task, "eval").attention_mask, targets[(task, "eval")])
         for task in datamodule.task_names
     }
-    Console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
+    make_console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
     if options.json:
         write_json_output(options.json, scores_to_json(rows), "evaluate", options.force, inputs, JSON_LABEL)
     return 0

@@ -6,10 +6,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
 from expertmerge.cli.fit import _fit_inputs, check_pool_matches, configured
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -90,13 +90,15 @@ def export_main(argv: Sequence[str]) -> int:
         path, scores, health = export_moe(
             module, options.out, options.force, evaluate_fit(module, include_base=False)
         )
-        Console().print(scores_table("Held-out calibration samples, per task", scores, module.task_names))
+        make_console().print(
+            scores_table("Held-out calibration samples, per task", scores, module.task_names)
+        )
     else:
         from lightning_modules.callbacks import fit_health
 
         health = fit_health(module)
         path = export_dense(module, options.out, options.force, health=health)
-    Console().print(f"[green]exported[/green] {escape(str(path))}")
+    make_console().print(f"[green]exported[/green] {escape(str(path))}")
     if not isinstance(module, SequenceMoEModule) and health is not None:
-        Console().print(f"health check: {health.summary_row()}")
+        make_console().print(f"health check: {health.summary_row()}")
     return 0

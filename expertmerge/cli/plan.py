@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import human_bytes
 from expertmerge.io.writer import parse_size
@@ -93,5 +93,5 @@ def plan_main(argv: list[str]) -> int:
         f"{inputs.seq_len} tokens; device memory {options.device_memory}"
         + (" (the default, --device_memory)" if options.device_memory == DEFAULT_DEVICE_MEMORY else "")
     )
-    Console(width=140).print(plan_table(estimates, options.devices, device_memory, title))
+    make_console().print(plan_table(estimates, options.devices, device_memory, title))
     return 0
