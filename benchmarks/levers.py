@@ -363,11 +363,11 @@ def run_in_process(
     (on SmolLM2 under load that set-up costs more than a 10-step fit), then each setting is a fresh Lightning
     fit of fresh coefficients with the module's own training_step and optimiser, scored like `fit` scores."""
     import pytorch_lightning as pl
+    from lightning_modules.callbacks import evaluate_fit, start_row
 
     from calib_data.datamodule import CalibrationDataModule
     from expertmerge.cli.fit import _quiet_lightning
     from expertmerge.coefficients import MergeCoefficients
-    from lightning_modules.callbacks import evaluate_fit, start_row
     from lightning_modules.merging import ExpertMergingModule
 
     settings = yaml.safe_load(config.read_text())

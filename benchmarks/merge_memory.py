@@ -176,13 +176,13 @@ def main() -> None:
         _child(options)
         return
 
-    from rich.console import Console
     from rich.table import Table
 
     from expertmerge.cli.merge import human_bytes
+    from expertmerge.console import make_console
     from expertmerge.paths import resolve_path
 
-    console = Console()
+    console = make_console()
     cases = []
     zoo_base = resolve_path("zoo://tiny/base")  # builds the zoo once if needed
     zoo_experts = [resolve_path(f"zoo://tiny/experts/{t}") for t in ("arith", "reverse", "sort")]

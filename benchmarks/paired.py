@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from expertmerge.console import make_console  # noqa: E402
 from expertmerge_zoos.evaluation import token_nll_sum  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"base": folder / "base", **{f"expert {t}": folder / "experts" / t for t in tasks}}
     paths.update({"a": options.a, "b": options.b})
     per_model: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    console = Console()
+    console = make_console()
     with console.status("scoring") as status:
         for name, path in paths.items():
             status.update(f"scoring {name} ({path})")

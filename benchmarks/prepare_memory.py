@@ -157,10 +157,11 @@ def main() -> None:
     if not options.before:
         parser.error("--before DIR: a checkout of the code to compare against (e.g. ffbd20f)")
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from expertmerge.console import make_console
+
+    console = make_console()
     sides = {"before": Path(options.before).resolve(), "after": Path(options.after).resolve()}
     results: dict[str, list[dict]] = {}
     for label, checkout in sides.items():

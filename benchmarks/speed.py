@@ -887,9 +887,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from expertmerge.console import make_console
     from expertmerge.paths import cache_dir
 
-    console = Console(width=max(Console().width, 160))
+    console = Console(width=max(make_console().width, 160))
     smol = options.model == "smollm2"
     counts = options.experts or ([3] if smol else [2, 3, 4, 8])
     steps = options.steps or (5 if smol else 30)

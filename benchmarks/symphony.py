@@ -32,9 +32,9 @@ def main() -> int:
     options = parser.parse_args()
 
     import transformers
-    from rich.console import Console
     from rich.table import Table
 
+    from expertmerge.console import make_console
     from expertmerge.symphony import dense_model
     from expertmerge.symphony_run import BackboneOptions, load_symphony_config, prepare
     from expertmerge.zoo_registry import register_zoo
@@ -43,7 +43,7 @@ def main() -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     register_zoo("diffinit", ZOO)
-    console = Console()
+    console = make_console()
     started = time.perf_counter()
     config = load_symphony_config(options.config)
     from lightning_modules.trainer import plain_trainers

@@ -83,6 +83,38 @@ def gain_retained(base: TaskScores, merge: TaskScores, expert: TaskScores) -> fl
     return (base_loss - loss) / (base_loss - own) if base_loss != own else math.nan
 
 
+def mean_gain_retained(
+    rows: Mapping[str, Mapping[str, TaskScores]], model: str, tasks: Sequence[str] | None = None
+) -> float:
+    """`model`'s gain retained averaged over `tasks` (default: all of the `base` row's), skipping the tasks
+    whose teacher is the base (no gain to retain); NaN without any. Needs rows `base` and `experts`."""
+    tasks = list(rows["base"]) if tasks is None else tasks
+    gains = [gain_retained(rows["base"][t], rows[model][t], rows["experts"][t]) for t in tasks]
+    gains = [g for g in gains if not math.isnan(g)]
+    return sum(gains) / len(gains) if gains else math.nan
+
+
+def card_evaluation_lines(rows: Mapping[str, Mapping[str, TaskScores]]) -> list[str]:
+    """The merge card's evaluation table (Markdown), one line per model with its means over tasks; with
+    `base` and `experts` rows, the mean gain retained first (1: the experts, 0: the base), as in the fit's
+    printed table."""
+    with_gain = "base" in rows and "experts" in rows
+    lines = [
+        "| model |"
+        + (" mean gain retained |" if with_gain else "")
+        + " mean perplexity | mean KL to expert | mean top-1 agree |",
+        "|---|---|---|---|" + ("---|" if with_gain else ""),
+    ]
+    for name, per_task in rows.items():
+        m = mean_scores(per_task)
+        gain = ""
+        if with_gain:
+            value = mean_gain_retained(rows, name)
+            gain = " |" if math.isnan(value) else f" {value:+.3f} |"
+        lines.append(f"| {name} |{gain} {m.perplexity:.3f} | {m.kl:.4f} | {m.top1:.1%} |")
+    return lines
+
+
 def scores_table(title: str, rows: Mapping[str, Mapping[str, TaskScores]], tasks: Sequence[str]) -> Table:
     """One row per (task, model), models in the order given, with the mean over tasks last. With `base` and
     `experts` rows, a `gain retained` column too (1: the task's expert, 0: the base; blank where the base is
@@ -98,8 +130,7 @@ def scores_table(title: str, rows: Mapping[str, Mapping[str, TaskScores]], tasks
     def gain(model: str, task: str) -> float:
         if task != "mean":
             return gain_retained(rows["base"][task], rows[model][task], rows["experts"][task])
-        gains = [g for g in (gain(model, t) for t in tasks) if not math.isnan(g)]
-        return sum(gains) / len(gains) if gains else math.nan
+        return mean_gain_retained(rows, model, tasks)
 
     sections = list(tasks) + ["mean"]
     for section_index, task in enumerate(sections):

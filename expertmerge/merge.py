@@ -371,13 +371,14 @@ def run_merge(
     Everything is validated (config, output folder, model compatibility, every tensor's inputs and parameter
     values) before any tensor is read; the output appears only when complete.
     """
-    from rich.console import Console
     from transformers import AutoConfig  # noqa: F401 - imported before the memory baseline, not counted in it
+
+    from expertmerge.console import make_console
 
     started = time.perf_counter()
     merge_only = reset_peak_rss()
     start_rss = current_rss_bytes()
-    console = console or Console()
+    console = console or make_console()
     if isinstance(config, MergeConfig):
         pass
     elif isinstance(config, Mapping):

@@ -87,6 +87,15 @@ def plot_bars(
     return path
 
 
+def coefficients_title(chunk_counts: Sequence[int]) -> str:
+    """The heatmap's title by what was fit: one coefficient per tensor (layer-wise, some maybe fixed), or
+    chunks (Expert Merging++), shown as their mean weighted by chunk size."""
+    if any(count > 1 for count in chunk_counts):
+        return "learned coefficients, chunk-wise fit (chunk-size weighted mean per tensor)"
+    fixed = sum(count == 0 for count in chunk_counts)
+    return "learned coefficients, layer-wise fit (one per tensor" + (f"; {fixed} fixed)" if fixed else ")")
+
+
 def write_plots(module: Any, folder: Path) -> list[Path]:
     """coefficients.png (and, after Expert Merging++, importance.png and chunks.png) into `folder`."""
     names, experts = module.coefficient_names, module.expert_names
@@ -96,7 +105,7 @@ def write_plots(module: Any, folder: Path) -> list[Path]:
             names,
             experts,
             folder / "coefficients.png",
-            "learned coefficients (chunk-size weighted mean per tensor)",
+            coefficients_title(module.coefficients.chunk_counts),
         )
     ]
     allocation = module.chunk_allocation

@@ -125,7 +125,9 @@ def teacher_scores(learned: LearnedMerge) -> dict[str, TaskScores]:
     """Each task's teacher (its expert, or the base) against itself, from the cached targets."""
     calibration = learned.calibration
     return {
-        task: expert_scores(calibration.samples(task, "eval").attention_mask, calibration.targets[(task, "eval")])
+        task: expert_scores(
+            calibration.samples(task, "eval").attention_mask, calibration.targets[(task, "eval")]
+        )
         for task in learned.task_names
     }
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from expertmerge.console import make_console
 from expertmerge.zoo_registry import ZooBuilder
 from expertmerge_zoos.corpora import read_jsonl, write_jsonl
 from expertmerge_zoos.evaluation import token_nll_sum
@@ -88,7 +89,7 @@ def heldout_loss(model: Any, ids: torch.Tensor, pad_id: int) -> float:
 
 def build_diffinit_zoo(out: Path, seed: int = 0, *, console: Console | None = None) -> Path:
     """Build the zoo into `out` (which must not exist), atomically; same seed -> the same weights."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     timer = Timer()
     with (
         staged_build(out, seed) as staging,

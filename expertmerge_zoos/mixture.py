@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from expertmerge.console import make_console
 from expertmerge.zoo_registry import ZooBuilder, ensure_zoo, read_manifest
 from expertmerge_zoos.corpora import read_jsonl
 from expertmerge_zoos.smollm2 import DEFAULT_RECIPE, Recipe, encode
@@ -36,7 +37,7 @@ def build_mixture_zoo(out: Path, seed: int = 0, *, source: str, console: Console
     """Train the mixture reference of zoo `source` (built first if needed) into `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     recipe = RECIPES[source]
     folder = ensure_zoo(source)
     manifest = read_manifest(folder)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.zoo_registry import ZooBuilder
 from expertmerge_zoos.corpora import code_records, gsm_records, write_jsonl
@@ -234,7 +235,7 @@ def build_smollm2_zoo(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     timer = Timer()
     with (
         staged_build(out, seed) as staging,

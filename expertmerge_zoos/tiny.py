@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.zoo_registry import ZooBuilder
 from expertmerge_zoos.corpora import write_jsonl
@@ -214,7 +215,7 @@ def build_tiny_zoo(out: Path, seed: int = 0, *, console: Console | None = None) 
     """
     from transformers import LlamaForCausalLM
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     timer = Timer()
     with (
         staged_build(out, seed) as staging,

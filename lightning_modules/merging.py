@@ -14,10 +14,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from rich.console import Console
 from torch import nn
 
 from expertmerge.chunking import allocation_table
+from expertmerge.console import make_console
 from expertmerge.fit.learned import COEFFICIENTS_PREFIX, LearnedMerge
 from expertmerge.fit.options import FitOptions, flat_docs, flat_parameters
 from expertmerge.fit.run import FitRun
@@ -71,7 +71,7 @@ class ExpertMergingModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self.learned.before_training()
         if self.merged.stage == 2 and self.trainer.is_global_zero:
-            Console().print(allocation_table(self.merged.chunk_allocation))
+            make_console().print(allocation_table(self.merged.chunk_allocation))
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         if (

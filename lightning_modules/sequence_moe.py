@@ -21,10 +21,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.evaluate import TaskScores, expert_scores, score_task, scores_to_json
 from expertmerge.hashing import model_content_hash
@@ -103,7 +103,12 @@ class SequenceMoEModule(pl.LightningModule):
             datamodule.tokenizer_path = next(iter(self.expert_dirs.values()))
         datamodule.check(self.expert_names)
         self.model = build_sequence_moe(
-            self.expert_dirs, hp.embeddings, hp.router, hp.top_k, hp.trust_remote_code, Console(stderr=True)
+            self.expert_dirs,
+            hp.embeddings,
+            hp.router,
+            hp.top_k,
+            hp.trust_remote_code,
+            make_console(stderr=True),
         )
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._trainable(name))
@@ -117,7 +122,9 @@ class SequenceMoEModule(pl.LightningModule):
         self.targets, stats = teacher_targets(
             datamodule, self.expert_dirs, settings, splits, self.expert_hashes, hp.trust_remote_code
         )
-        Console(stderr=True).print(f"teacher targets: {stats.computed} / {stats.reused} (computed / reused)")
+        make_console(stderr=True).print(
+            f"teacher targets: {stats.computed} / {stats.reused} (computed / reused)"
+        )
 
     def _load_expert(self, name: str) -> Any:
         return AutoModelForCausalLM.from_pretrained(

@@ -73,3 +73,19 @@ def test_alpha0_is_checked():
         MergeCoefficients(["a"], [3], 2, alpha0=[0.1, 0.2, 0.3])
     with pytest.raises(ExpertMergeError, match="between 0 and 1"):
         MergeCoefficients(["a"], [3], 2, alpha0=1.5)
+
+
+def test_coefficients_plot_title_says_what_was_fit():
+    from expertmerge.plots import coefficients_title
+
+    names, rows = ["q", "k", "v"], [4, 4, 4]
+    layerwise = MergeCoefficients(names, rows, num_experts=2)
+    assert (
+        coefficients_title(layerwise.chunk_counts) == "learned coefficients, layer-wise fit (one per tensor)"
+    )
+    one_fixed = MergeCoefficients(names, rows, num_experts=2, chunks={"q": 1, "k": 1, "v": 0})
+    assert coefficients_title(one_fixed.chunk_counts).endswith("layer-wise fit (one per tensor; 1 fixed)")
+    chunked = MergeCoefficients(names, rows, num_experts=2, chunks={"q": 2, "k": 1, "v": 0})
+    assert coefficients_title(chunked.chunk_counts) == (
+        "learned coefficients, chunk-wise fit (chunk-size weighted mean per tensor)"
+    )

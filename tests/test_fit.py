@@ -123,6 +123,43 @@ def test_fit_prints_steps_of_max_steps_and_no_lightning_tips(tiny_zoo, tmp_path:
         assert noise not in printed, noise
 
 
+def _steps_shown(printed: str) -> list[int]:
+    """The step counts of the step bar (or plain lines) in the order they were drawn."""
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed)  # a terminal's cursor moves and colours
+    return [int(n) for n in re.findall(r"\bstep\s[^\n/]*?\b(\d+)/6\b", plain)]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_counts_optimiser_steps_forward_at_steps_per_second(
+    tiny_zoo, tmp_path: Path, capfd, monkeypatch, terminal: bool
+) -> None:
+    """3 micro-batches per step (fit_tiny accumulates one batch per task): a bar that counted micro-batches would
+    show 3/6, 6/6 ... mid-step or jump back; a log file (no terminal) gets a plain line per step of this short fit."""
+    import re
+
+    import rich
+
+    if terminal:
+        monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich then draws its live bar into the captured output
+    try:
+        fit(tmp_path, "steps", "--trainer.max_steps", "6", "--export.evaluate", "false")
+    finally:
+        monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+        rich.reconfigure()  # Lightning's bar reconfigured rich's shared console from the environment
+    printed = "".join(capfd.readouterr())
+    steps = _steps_shown(printed)
+    assert steps and steps == sorted(steps) and steps[-1] == 6, steps
+    assert "Epoch" not in printed and "it/s" not in printed
+    if terminal:
+        assert re.search(r"\d+\.\d (steps/s|s/step)", printed)
+    else:
+        lines = re.findall(r"^step (\d+)/6, \d+\.\d (?:steps/s|s/step), train/loss (\d\.\d+)", printed, re.M)
+        assert [int(step) for step, _ in lines] == [1, 2, 3, 4, 5, 6]
+        assert all(0 < float(loss) < 10 for _, loss in lines)
+
+
 def test_resumed_fit_ends_where_an_uninterrupted_fit_ends(tiny_zoo, tmp_path: Path) -> None:
     # 12 batches per epoch: stop at an epoch boundary, as a killed run's last checkpoint would be. With the
     # task balance (its scales are measured at the start point and must come back from the checkpoint, not be
@@ -319,11 +356,14 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
     """`alpha0_search`: each candidate's recorded objective is that of a module prepared at that fixed alpha0
     (learned coefficients and the unlearned tensors, which full fine-tunes change, at the value); the lowest
     one is the start, and the unlearned tensors are left merged at it."""
+
     def objective(module) -> float:
         """The fit's start objective: task losses weighted by the `expert_gain` scales (the default balance)."""
         losses = module.objective.split_losses()
         scales = {t: module.task_scales[t] for t in losses}
-        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(scales.values())
+        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(
+            scales.values()
+        )
 
     candidates = [0.1, 0.3, 0.6]
     searched = _prepared_tiny("--model.alpha0_search", json.dumps(candidates))
@@ -343,7 +383,9 @@ def test_alpha0_search_starts_where_task_arithmetic_has_the_lowest_calibration_o
     at_best = dict(fixed[best].merged.model.named_parameters())
     unlearned = [n for n in at_best if n not in searched.merged.coefficient_names]
     for name in unlearned:
-        torch.testing.assert_close(searched.merged.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            searched.merged.model.get_parameter(name), at_best[name], rtol=0, atol=1e-6
+        )
     # some unlearned tensor has a task vector (full fine-tunes), so the fold at the chosen value was exercised
     assert any(not torch.equal(at_best[name], other[name]) for name in unlearned)
 
@@ -398,7 +440,8 @@ def test_regmean_start_is_regmean_and_learns_on_top_of_it(tiny_zoo) -> None:
         n: AutoModelForCausalLM.from_pretrained(str(module.pool.base_dir)).get_parameter(n) for n in expected
     }
     average = {
-        n: base[n] + module.merged.task_vectors[module.merged.coefficient_names.index(n)].float().mean(0) for n in expected
+        n: base[n] + module.merged.task_vectors[module.merged.coefficient_names.index(n)].float().mean(0)
+        for n in expected
     }
     moved = max(float((expected[n] - average[n]).abs().max()) for n in expected)
     assert moved > 1e-3, moved  # RegMean really differs from the average here
@@ -421,7 +464,9 @@ def test_start_search_over_task_arithmetic_and_regmean(tiny_zoo) -> None:
     def objective(module) -> float:
         losses = module.objective.split_losses()
         scales = {t: module.task_scales[t] for t in losses}
-        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(scales.values())
+        return sum(scales[t] * float(module.objective.task_objective(losses[t])) for t in losses) / sum(
+            scales.values()
+        )
 
     both = '["task_arithmetic", "regmean"]'
     searched = _prepared_tiny("--model.start_merges", both, "--model.alpha0_search", "[0.2, 0.6]")

@@ -207,7 +207,9 @@ def test_plan_bad_device_memory_and_counts(fit_config: Path, capsys) -> None:
 def test_plan_says_its_default_device_memory(fit_config: Path, capsys) -> None:
     assert main(["plan", "--config", str(fit_config)]) == 0
     out = capsys.readouterr().out
-    assert "80GB (the default, --device_memory)" in " ".join(out.split())
+    assert "device memory: 80.0 GB per device (the default; set yours with --device_memory" in " ".join(
+        out.split()
+    )
     assert main(["plan", "--help"]) == 0
     assert "(default 80GB)" in " ".join(capsys.readouterr().out.split())
 

@@ -459,3 +459,26 @@ def test_zoo_out_replaces_only_its_own_zoo_and_writes_usual_permissions(
     finally:
         os.umask(previous)
         unregister_zoo("toy")
+
+
+def test_an_existing_output_names_the_force_flag_of_the_command_that_checks_it(tmp_path: Path) -> None:
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.io.folder import atomic_output_dir, check_output_dir
+
+    # fit spells it `--export.force true` and rejects `--force`: the advice must be one the command accepts
+    out = tmp_path / "merged"
+    with atomic_output_dir(out, command="fit") as tmp:
+        (tmp / "weights").write_text("w")
+    with pytest.raises(ExpertMergeError, match=r"already exists; pass --export\.force true to replace it"):
+        check_output_dir(out, False, force_flag="--export.force true")
+    refused = pytest.raises(
+        ExpertMergeError, match=r"already exists; pass --export\.force true to replace it"
+    )
+    with refused, atomic_output_dir(out, force_flag="--export.force true"):
+        pass
+    with pytest.raises(ExpertMergeError, match=r"already exists; pass --force to replace it"):
+        check_output_dir(out, False)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    with pytest.raises(ExpertMergeError, match=r"so --export\.force true does not replace it"):
+        check_output_dir(theirs, True, force_flag="--export.force true")

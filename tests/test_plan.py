@@ -133,3 +133,17 @@ def test_plan_is_within_15_percent_of_the_measured_smollm2_fit_peaks() -> None:
         estimate = estimate_fit(meta, row["experts"], learned, row["batch_size"], row["seq_len"])
         ratio = estimate[row["mode"]].total / row["peak_bytes"]
         assert 0.85 <= ratio <= 1.15, (row, ratio)
+
+
+def test_fsdp_on_one_device_fits_where_its_step_fits_and_the_default_memory_is_stated(capsys) -> None:
+    config = str(PLAN / "llama3-8b.yaml")
+    assert main(["plan", "--config", config, "--model_config", str(PLAN / "smollm2-135m")]) == 0
+    out = capsys.readouterr().out
+    verdicts = [
+        cell.strip() for cell in next(line for line in out.splitlines() if "verdict" in line).split("│")
+    ]
+    # a 135M model's step is a few GB: every column fits one 80 GB device; FSDP once said "does not fit"
+    assert verdicts[2:5] == ["fits on 1 x 80.0 GB"] * 2 + ["fits on 1 x 80.0 GB (unsharded)"]
+    assert "fsdp (1 device)" in out
+    assert "device memory: 80.0 GB per device (the default; set yours with --device_memory, e.g. 24GB)" in out
+    assert "fsdp over 1 device (shards nothing; plan with --devices N)" in out

@@ -10,9 +10,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
 from rich.markup import escape
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 
 USAGE = """usage: python -m expertmerge <command> [options]
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    console = Console(stderr=True, soft_wrap=True)  # one line stays one line, whatever the terminal width
+    # soft_wrap: one line stays one line, whatever the terminal width
+    console = make_console(stderr=True, soft_wrap=True)
     if command not in COMMANDS:
         console.print(
             f"[bold red]error:[/bold red] unknown command {escape(repr(command))}.\n{escape(USAGE)}"

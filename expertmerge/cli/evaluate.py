@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from expertmerge.cli.fit import fit_inputs, read_fit_config
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import check_output_file, write_json_output
 
@@ -116,7 +115,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
         )
     datamodule.check([*hp.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")
-    settings = TeacherSettings(hidden_layers=(), logit_topk=hp.loss.logit_topk, temperature=hp.loss.temperature)
+    settings = TeacherSettings(
+        hidden_layers=(), logit_topk=hp.loss.logit_topk, temperature=hp.loss.temperature
+    )
     targets, _ = teacher_targets(
         datamodule,
         teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks),
@@ -147,7 +148,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         task: expert_scores(datamodule.task_samples(task, "eval").attention_mask, targets[(task, "eval")])
         for task in datamodule.task_names
     }
-    Console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
+    make_console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
     if options.json:
         write_json_output(options.json, scores_to_json(rows), "evaluate", options.force, inputs, JSON_LABEL)
     return 0

@@ -6,10 +6,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
 from expertmerge.cli.fit import check_pool_matches, fit_inputs, read_fit_config
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 
 # What decides the shape of a checkpoint's tensors: a checkpoint made with other values cannot be loaded.
@@ -97,11 +97,13 @@ def export_main(argv: Sequence[str]) -> int:
             path, scores, health = export_moe(
                 learned, options.out, options.force, evaluate_fit(learned, include_base=False)
             )
-            Console().print(scores_table("Held-out calibration samples, per task", scores, learned.task_names))
+            make_console().print(
+                scores_table("Held-out calibration samples, per task", scores, learned.task_names)
+            )
         else:
             health = fit_health(learned)
             path = export_dense(learned, options.out, options.force, health=health)
-    Console().print(f"[green]exported[/green] {escape(str(path))}")
+    make_console().print(f"[green]exported[/green] {escape(str(path))}")
     if health is not None:
-        Console().print(f"health check: {health.summary_row()}")
+        make_console().print(f"health check: {health.summary_row()}")
     return 0

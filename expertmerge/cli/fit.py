@@ -17,6 +17,7 @@ from typing import Any
 EXPERT_MERGING_CLASS = "lightning_modules.merging.ExpertMergingModule"
 SEQUENCE_MOE_CLASS = "lightning_modules.sequence_moe.SequenceMoEModule"
 PROG = "python -m expertmerge"
+FORCE_FLAG = "--export.force true"  # how a fit is told to replace its output folder
 
 # Lightning messages that are noise for this command: warnings nobody running `fit` can act on ...
 _QUIET_WARNINGS = (
@@ -179,13 +180,19 @@ def _fit_cli(args: Sequence[str], run: bool = True):
                 self.model.run.pool = self.model.run.make_pool()
                 if self.resume_checkpoint is not None:
                     check_pool_matches(
-                        self.resume_checkpoint, self.model.run.options, self.config.fit.ckpt_path, "--ckpt_path"
+                        self.resume_checkpoint,
+                        self.model.run.options,
+                        self.config.fit.ckpt_path,
+                        "--ckpt_path",
                     )
             inputs, estimate = fit_inputs(self.config.fit.model, self.datamodule)
             settings = self.export_settings
-            check_output_dir(settings.output_dir, settings.force, inputs, estimate)  # fail before work
+            flag = FORCE_FLAG
+            check_output_dir(
+                settings.output_dir, settings.force, inputs, estimate, force_flag=flag
+            )  # before work
             if getattr(self.model.hparams, "moe", False):
-                check_output_dir(settings.moe_dir(), settings.force, inputs, estimate)
+                check_output_dir(settings.moe_dir(), settings.force, inputs, estimate, force_flag=flag)
             self.config_yaml = self._parser(self.subcommand).dump(self.config.fit, skip_none=False)
 
         def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
@@ -327,26 +334,30 @@ def read_resume_checkpoint(config: Any) -> dict[str, Any] | None:
 def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
     """After the fits (`FitResult`): the per-task comparison, the fused MoE (with router tuning), the dense
     merge, a summary."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from expertmerge.console import make_console
     from expertmerge.evaluate import scores_table
     from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_health
 
     learned = result.learned
     merged, options = learned.merged, learned.options
-    console = Console()
+    console = make_console()
     scores = evaluate_fit(learned) if settings.evaluate else None
     moe_path, moe_health = None, None
     if options.moe.moe:
-        moe_path, moe_scores, moe_health = export_moe(learned, settings.moe_dir(), settings.force, scores)
+        moe_path, moe_scores, moe_health = export_moe(
+            learned, settings.moe_dir(), settings.force, scores, force_flag=FORCE_FLAG
+        )
         scores = moe_scores if scores is not None else None
     if scores is not None:
         console.print(scores_table("Held-out calibration samples, per task", scores, learned.task_names))
     health = fit_health(learned)
     last_steps = result.trainers[-1].global_step
-    path = export_dense(learned, settings.output_dir, settings.force, config_yaml, scores, health, last_steps)
+    path = export_dense(
+        learned, settings.output_dir, settings.force, config_yaml, scores, health, last_steps, FORCE_FLAG
+    )
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
@@ -370,7 +381,9 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
         summary.add_row(f"task scales ({options.loss.task_balance})", escape(scales))
     stats = learned.calibration.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
-    summary.add_row("set-up wall time (base, task vectors, teachers, start)", f"{learned.prepare_seconds:.1f} s")
+    summary.add_row(
+        "set-up wall time (base, task vectors, teachers, start)", f"{learned.prepare_seconds:.1f} s"
+    )
     summary.add_row("fit wall time", f"{result.seconds - learned.prepare_seconds:.1f} s")
     summary.add_row("health check", health.summary_row())
     if moe_health is not None:
@@ -384,13 +397,13 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
 
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:
     """After the fit: the per-task table and the routing accuracy, then the atomic export."""
-    from rich.console import Console
     from rich.markup import escape
 
+    from expertmerge.console import make_console
     from expertmerge.evaluate import scores_table
     from lightning_modules.sequence_moe import routing_table
 
-    console = Console()
+    console = make_console()
     rows, accuracy = module.evaluate() if settings.evaluate else (None, None)
     if rows is not None:
         console.print(scores_table("Held-out calibration samples, per task", rows, module.task_names))

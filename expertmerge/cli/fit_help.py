@@ -71,7 +71,9 @@ def fit_help() -> str:
         for field in dataclasses.fields(group):
             default = "" if field.default is dataclasses.MISSING else f", default {field.default!r}"
             kind = _type_name(group_hints[field.name])
-            lines.append(f"    --model.{field.name} ({kind}{default}): {_first_sentence(docs.get(field.name, ''))}")
+            lines.append(
+                f"    --model.{field.name} ({kind}{default}): {_first_sentence(docs.get(field.name, ''))}"
+            )
     lines += [
         "\ndata options (data.*): tasks (name, expert, sources), samples_per_task, eval_samples_per_task,",
         "  max_length, batch_size, rounds, ... : `--data.help CalibrationDataModule` describes each.",

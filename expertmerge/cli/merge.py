@@ -44,7 +44,7 @@ def summary_table(summary: MergeSummary) -> Any:
 
 def merge_main(argv: Sequence[str]) -> int:
     """`python -m expertmerge merge --config X.yaml --out DIR [--force] [--max-shard-size 5GB]`."""
-    from rich.console import Console
+    from expertmerge.console import make_console
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge merge",
@@ -68,7 +68,7 @@ def merge_main(argv: Sequence[str]) -> int:
         help="exit 2 when the output's perplexity on a few texts is far worse than the base's (the output is kept)",
     )
     options = parser.parse_args(list(argv))
-    console = Console()
+    console = make_console()
     summary = run_merge(
         options.config,
         out=options.out,

@@ -43,8 +43,7 @@ def summary_table(summary: Any, peak_rss: int) -> Any:
 
 def moe_main(argv: Sequence[str]) -> int:
     """`python -m expertmerge moe --config moe.yaml --out DIR [--force]`."""
-    from rich.console import Console
-
+    from expertmerge.console import make_console
     from expertmerge.merge import peak_rss_bytes
     from expertmerge.moe.mergekit_moe_build import build_mergekit_moe
 
@@ -78,7 +77,7 @@ def moe_main(argv: Sequence[str]) -> int:
         help="exit 2 when the output's perplexity on a few texts is far worse than the base's (the output is kept)",
     )
     options = parser.parse_args(list(argv))
-    console = Console()
+    console = make_console()
     started = time.perf_counter()
     summary = build_mergekit_moe(
         options.config,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import human_bytes
 from expertmerge.io.writer import parse_size
@@ -23,7 +23,7 @@ def plan_table(estimates: dict, devices: int, device_memory: int, title: str) ->
     table = Table(title=title)
     table.add_column("per device")
     for strategy in STRATEGIES:
-        label = f"fsdp ({devices} devices)" if strategy == "fsdp" else strategy
+        label = f"fsdp ({devices} device{'s' if devices > 1 else ''})" if strategy == "fsdp" else strategy
         table.add_column(label, justify="right")
     parts = list(estimates["resident"].parts)
     for part in parts:
@@ -37,11 +37,11 @@ def plan_table(estimates: dict, devices: int, device_memory: int, title: str) ->
     verdicts = []
     for strategy in STRATEGIES:
         usable = devices if strategy == "fsdp" else 1
-        ok = fits(estimates[strategy], device_memory) and (strategy != "fsdp" or devices > 1)
-        verdicts.append(
-            ("[green]fits[/]" if ok else "[red]does not fit[/]")
-            + f" on {usable} x {human_bytes(device_memory)}"
-        )
+        # FSDP on one device runs (nothing is sharded): the verdict is the estimate's, and the note says why
+        # the column is no smaller than `resident` (it once said "does not fit" for a 2 GB step on 80 GB).
+        verdict = "[green]fits[/]" if fits(estimates[strategy], device_memory) else "[red]does not fit[/]"
+        note = " (unsharded)" if strategy == "fsdp" and devices == 1 else ""
+        verdicts.append(f"{verdict} on {usable} x {human_bytes(device_memory)}{note}")
     table.add_row("[bold]verdict[/]", *verdicts)
     return table
 
@@ -90,8 +90,15 @@ def plan_main(argv: list[str]) -> int:
     title = (
         f"plan: {info['type']} {info['parameters'] / 1e9:.2f}B parameters, {info['layers']} layers, "
         f"{len(learned)} learned tensors, {inputs.num_experts} experts; batch {inputs.batch_size} x "
-        f"{inputs.seq_len} tokens; device memory {options.device_memory}"
-        + (" (the default, --device_memory)" if options.device_memory == DEFAULT_DEVICE_MEMORY else "")
+        f"{inputs.seq_len} tokens"
     )
-    Console(width=140).print(plan_table(estimates, options.devices, device_memory, title))
+    console = make_console()
+    console.print(plan_table(estimates, options.devices, device_memory, title))
+    default = options.device_memory == DEFAULT_DEVICE_MEMORY
+    console.print(
+        f"device memory: {human_bytes(device_memory)} per device"
+        + (" (the default; set yours with --device_memory, e.g. 24GB)" if default else "")
+        + f"; fsdp over {options.devices} device{'s' if options.devices > 1 else ''}"
+        + (" (shards nothing; plan with --devices N)" if options.devices == 1 else "")
+    )
     return 0

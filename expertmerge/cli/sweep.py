@@ -26,12 +26,12 @@ _LEAN_TRAINER = (
 
 
 def sweep_main(argv: Sequence[str]) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from calib_data.tasks import base_task_names
     from expertmerge.cli.fit import fit_inputs, quiet_lightning, read_fit_config
+    from expertmerge.console import make_console
     from expertmerge.errors import ExpertMergeError
     from expertmerge.fit.run import run_fit
     from expertmerge.io.folder import atomic_output_dir, check_output_dir
@@ -68,7 +68,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     options, overrides = parser.parse_known_args(argv)
     task, weights = parse_task_weights(options.task_weights)
-    console = Console()
+    console = make_console()
 
     fit_config = read_fit_config(options.config, [*_LEAN_TRAINER, *overrides])
     module, datamodule = fit_config.model, fit_config.datamodule
@@ -100,7 +100,6 @@ def sweep_main(argv: Sequence[str]) -> int:
         seconds = time.perf_counter() - started
         learned = result.learned
         if base is None:  # once: the base's and the teachers' own scores
-
             plain = learned.pool.load_model()
             base = held_out_scores(learned, plain.to(learned.merged.device))
             del plain

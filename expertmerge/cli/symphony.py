@@ -57,7 +57,7 @@ def summary_table(summary: SymphonySummary) -> Any:
 
 def symphony_main(argv: Sequence[str]) -> int:
     """`python -m expertmerge symphony --config C.yaml [--out DIR] [--force]`."""
-    from rich.console import Console
+    from expertmerge.console import make_console
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge symphony",
@@ -79,5 +79,5 @@ def symphony_main(argv: Sequence[str]) -> int:
         progress=progress,
         trainer_factory=plain_trainers(progress=progress),
     )
-    Console().print(summary_table(summary))
+    make_console().print(summary_table(summary))
     return 0

@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import MANIFEST, OLD_TAG, check_output_place, usual_permissions, write_manifest
 from expertmerge.zoo_registry import (
@@ -111,7 +111,7 @@ def zoo_main(argv: list[str]) -> int:
         _build_into(folder, options.name, options.force, options.seed)
     manifest = read_manifest(folder)
     assert manifest is not None
-    console = Console()
+    console = make_console()
     if "heldout_loss" in manifest:  # a zoo of experts; a reference model (a mixture fine-tune) has none
         console.print(loss_table(manifest))
     console.print(f"zoo folder: {escape(str(folder.resolve()))}  (built in {manifest['build_seconds']} s)")

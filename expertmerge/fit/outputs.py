@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calib_data.tasks import BASE_TEACHER
+from expertmerge.console import make_console
 from expertmerge.evaluate import (
     TaskScores,
+    card_evaluation_lines,
     expert_scores,
-    mean_scores,
     score_model_tasks,
     score_task,
     scores_to_json,
@@ -210,15 +210,16 @@ def export_dense(
     scores: dict[str, dict[str, TaskScores]] | None = None,
     health: HealthCheck | None = None,
     steps: int | None = None,
+    force_flag: str = "--force",
 ) -> Path:
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder.
 
-    `health` (`fit_health(learned)`) goes into the merge card; `steps` (the stages' steps) too."""
+    `health` (`fit_health(learned)`) goes into the merge card; `steps` (the stages' steps) too. `force_flag`:
+    how the calling command is told to replace an existing output."""
     pool = learned.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
-    with atomic_output_dir(
-        output_dir, force, inputs, weights_bytes(pool.base_dir) + support_bytes(pool.base_dir), command="fit"
-    ) as tmp:
+    estimate = weights_bytes(pool.base_dir) + support_bytes(pool.base_dir)
+    with atomic_output_dir(output_dir, force, inputs, estimate, command="fit", force_flag=force_flag) as tmp:
         save_merged_weights(learned, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
         copy_support_files(pool.base_dir, tmp)
@@ -250,14 +251,7 @@ def export_dense(
         hashes = pool.content_hashes()
         sections = {}
         if scores:
-            lines = [
-                "| model | mean perplexity | mean KL to expert | mean top-1 agree |",
-                "|---|---|---|---|",
-            ]
-            for name, per_task in scores.items():
-                m = mean_scores(per_task)
-                lines.append(f"| {name} | {m.perplexity:.3f} | {m.kl:.4f} | {m.top1:.1%} |")
-            sections["Evaluation (held-out calibration samples)"] = "\n".join(lines)
+            sections["Evaluation (held-out calibration samples)"] = "\n".join(card_evaluation_lines(scores))
         if health is not None:
             sections["Health check"] = health.card_section()
         loss = learned.options.loss
@@ -352,6 +346,7 @@ def export_moe(
     output_dir: str | Path,
     force: bool,
     scores: dict[str, dict[str, TaskScores]] | None = None,
+    force_flag: str = "--force",
 ) -> tuple[Path, dict[str, dict[str, TaskScores]], HealthCheck | None]:
     """Write the fused MoE (learned shared backbone, experts' FFNs, initialised and optionally tuned router);
     returns its folder, the scores and its health check (of the tuned routers, when tuned)."""
@@ -380,6 +375,7 @@ def export_moe(
         include_base_expert=hp.moe_include_base_expert,
         router_method=method,
         force=force,
+        force_flag=force_flag,
         card_parameters=parameters,
         health_samples=samples,
     )
@@ -400,7 +396,7 @@ def export_moe(
             lr=hp.router_lr,
             balance=hp.router_balance,
         )
-        Console().print(
+        make_console().print(
             f"router tuning: {len(losses)} steps on the mixed calibration set, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         )
         scores[f"MoE (router tuned, top-{hp.moe_top_k})"] = _moe_scores(moe, learned)

@@ -13,12 +13,12 @@ import time
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from calib_data.tasks import BASE_TEACHER, base_task_names
 from expertmerge.chunking import read_stage1_result
 from expertmerge.coefficients import TaskVectors, learns_coefficients
+from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.fit.learned import LearnedMerge
 from expertmerge.fit.merged import MergedModel
@@ -307,7 +307,7 @@ def _choose_start(learned: LearnedMerge, point: StartPoint, announce: bool) -> N
         best, learned.start_scores = search_start(merged, learned.objective, point, candidates, split)
         merged.start_merge, merged.start_alpha = best
         if announce:
-            Console().print(start_table(learned.start_scores, best, split))
+            make_console().print(start_table(learned.start_scores, best, split))
     elif point.regmean_offsets:  # one start, RegMean at alpha0; the unlearned tensors are folded already
         point.move(merged.model, "regmean", float(options.start.alpha0))
         merged.start_merge = "regmean"

@@ -166,10 +166,12 @@ def check_output_dir(
     force: bool,
     inputs: Iterable[PathLike | None] = (),
     estimated_bytes: int = 0,
+    force_flag: str = "--force",
 ) -> Path:
     """Fail before any work when the output cannot or must not be written; returns the resolved folder.
 
-    `inputs`: the command's input folders (models, calibration files); `estimated_bytes`: the output's size.
+    `inputs`: the command's input folders (models, calibration files); `estimated_bytes`: the output's size;
+    `force_flag`: how the calling command spells `force` (`fit` takes `--export.force true`), for the messages.
     """
     given = final
     _refuse_dangling_link(Path(final).expanduser(), given, "Output folder")
@@ -181,12 +183,12 @@ def check_output_dir(
             raise ExpertMergeError(f"Output path '{given}' exists and is not a folder.")
         if not force:
             raise ExpertMergeError(
-                f"Output folder '{given}' already exists; pass --force to replace it, or choose another folder."
+                f"Output folder '{given}' already exists; pass {force_flag} to replace it, or choose another folder."
             )
         if not (final / MANIFEST).is_file():
             raise ExpertMergeError(
-                f"Output folder '{given}' was not written by expertmerge (no {MANIFEST} in it), so --force does "
-                "not replace it; remove it yourself or choose another folder."
+                f"Output folder '{given}' was not written by expertmerge (no {MANIFEST} in it), so {force_flag} "
+                "does not replace it; remove it yourself or choose another folder."
             )
     _check_parent(final, given, estimated_bytes, "Output folder")
     return final
@@ -281,6 +283,7 @@ def atomic_output_dir(
     inputs: Iterable[PathLike | None] = (),
     estimated_bytes: int = 0,
     command: str = "",
+    force_flag: str = "--force",
 ) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; move it into place only if the block succeeds.
 
@@ -289,7 +292,7 @@ def atomic_output_dir(
     """
     inputs = list(inputs)
     given = final
-    final = check_output_dir(final, force, inputs, estimated_bytes)
+    final = check_output_dir(final, force, inputs, estimated_bytes, force_flag)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -299,7 +302,7 @@ def atomic_output_dir(
         write_manifest(tmp, command)
         (tmp / LOCK).unlink()
         usual_permissions(tmp)
-        check_output_dir(final, force, inputs)  # the target may have changed while we worked
+        check_output_dir(final, force, inputs, force_flag=force_flag)  # the target may have changed meanwhile
         if final.exists():
             trash = final.parent / f".{final.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             final.rename(trash)

@@ -124,6 +124,7 @@ def write_moe_checkpoint(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     card_parameters: Mapping[str, object] | None = None,
     health_samples: HealthSamples | None = None,
+    force_flag: str = "--force",
 ) -> MoeExportSummary:
     """Write the fused MoE of `pool`'s experts to the model folder `out`, which `AutoModelForCausalLM` loads as is.
 
@@ -149,9 +150,10 @@ def write_moe_checkpoint(
         dtype: output dtype of floating tensors (default: the base's stored FFN dtype).
         card_parameters: extra entries for the merge card's parameters (e.g. how the shared tensors were merged).
         health_samples: the texts of the health check (`expertmerge.health`; default its built-in texts).
+        force_flag: how the calling command spells `force`, for the refusal messages (`fit`: `--export.force true`).
     """
     inputs = [pool.base_source, *pool.expert_sources.values()]
-    out = check_output_dir(out, force, inputs)
+    out = check_output_dir(out, force, inputs, force_flag=force_flag)
     max_shard = shard_limit(max_shard_size)
     pool.validate()
     fmt: MoeFormat = moe_format_for(getattr(pool.config, "model_type", None))
@@ -307,7 +309,7 @@ def write_moe_checkpoint(
     hashes = pool.content_hashes()
     inputs += [pool.base_dir, *pool.expert_dirs.values()]
     estimate = sum(entry.nbytes for entry in entries) + support_bytes(pool.base_dir)
-    with atomic_output_dir(out, force, inputs, estimate, command="moe") as tmp:
+    with atomic_output_dir(out, force, inputs, estimate, command="moe", force_flag=force_flag) as tmp:
         total = write_safetensors(tmp, entries, max_shard).num_shards
         config.save_pretrained(tmp)
         copy_support_files(pool.base_dir, tmp)
