@@ -180,7 +180,7 @@ def main() -> None:
     from rich.table import Table
 
     from expertmerge.cli.merge import human_bytes
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     console = Console()
     cases = []
