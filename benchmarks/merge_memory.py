@@ -180,7 +180,7 @@ def main() -> None:
 
     from expertmerge.cli.merge import human_bytes
     from expertmerge.console import make_console
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     console = make_console()
     cases = []

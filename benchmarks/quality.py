@@ -218,7 +218,7 @@ def regmean(config_path: Path, work: Path, alpha: float) -> Path:
     data.setup()
 
     def load(reference: str) -> Any:
-        from expertmerge.paths import resolve_path
+        from expertmerge.zoo_registry import resolve_path
 
         return AutoModelForCausalLM.from_pretrained(resolve_path(reference), dtype=torch.float32).eval()
 

@@ -15,7 +15,7 @@ from calib_data.sources import load_source, looks_like_hub_id, resolve_task_sour
 from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, group_column, needed_columns
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hub import bounded_hub_call
-from expertmerge.paths import resolve_path
+from expertmerge.zoo_registry import resolve_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -18,7 +18,7 @@ from calib_data.tasks import TaskSpec, describe_columns
 from expertmerge.config_file import check_regular_file
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hub import bounded_hub_call, folder_bytes, hub_cache_size
-from expertmerge.paths import resolve_path
+from expertmerge.zoo_registry import resolve_path
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 CORPORA_SCHEME = "corpora://"

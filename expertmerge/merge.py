@@ -1,6 +1,6 @@
 """`python -m expertmerge merge`: a training-free merge from a mergekit-style YAML, streamed tensor by tensor.
 
-The config is mergekit's format (typed and validated in `expertmerge.methods.config`), so an existing
+The config is mergekit's format (typed and validated in `expertmerge.merge_config`), so an existing
 mergekit config runs unchanged; the methods are the registry in `expertmerge.methods`.
 
 Streaming: the output's shards are planned from the base's tensor shapes, each shard's safetensors header is
@@ -36,15 +36,11 @@ from expertmerge.io.tokenizer import (
     save_tokenizer,
 )
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
+from expertmerge.merge_config.parse import dry_run, load_merge_config, parse_merge_config
+from expertmerge.merge_config.resolved import MergeConfig
+from expertmerge.merge_config.slices import OutputTensor, layer_config, output_layers, plan_tensors
 from expertmerge.methods import tensor_generator
-from expertmerge.methods.config import (
-    MergeConfig,
-    dry_run,
-    load_merge_config,
-    parse_merge_config,
-    resolve_values,
-)
-from expertmerge.methods.slices import OutputTensor, layer_config, output_layers, plan_tensors
+from expertmerge.methods.settings import resolve_values
 from expertmerge.pool import BASE, ExpertPool
 
 __all__ = ["MergeConfig", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge"]

@@ -1,4 +1,5 @@
-"""Where expertmerge keeps its caches, and how `zoo://` references resolve to local folders."""
+"""Where expertmerge keeps its caches, and what a `zoo://` reference looks like (`expertmerge.zoo_registry`
+resolves one: `resolve_path`)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,3 @@ def cache_dir() -> Path:
     )
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def resolve_path(reference: str) -> str:
-    """Turn `zoo://<zoo>/<relative path>` into a local path (building that zoo once if needed).
-
-    Zoos come from `expertmerge.zoo_registry`. Anything else is returned unchanged: a local path, or a hub id
-    that is passed through.
-    """
-    if not reference.startswith(ZOO_SCHEME):
-        return os.path.expanduser(reference)
-    from expertmerge.zoo_registry import ensure_zoo  # the registry imports this module
-
-    zoo_name, _, relative = reference[len(ZOO_SCHEME) :].partition("/")
-    return str(ensure_zoo(zoo_name) / relative)

@@ -203,7 +203,7 @@ class PlanInputs:
 def inputs_from_fit_config(path: str | Path, model_config: str | None = None) -> PlanInputs:
     """Read a fit YAML (`model.base`, `model.experts`, `data.batch_size`, `data.max_length`, ...)."""
     from expertmerge.config_file import read_config_file
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     raw = read_config_file(path, "plan --config")
     model, data = raw.get("model") or {}, raw.get("data") or {}

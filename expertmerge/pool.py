@@ -43,7 +43,7 @@ from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name th
     _few,
     natural_key,
 )
-from expertmerge.paths import resolve_path
+from expertmerge.zoo_registry import resolve_path
 
 BASE = "base"  # the key of the base model in `content_hashes()`; no expert may take this name
 

@@ -32,6 +32,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.hashing import json_hash, model_content_hash
 from expertmerge.losses import next_token_nll
 from expertmerge.paths import cache_dir
+from expertmerge.pool import BASE  # = calib_data.tasks.BASE_TEACHER: a task's `expert: base`
 
 _FORWARDS = [0]  # teacher forward passes (batches) in this process: the sweep shows it reuses targets
 CACHE_FORMAT = 3  # 2: entries carry a checksum of their tensors; 3: the key names attention and versions
@@ -198,11 +199,9 @@ def teacher_dirs(
     """The teachers of `tasks` for `teacher_targets`: the experts' folders, plus the base's under the name `base`
     when a task names it (`expert: base`). The base is then one more teacher: loaded once, fresh from its folder
     (never the fit's model, whose untrained tensors already hold the alpha0 merge), cached like an expert."""
-    from calib_data.tasks import BASE_TEACHER
-
     dirs = dict(expert_dirs)
-    if any(task.expert == BASE_TEACHER for task in tasks):
-        dirs[BASE_TEACHER] = base_dir
+    if any(task.expert == BASE for task in tasks):
+        dirs[BASE] = base_dir
     return dirs
 
 

@@ -6,7 +6,8 @@ in code with `register_zoo(name, builder)` or by a package through the entry-poi
 Entry points are loaded only when their zoo is asked for, so resolving one zoo never imports another's code.
 
 `ensure_zoo(name)` builds a zoo once into `<cache>/zoo/<name>` (under a file lock; the build itself is
-atomic) and reuses it afterwards, as long as the `builder_version` in its `zoo.json` manifest matches.
+atomic) and reuses it afterwards, as long as the `builder_version` in its `zoo.json` manifest matches;
+`resolve_path(reference)` turns a `zoo://<name>/<path>` reference into its local path that way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import usual_permissions
-from expertmerge.paths import cache_dir
+from expertmerge.paths import ZOO_SCHEME, cache_dir
 
 ENTRY_POINT_GROUP = "expertmerge.zoos"
 MANIFEST_NAME = "zoo.json"
@@ -129,3 +130,14 @@ def ensure_zoo(name: str, force: bool = False) -> Path:
             return built
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def resolve_path(reference: str) -> str:
+    """Turn `zoo://<zoo>/<relative path>` into a local path (building that zoo once if needed).
+
+    Anything else is returned unchanged: a local path, or a hub id that is passed through.
+    """
+    if not reference.startswith(ZOO_SCHEME):
+        return os.path.expanduser(reference)
+    zoo_name, _, relative = reference[len(ZOO_SCHEME) :].partition("/")
+    return str(ensure_zoo(zoo_name) / relative)

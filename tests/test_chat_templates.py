@@ -46,8 +46,7 @@ GENERATION_PROMPT = {
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from expertmerge.paths import resolve_path
-    from expertmerge.zoo_registry import ensure_zoo
+    from expertmerge.zoo_registry import ensure_zoo, resolve_path
 
     ensure_zoo("tiny")
     loaded = AutoTokenizer.from_pretrained(resolve_path("zoo://tiny/base"))

@@ -165,7 +165,7 @@ def test_moe_health_uses_the_config_prompts(tiny_models, tmp_path, capsys) -> No
 # level already); the zoo's trained base is far below it, and the broken output sits exactly at chance.
 @pytest.fixture(scope="module")
 def zoo_broken_sort(tiny_zoo, tmp_path_factory) -> Path:
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     source = Path(resolve_path("zoo://tiny/experts/sort"))
     return _scaled(copy_model(source, tmp_path_factory.mktemp("zoo-broken") / "sort"), 1e37)
@@ -174,7 +174,7 @@ def zoo_broken_sort(tiny_zoo, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def zoo_sort_x10(tiny_zoo, tmp_path_factory) -> Path:
     """For the fit: x1e37 makes its loss and gradients NaN at once (the writer then refuses the output)."""
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     source = Path(resolve_path("zoo://tiny/experts/sort"))
     return _scaled(copy_model(source, tmp_path_factory.mktemp("zoo-x10") / "sort"), BROKEN_SCALE)

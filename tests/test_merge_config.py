@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.merge_config.parse import parse_merge_config
 from expertmerge.methods import METHODS, get_method
-from expertmerge.methods.config import parse_merge_config
 
 
 def _config(method: str, **top) -> dict:
@@ -82,7 +82,7 @@ def test_keys_mergekit_ignores_are_one_warning_each_naming_the_key():
 
 
 def test_gradients_and_filters_resolve_per_tensor_as_mergekit_does():
-    from expertmerge.methods.config import resolve_values
+    from expertmerge.methods.settings import resolve_values
 
     config = _config("ties", parameters={"density": [{"filter": "mlp", "value": [0.2, 0.6]}, {"value": 0.9}]})
     config["models"][0]["parameters"] = {

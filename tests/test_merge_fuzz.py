@@ -107,7 +107,7 @@ def test_every_option_of_every_method_gives_a_clean_error_or_a_finite_model(tiny
         out = tmp_path / f"out{number}"
         case = f"{method}: {key} = {value!r}"
 
-        from expertmerge.methods.config import load_merge_config
+        from expertmerge.merge_config.parse import load_merge_config
 
         try:
             load_merge_config(path)
@@ -156,7 +156,7 @@ def test_non_finite_and_wrong_typed_lambda_is_refused_naming_key_and_value(
     tiny_models, tmp_path, value, says
 ):
     from expertmerge.errors import ExpertMergeError
-    from expertmerge.methods.config import parse_merge_config
+    from expertmerge.merge_config.parse import parse_merge_config
 
     config = _valid_config(tiny_models, "task_arithmetic")
     config["parameters"]["lambda"] = value
@@ -168,7 +168,7 @@ def test_non_finite_and_wrong_typed_lambda_is_refused_naming_key_and_value(
 
 def test_average_weights_summing_to_zero_are_refused_before_any_model_is_read(tiny_models, tmp_path):
     from expertmerge.errors import ExpertMergeError
-    from expertmerge.methods.config import parse_merge_config
+    from expertmerge.merge_config.parse import parse_merge_config
 
     config = _valid_config(tiny_models, "average")
     for entry, weight in zip(config["models"], (1.0, -0.5, -0.5), strict=True):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.merge import run_merge
-from expertmerge.methods.config import parse_merge_config
-from expertmerge.methods.slices import layer_config, plan_tensors
+from expertmerge.merge_config.parse import parse_merge_config
+from expertmerge.merge_config.slices import layer_config, plan_tensors
 
 
 def _write(tmp_path: Path, config: dict, name: str = "slices.yaml") -> Path:
@@ -71,7 +71,7 @@ def test_passthrough_frankenmerge_changes_depth_loads_and_generates(tiny_models,
 
 
 def test_shipped_frankenmerge_config_validates_and_stacks_two_slices():
-    from expertmerge.methods.config import load_merge_config
+    from expertmerge.merge_config.parse import load_merge_config
 
     config = load_merge_config(Path(__file__).resolve().parents[1] / "configs" / "merge_passthrough.yaml")
     assert config.merge_method == "passthrough" and [s.num_layers for s in config.slices] == [2, 2]

@@ -29,7 +29,7 @@ from expertmerge.moe.mergekit_moe import (
     tokenize_prompts,
 )
 from expertmerge.moe.mergekit_moe_build import build_mergekit_moe
-from expertmerge.paths import resolve_path
+from expertmerge.zoo_registry import resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOWNCAR = ROOT / "configs" / "mergekit_moe_clowncar.yaml"
@@ -242,7 +242,7 @@ def test_deepseek_output_is_refused_naming_the_alternatives() -> None:
 
 def test_opt_in_shared_tensors_come_from_the_named_model(clowncar: Path, tmp_path: Path) -> None:
     """`expertmerge: {shared_tensors: DIR}` (e.g. a learned merge): attention etc. from DIR, FFNs from the experts."""
-    from expertmerge.paths import resolve_path
+    from expertmerge.zoo_registry import resolve_path
 
     config = yaml.safe_load(CLOWNCAR.read_text())
     config["expertmerge"] = {"shared_tensors": "zoo://tiny/experts/sort"}

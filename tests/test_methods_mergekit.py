@@ -15,8 +15,8 @@ import yaml
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.merge import run_merge
+from expertmerge.merge_config.parse import parse_merge_config
 from expertmerge.methods import METHODS, della_mask, get_method, magnitude_mask, outlier_mask, sparsify
-from expertmerge.methods.config import parse_merge_config
 
 
 def t(*values: float) -> torch.Tensor:

@@ -10,11 +10,11 @@ import pytest
 
 from expertmerge.cli import main
 from expertmerge.errors import ExpertMergeError
-from expertmerge.paths import resolve_path
 from expertmerge.zoo_registry import (
     ZooBuilder,
     ensure_zoo,
     register_zoo,
+    resolve_path,
     unregister_zoo,
     zoo_builder,
     zoo_names,

@@ -63,9 +63,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from calib_data.tasks import BASE_TEACHER
     from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
     from expertmerge.io.reader import Checkpoint
-    from expertmerge.paths import resolve_path
     from expertmerge.pool import ExpertPool, _vocab_size, model_dir
     from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
+    from expertmerge.zoo_registry import resolve_path
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge evaluate",

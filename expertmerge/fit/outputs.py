@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from calib_data.tasks import BASE_TEACHER
 from expertmerge.console import make_console
 from expertmerge.evaluate import (
     TaskScores,
@@ -40,6 +39,7 @@ from expertmerge.io.reader import Checkpoint, weights_bytes
 from expertmerge.io.support import copy_support_files, support_bytes, write_config
 from expertmerge.io.writer import write_state_dict
 from expertmerge.plots import write_plots
+from expertmerge.pool import BASE as BASE_TEACHER  # a task's `expert: base`: the base teaches it
 
 
 @dataclass

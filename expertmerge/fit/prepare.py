@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from calib_data.tasks import BASE_TEACHER, base_task_names
 from expertmerge.chunking import read_stage1_result
 from expertmerge.coefficients import TaskVectors, learns_coefficients
 from expertmerge.console import make_console
@@ -27,6 +26,7 @@ from expertmerge.fit.options import FitOptions
 from expertmerge.fit.sharding import set_parameter, shard_learned
 from expertmerge.fit.start import StartPoint, regmean_offsets, search_start, start_candidates, start_table
 from expertmerge.losses import aligned_hidden_layers
+from expertmerge.pool import BASE as BASE_TEACHER  # a task's `expert: base`: the base teaches it
 from expertmerge.streaming import streamed_task_vectors
 from expertmerge.teachers import TeacherSettings, mean_next_token_nll, teacher_dirs, teacher_targets
 from expertmerge.validation import weights
@@ -122,7 +122,8 @@ def _calibration(options: FitOptions, datamodule: Any) -> Calibration:
     moe = options.moe
     if moe.moe and None in task_experts and not moe.moe_include_base_expert:
         raise ExpertMergeError(
-            f"model.moe: tasks {base_task_names(datamodule.tasks)} are taught by the base (`expert: base`), "
+            f"model.moe: tasks {[t for t, k in zip(task_names, task_experts, strict=True) if k is None]} are taught "
+            "by the base (`expert: base`), "
             "but no MoE expert is the base FFN: set model.moe_include_base_expert true (their batches then "
             "run through the base FFN) or drop those tasks."
         )

@@ -1,7 +1,7 @@
 """Training-free merge methods (mergekit's names and meanings) as pure tensor code, no I/O.
 
 The registry (`METHODS`, `get_method`, and how to add a method) is `expertmerge.methods.registry`; its names are
-re-exported here lazily, so importing this package (e.g. for `expertmerge.methods.schema`) starts no torch.
+re-exported here lazily, so importing this package (e.g. for `expertmerge.methods.settings`) starts no torch.
 (The masks' module is `sparsification`: see `expertmerge.lazy` on names shared with submodules.)
 """
 

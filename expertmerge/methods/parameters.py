@@ -1,7 +1,7 @@
 """What a merge method declares about each of its parameters, and the check of one value against it.
 
 A method lists its parameters (name, per model or once per merge, type, default, valid range); the config
-schema (`expertmerge.methods.config`) reads mergekit YAML against that list, so a new method brings its own
+schema (`expertmerge.merge_config`) reads mergekit YAML against that list, so a new method brings its own
 validation with it instead of a new branch in the reader.
 """
 

@@ -3,7 +3,7 @@
 
 To add a method: subclass `MergeMethod` (declare its `parameters`, implement `merge` on one tensor), put an
 instance in `METHODS`, and test it on small tensors against a direct computation. The config schema
-(`expertmerge.methods.config`) validates a YAML against the declared parameters; `run_merge` streams it.
+(`expertmerge.merge_config`) validates a YAML against the declared parameters; `run_merge` streams it.
 """
 
 from __future__ import annotations

@@ -24,11 +24,14 @@ The rules are mergekit 0.1.5's (`mergekit.config.evaluate_setting`, `mergekit.pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expertmerge.methods.parameters import Parameter
+
+if TYPE_CHECKING:  # the methods' module loads torch; this one is read while a config is checked
+    from expertmerge.methods.base import MergeMethod
 
 Scalar = bool | int | float | str
 # A gradient is a tuple of scalars; a filter list a tuple of `Conditional`s.
@@ -143,6 +146,17 @@ def resolve(
             if value is not None:
                 return value
     return spec.default
+
+
+def resolve_values(
+    method: MergeMethod,
+    scope: str,
+    settings: Sequence[Mapping[str, Setting] | None],
+    tensor_name: str,
+    t: float,
+) -> dict[str, Any]:
+    """The method's `scope` parameters for one tensor, from the settings (most specific first)."""
+    return {p.name: resolve(p, settings, tensor_name, t) for p in method.parameters if p.scope == scope}
 
 
 def to_yaml(setting: Setting) -> Any:

@@ -1,6 +1,6 @@
 """The typed structure of a merge YAML (pydantic): keys, types, sources, layer ranges, tokenizer rules.
 
-Method parameters are not checked here: `expertmerge.methods.config` checks them against the chosen method.
+Method parameters are not checked here: `expertmerge.merge_config.parse` checks them against the chosen method.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
-"""The typed schema of a `merge` YAML (mergekit's format), checked before any model is opened.
+"""Reading a merge YAML into a `MergeConfig`: the file's structure (`schema`), then every `parameters:` value
+against the chosen method's declared `Parameter`s, and the cross-key rules, before any model is opened.
 
-```yaml
-merge_method: ties                 # see `expertmerge.methods.METHODS`; `linear` = average
-base_model: path/or/org-name       # needed by every method but `average` and `passthrough`
-models:                            # or `slices:` (below), not both
-  - model: path/to/expert_a
-    parameters: {weight: [0.2, 1.0], density: [{filter: mlp, value: 0.5}, {value: 1.0}]}
-parameters: {normalize: true, lambda: 1.0, rescale: true, int8_mask: false, weight: 1.0, density: 1.0}
-slices:                            # layer ranges: same-range merges, or passthrough stacks that change depth
-  - sources:
-      - {model: path/a, layer_range: [0, 2], parameters: {scale: 0.5}}
-    parameters: {...}              # the slice's defaults (between a source's and the top level's)
-dtype: bfloat16                    # the precision inputs are read in (mergekit's meaning)
-out_dtype: float32                 # the output's dtype (default: dtype, else the base's stored dtype)
-tokenizer_source: base             # base | union | <model>; or tokenizer: {source, tokens, pad_to_multiple_of}
-chat_template: auto                # auto (the most common among the models) | alpaca, chatml, exaone, llama3, mistral | a Jinja template
-random_seed: 0                     # random drop masks (`seed` is accepted too)
-```
-
-Two layers: `MergeYAML` (pydantic) types the file's structure; the chosen method's declared `Parameter`s then
-check every `parameters:` value (each scalar of a gradient or filter list; see `expertmerge.methods.settings`).
 Errors name the file, the key path (`models[1].parameters.density`), what was given and what is allowed.
 A key mergekit accepts and ignores (an unknown key, a parameter the method does not read) is a warning in
-`MergeConfig.warnings`, so a config mergekit runs runs here. Our additions: `include` / `exclude` (regular
-expressions choosing the merged tensors), `trust_remote_code` and `output_dir`.
+`MergeConfig.warnings`, so a config mergekit runs runs here.
 """
 
 from __future__ import annotations
@@ -31,17 +11,15 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from pydantic import ValidationError
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.tokenizer import check_chat_template
-from expertmerge.methods import METHODS, MergeMethod, get_method, known_parameters, tensor_generator
-from expertmerge.methods.schema import (
+from expertmerge.merge_config.resolved import MergeConfig, ModelEntry, SliceEntry, SliceSource, TokenizerSpec
+from expertmerge.merge_config.schema import (
     _EXPECTED,
     _MISSING,
     _SCHEMAS,
@@ -50,164 +28,8 @@ from expertmerge.methods.schema import (
     TokenizerYAML,
     _Schema,
 )
-from expertmerge.methods.settings import Setting, is_constant, parse_setting, resolve, scalars, to_yaml
-
-# ------------------------------------------------------------------------------------- the resolved config
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One expert: a source and its parameters as mergekit resolves them for a constant setting (the
-    top level's values and the method's defaults filled in). `settings` holds the model's own settings,
-    as given (gradients and filter lists included), for the per-tensor resolution."""
-
-    source: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    settings: dict[str, Setting] = field(default_factory=dict)
-
-    @property
-    def weight(self) -> float:
-        return self.parameters.get("weight", 1.0)
-
-    @property
-    def density(self) -> float:
-        return self.parameters.get("density", 1.0)
-
-
-@dataclass(frozen=True)
-class SliceSource:
-    source: str
-    layer_range: tuple[int, int]
-    settings: dict[str, Setting] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SliceEntry:
-    sources: list[SliceSource]
-    base_model: str | None = None
-    settings: dict[str, Setting] = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        start, end = self.sources[0].layer_range
-        return end - start
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """Where the output's vocabulary comes from (`base`, `union` or a model source) and per-token rules."""
-
-    source: str
-    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pad_to_multiple_of: int | None = None
-
-
-@dataclass
-class MergeConfig:
-    """A validated merge config. `path` is where it was read from (for messages); `raw` is the YAML as given.
-
-    `parameters` holds every once-per-merge parameter the method declares, defaults (mergekit's) filled in;
-    `settings` the top-level `parameters:` as given (per-model defaults included), for per-tensor values.
-    """
-
-    merge_method: str
-    models: list[ModelEntry]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    base_model: str | None = None
-    dtype: str | None = None  # the output's dtype; None: the base's stored dtype
-    input_dtype: str | None = None  # mergekit's `dtype`: inputs are read in this precision
-    tokenizer_source: str = "base"
-    tokenizer: TokenizerSpec | None = None  # None: the base's tokenizer files are copied
-    chat_template: str | None = None
-    slices: list[SliceEntry] | None = None
-    settings: dict[str, Setting] = field(default_factory=dict)
-    seed: int = 0
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    trust_remote_code: bool = False
-    output_dir: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    path: str = "<config>"
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def method(self) -> MergeMethod:
-        return get_method(self.merge_method)
-
-    @property
-    def referenced_models(self) -> list[str]:
-        """Every model the config names, base first, then in the order they appear."""
-        found = [self.base_model] if self.base_model is not None else []
-        found += [m.source for m in self.models]
-        for piece in self.slices or ():
-            found += [piece.base_model] if piece.base_model else []
-            found += [s.source for s in piece.sources]
-        return list(dict.fromkeys(found))
-
-    def to_mergekit_yaml(self) -> str:
-        """The resolved config (defaults written out) in the same format, so the merge can be re-run."""
-        data: dict[str, Any] = {"merge_method": self.merge_method}
-        if self.base_model is not None:
-            data["base_model"] = self.base_model
-        if self.slices is None:
-            data["models"] = [
-                {"model": m.source, "parameters": {k: to_yaml(v) for k, v in m.settings.items()}}
-                for m in self.models
-            ]
-        else:
-            data["slices"] = [
-                {
-                    "sources": [
-                        {
-                            "model": s.source,
-                            "layer_range": list(s.layer_range),
-                            **(
-                                {"parameters": {k: to_yaml(v) for k, v in s.settings.items()}}
-                                if s.settings
-                                else {}
-                            ),
-                        }
-                        for s in piece.sources
-                    ],
-                    **({"base_model": piece.base_model} if piece.base_model else {}),
-                    **(
-                        {"parameters": {k: to_yaml(v) for k, v in piece.settings.items()}}
-                        if piece.settings
-                        else {}
-                    ),
-                }
-                for piece in self.slices
-            ]
-        defaults = {**self.method.defaults("model"), **self.method.defaults("global")}
-        given = {k: to_yaml(v) for k, v in self.settings.items()}
-        data["parameters"] = {k: v for k, v in {**defaults, **given}.items() if v is not None}
-        if self.input_dtype is not None:
-            data["dtype"] = self.input_dtype
-        if self.dtype is not None and self.dtype != self.input_dtype:
-            data["out_dtype"] = self.dtype
-        if self.tokenizer is None:
-            data["tokenizer_source"] = self.tokenizer_source
-        else:
-            data["tokenizer"] = {
-                "source": self.tokenizer.source,
-                **({"tokens": self.tokenizer.tokens} if self.tokenizer.tokens else {}),
-                **(
-                    {"pad_to_multiple_of": self.tokenizer.pad_to_multiple_of}
-                    if self.tokenizer.pad_to_multiple_of
-                    else {}
-                ),
-            }
-        if self.chat_template is not None:
-            data["chat_template"] = self.chat_template
-        data["random_seed"] = self.seed
-        if self.include is not None:
-            data["include"] = list(self.include)
-        if self.exclude is not None:
-            data["exclude"] = list(self.exclude)
-        if self.trust_remote_code:
-            data["trust_remote_code"] = True
-        return yaml.safe_dump(data, sort_keys=False)
-
+from expertmerge.methods import METHODS, MergeMethod, get_method, known_parameters, tensor_generator
+from expertmerge.methods.settings import Setting, is_constant, parse_setting, resolve_values, scalars, to_yaml
 
 # ------------------------------------------------------------------------------------------ the checks
 
@@ -337,105 +159,20 @@ def _constant(settings: Mapping[str, Setting]) -> dict[str, Any]:
 
 
 def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str, warnings: list[str]) -> MergeConfig:
+    """The typed file resolved against its method: each check in turn, the first failing one raised."""
     method = get_method(schema.merge_method)
-    if (schema.models is None) == (schema.slices is None):
-        both = schema.models is not None
-        raise _fail(
-            path,
-            "models",
-            "give either `models:` or `slices:`, not both."
-            if both
-            else "missing; give a non-empty list of `- model: <path>` entries (or `slices:`).",
-        )
-    if schema.tokenizer_source is not None and schema.tokenizer is not None:
-        raise _fail(
-            path, "tokenizer", "give either `tokenizer_source` or `tokenizer:`, not both (as in mergekit)."
-        )
+    _check_models_or_slices(schema, path)
     top = _settings(method, schema.parameters or {}, "parameters", path, False, warnings)
-    model_keys = {p.name for p in method.parameters if p.scope == "model"}
-    global_values = {
-        **method.defaults("global"),
-        **_constant({k: v for k, v in top.items() if k not in model_keys}),
-    }
-    model_defaults = {
-        **method.defaults("model"),
-        **_constant({k: v for k, v in top.items() if k in model_keys}),
-    }
-    models: list[ModelEntry] = []
-    for i, entry in enumerate(schema.models or ()):
-        own = _settings(method, entry.parameters or {}, f"models[{i}].parameters", path, True, warnings)
-        models.append(ModelEntry(entry.model, {**model_defaults, **_constant(own)}, own))
-    sources = [m.source for m in models]
-    for i, source in enumerate(sources):
-        if sources.index(source) != i:
-            raise _fail(
-                path,
-                f"models[{i}].model",
-                f"'{source}' is listed twice (first as models[{sources.index(source)}]).",
-            )
+    global_values, model_defaults = _scoped_defaults(method, top)
+    models = _models(method, schema, model_defaults, path, warnings)
     slices = None
     if schema.slices is not None:
         slices = [_slice(method, piece, i, path, warnings) for i, piece in enumerate(schema.slices)]
-    if schema.base_model is None and method.needs_base and not (slices and all(s.base_model for s in slices)):
-        raise _fail(
-            path,
-            "base_model",
-            f"missing; '{schema.merge_method}' works on task vectors (model - base), so it needs a base model.",
-        )
-    distinct = {schema.base_model, *(m.source for m in models)} - {None}
-    for piece in slices or ():
-        distinct |= {piece.base_model, *(s.source for s in piece.sources)} - {None}
-    if len(distinct) == 1:  # the pool reads the layout from one model and merges the others in: none left
-        (only,) = distinct
-        raise _fail(
-            path,
-            "base_model" if schema.base_model is not None else "models",
-            f"the merge names one model only ('{only}'); add the model it was fine-tuned from as `base_model` "
-            f"(a passthrough then copies '{only}' alone), or list more models.",
-        )
-    seeds = {k: v for k, v in (("random_seed", schema.random_seed), ("seed", schema.seed)) if v is not None}
-    if len(set(seeds.values())) > 1:
-        raise _fail(
-            path, "seed", f"random_seed={seeds['random_seed']} and seed={seeds['seed']} disagree; give one."
-        )
-    referenced = [schema.base_model, *(m.source for m in models)]
-    referenced += [s.source for piece in slices or () for s in piece.sources]
-    source = schema.tokenizer.source if schema.tokenizer is not None else schema.tokenizer_source
-    if source is not None and source not in ("base", "union", *referenced):
-        key = "tokenizer.source" if schema.tokenizer is not None else "tokenizer_source"
-        raise _fail(
-            path, key, f"'{source}' is none of base, union or a model of this merge; name one of them."
-        )
-    if schema.chat_template is not None:
-        try:
-            check_chat_template(schema.chat_template)
-        except ExpertMergeError as error:
-            raise _fail(path, "chat_template", str(error)) from None
-    tokenizer = None
-    if schema.tokenizer is not None:
-        tokenizer = TokenizerSpec(
-            schema.tokenizer.source,
-            {t: c.model_dump(exclude_none=True) for t, c in (schema.tokenizer.tokens or {}).items()},
-            schema.tokenizer.pad_to_multiple_of,
-        )
-    elif schema.tokenizer_source is not None:
-        tokenizer = TokenizerSpec(schema.tokenizer_source)
-    seed = next(iter(seeds.values()), 0)
+    _check_model_count(method, schema, models, slices, path)
+    seed = _seed(schema, path)
+    tokenizer = _tokenizer(schema, models, slices, path)
     if slices is None:
-        # mergekit leaves a base-aware method's base out of the inputs it merges as experts.
-        dry = [m for m in models if not (method.uses_base and m.source == schema.base_model)]
-        with_base = method.uses_base and schema.base_model is not None
-        for t in (
-            0.0,
-            1.0,
-        ):  # the ends of every gradient; filtered values are checked per tensor at merge time
-            dry_run(
-                method,
-                [resolve_values(method, "model", [m.settings, top], "", t) for m in dry],
-                resolve_values(method, "global", [top], "", t),
-                f"{path}: key 'models'",
-                with_base,
-            )
+        _dry_run_models(method, schema, models, top, path)
     return MergeConfig(
         merge_method=method.name,
         models=models,
@@ -457,6 +194,149 @@ def _resolve(schema: MergeYAML, data: Mapping[str, Any], path: str, warnings: li
         path=path,
         raw=dict(data),
     )
+
+
+def _check_models_or_slices(schema: MergeYAML, path: str) -> None:
+    """Exactly one of `models:` / `slices:`, and at most one of `tokenizer_source` / `tokenizer:`."""
+    if (schema.models is None) == (schema.slices is None):
+        both = schema.models is not None
+        raise _fail(
+            path,
+            "models",
+            "give either `models:` or `slices:`, not both."
+            if both
+            else "missing; give a non-empty list of `- model: <path>` entries (or `slices:`).",
+        )
+    if schema.tokenizer_source is not None and schema.tokenizer is not None:
+        raise _fail(
+            path, "tokenizer", "give either `tokenizer_source` or `tokenizer:`, not both (as in mergekit)."
+        )
+
+
+def _scoped_defaults(
+    method: MergeMethod, top: Mapping[str, Setting]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The once-per-merge values and the per-model defaults: the method's defaults under the top level's."""
+    model_keys = {p.name for p in method.parameters if p.scope == "model"}
+    global_values = {
+        **method.defaults("global"),
+        **_constant({k: v for k, v in top.items() if k not in model_keys}),
+    }
+    model_defaults = {
+        **method.defaults("model"),
+        **_constant({k: v for k, v in top.items() if k in model_keys}),
+    }
+    return global_values, model_defaults
+
+
+def _models(
+    method: MergeMethod,
+    schema: MergeYAML,
+    model_defaults: Mapping[str, Any],
+    path: str,
+    warnings: list[str],
+) -> list[ModelEntry]:
+    """The `models:` entries with their parameters resolved; a model listed twice is an error."""
+    models: list[ModelEntry] = []
+    for i, entry in enumerate(schema.models or ()):
+        own = _settings(method, entry.parameters or {}, f"models[{i}].parameters", path, True, warnings)
+        models.append(ModelEntry(entry.model, {**model_defaults, **_constant(own)}, own))
+    sources = [m.source for m in models]
+    for i, source in enumerate(sources):
+        if sources.index(source) != i:
+            raise _fail(
+                path,
+                f"models[{i}].model",
+                f"'{source}' is listed twice (first as models[{sources.index(source)}]).",
+            )
+    return models
+
+
+def _check_model_count(
+    method: MergeMethod,
+    schema: MergeYAML,
+    models: Sequence[ModelEntry],
+    slices: Sequence[SliceEntry] | None,
+    path: str,
+) -> None:
+    """A base where the method needs one, and at least two distinct models in all."""
+    if schema.base_model is None and method.needs_base and not (slices and all(s.base_model for s in slices)):
+        raise _fail(
+            path,
+            "base_model",
+            f"missing; '{schema.merge_method}' works on task vectors (model - base), so it needs a base model.",
+        )
+    distinct = {schema.base_model, *(m.source for m in models)} - {None}
+    for piece in slices or ():
+        distinct |= {piece.base_model, *(s.source for s in piece.sources)} - {None}
+    if len(distinct) == 1:  # the pool reads the layout from one model and merges the others in: none left
+        (only,) = distinct
+        raise _fail(
+            path,
+            "base_model" if schema.base_model is not None else "models",
+            f"the merge names one model only ('{only}'); add the model it was fine-tuned from as `base_model` "
+            f"(a passthrough then copies '{only}' alone), or list more models.",
+        )
+
+
+def _seed(schema: MergeYAML, path: str) -> int:
+    """`random_seed` (mergekit's) or `seed`; both given must agree."""
+    seeds = {k: v for k, v in (("random_seed", schema.random_seed), ("seed", schema.seed)) if v is not None}
+    if len(set(seeds.values())) > 1:
+        raise _fail(
+            path, "seed", f"random_seed={seeds['random_seed']} and seed={seeds['seed']} disagree; give one."
+        )
+    return next(iter(seeds.values()), 0)
+
+
+def _tokenizer(
+    schema: MergeYAML, models: Sequence[ModelEntry], slices: Sequence[SliceEntry] | None, path: str
+) -> TokenizerSpec | None:
+    """The tokenizer rules (None: the base's files are copied); its source must be base, union or a model of
+    the merge, and a chat template must be one we know or a Jinja template."""
+    referenced = [schema.base_model, *(m.source for m in models)]
+    referenced += [s.source for piece in slices or () for s in piece.sources]
+    source = schema.tokenizer.source if schema.tokenizer is not None else schema.tokenizer_source
+    if source is not None and source not in ("base", "union", *referenced):
+        key = "tokenizer.source" if schema.tokenizer is not None else "tokenizer_source"
+        raise _fail(
+            path, key, f"'{source}' is none of base, union or a model of this merge; name one of them."
+        )
+    if schema.chat_template is not None:
+        try:
+            check_chat_template(schema.chat_template)
+        except ExpertMergeError as error:
+            raise _fail(path, "chat_template", str(error)) from None
+    if schema.tokenizer is not None:
+        return TokenizerSpec(
+            schema.tokenizer.source,
+            {t: c.model_dump(exclude_none=True) for t, c in (schema.tokenizer.tokens or {}).items()},
+            schema.tokenizer.pad_to_multiple_of,
+        )
+    if schema.tokenizer_source is not None:
+        return TokenizerSpec(schema.tokenizer_source)
+    return None
+
+
+def _dry_run_models(
+    method: MergeMethod,
+    schema: MergeYAML,
+    models: Sequence[ModelEntry],
+    top: Mapping[str, Setting],
+    path: str,
+) -> None:
+    """`dry_run` at both ends of every gradient (filtered values are checked per tensor at merge time)."""
+    # mergekit leaves a base-aware method's base out of the inputs it merges as experts.
+    dry = [m for m in models if not (method.uses_base and m.source == schema.base_model)]
+    with_base = method.uses_base and schema.base_model is not None
+    for t in (0.0, 1.0):
+        dry_run(
+            method,
+            [resolve_values(method, "model", [m.settings, top], "", t) for m in dry],
+            resolve_values(method, "global", [top], "", t),
+            f"{path}: key 'models'",
+            with_base,
+        )
 
 
 def _slice(method: MergeMethod, piece: Any, index: int, path: str, warnings: list[str]) -> SliceEntry:
@@ -489,17 +369,6 @@ def _slice(method: MergeMethod, piece: Any, index: int, path: str, warnings: lis
         raise _fail(path, f"{where}.sources", f"a model is listed twice in one slice: {names}.")
     settings = _settings(method, piece.parameters or {}, f"{where}.parameters", path, False, warnings)
     return SliceEntry(sources, piece.base_model, settings)
-
-
-def resolve_values(
-    method: MergeMethod,
-    scope: str,
-    settings: Sequence[Mapping[str, Setting] | None],
-    tensor_name: str,
-    t: float,
-) -> dict[str, Any]:
-    """The method's `scope` parameters for one tensor, from the settings (most specific first)."""
-    return {p.name: resolve(p, settings, tensor_name, t) for p in method.parameters if p.scope == scope}
 
 
 def dry_run(

@@ -21,7 +21,7 @@ from typing import Any
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.reader import natural_key
-from expertmerge.methods.config import MergeConfig, SliceEntry, SliceSource
+from expertmerge.merge_config.resolved import MergeConfig, SliceEntry, SliceSource
 from expertmerge.methods.settings import Setting
 
 LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -83,6 +83,21 @@ def plan_tensors(
     """Every output tensor in the output's name order. `structure` is the model whose non-layer tensors and
     config the output takes (the base, else the first model); `names(model)` lists a model's tensors."""
     slices = _as_slices(config, structure, num_layers)
+    bases = _slice_bases(config, slices)
+    _check_layer_ranges(config, slices, num_layers)
+    stacks = {found[0] for name in names(structure) if (found := layer_of(name)) is not None}
+    if len(stacks) > 1 and config.slices is not None:
+        raise ExpertMergeError(
+            f"{config.path}: key 'slices': the model has several stacks of layers ({sorted(stacks)}); slices "
+            "need one."
+        )
+    planned = _outside_tensors(config, structure, slices, bases, names)
+    planned += _layer_tensors(config, structure, slices, bases, names)
+    return sorted(planned, key=lambda p: natural_key(p.name))
+
+
+def _slice_bases(config: MergeConfig, slices: Sequence[SliceEntry]) -> list[str | None]:
+    """Each slice's base (None for methods that use none); a base-aware method's base must be a source."""
     method = config.method
     bases = []
     for i, piece in enumerate(slices):
@@ -97,6 +112,12 @@ def plan_tensors(
                 f"{config.path}: key 'base_model': missing; '{config.merge_method}' needs one."
             )
         bases.append(base)
+    return bases
+
+
+def _check_layer_ranges(
+    config: MergeConfig, slices: Sequence[SliceEntry], num_layers: Callable[[str], int]
+) -> None:
     for i, piece in enumerate(slices):
         for j, source in enumerate(piece.sources):
             have = num_layers(source.source)
@@ -105,18 +126,19 @@ def plan_tensors(
                     f"{config.path}: key 'slices[{i}].sources[{j}].layer_range': {list(source.layer_range)} is "
                     f"past the {have} layer(s) of '{source.source}'."
                 )
-    stacks = {found[0] for name in names(structure) if (found := layer_of(name)) is not None}
-    if len(stacks) > 1 and config.slices is not None:
-        raise ExpertMergeError(
-            f"{config.path}: key 'slices': the model has several stacks of layers ({sorted(stacks)}); slices "
-            "need one."
-        )
-    planned: list[OutputTensor] = []
-    layer_names = [n for n in names(structure) if layer_of(n) is not None]
-    outside = [n for n in names(structure) if layer_of(n) is None]
-    for name in outside:
-        pre = any(part in name for part in _PRE)
-        index = 0 if pre else -1
+
+
+def _outside_tensors(
+    config: MergeConfig,
+    structure: str,
+    slices: Sequence[SliceEntry],
+    bases: Sequence[str | None],
+    names: Callable[[str], Sequence[str]],
+) -> list[OutputTensor]:
+    """The tensors outside the layers: from the first slice before the layers, else from the last (t = 0)."""
+    planned = []
+    for name in (n for n in names(structure) if layer_of(n) is None):
+        index = 0 if any(part in name for part in _PRE) else -1
         piece = slices[index]
         inputs = tuple(TensorInput(s.source, name, s.settings) for s in piece.sources)
         for source in piece.sources:
@@ -125,6 +147,19 @@ def plan_tensors(
                     f"{config.path}: '{source.source}' has no tensor '{name}' (the base has it)."
                 )
         planned.append(OutputTensor(name, inputs, bases[index], 0.0, piece.settings))
+    return planned
+
+
+def _layer_tensors(
+    config: MergeConfig,
+    structure: str,
+    slices: Sequence[SliceEntry],
+    bases: Sequence[str | None],
+    names: Callable[[str], Sequence[str]],
+) -> list[OutputTensor]:
+    """The layers' tensors, slice after slice; the output layer index counts the layers written so far."""
+    layer_names = [n for n in names(structure) if layer_of(n) is not None]
+    planned = []
     out_layer = 0
     for piece, base in zip(slices, bases, strict=True):
         count = piece.num_layers
@@ -155,7 +190,7 @@ def plan_tensors(
                     )
                 )
             out_layer += 1
-    return sorted(planned, key=lambda p: natural_key(p.name))
+    return planned
 
 
 def _layer_templates(names: Sequence[str], index: int) -> list[tuple[str, str]]:
