@@ -8,7 +8,6 @@ twice), then on rank 0 the evaluation table, the exports and the summary.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -106,155 +105,17 @@ def _config_files(args: Sequence[str]) -> list[str]:
 
 
 def _fit_cli(args: Sequence[str], run: bool = True):
+    """The `fit` LightningCLI over `args` (`run=False`: parsed and instantiated, nothing run)."""
+    from argparse import ArgumentError
+
+    from expertmerge.cli.fit_cli import build_fit_cli
     from expertmerge.config_file import read_config_file
+    from expertmerge.errors import ExpertMergeError
 
     # jsonargparse's own messages for a binary, malformed, empty or non-mapping file name no file (or raise).
     configs = {path: read_config_file(path, "--config") for path in _config_files(args)}
-
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ProgressBar
-    from pytorch_lightning.cli import LightningCLI
-
-    from calib_data import CalibrationDataModule
-    from expertmerge.errors import ExpertMergeError
-    from expertmerge.fit.outputs import ExportSettings
-    from expertmerge.io.folder import check_output_dir
-    from lightning_modules.merging import ExpertMergingModule
-    from lightning_modules.progress import StepProgressBar
-
-    class ExpertMergeCLI(LightningCLI):
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            # `fit` is the one subcommand we run; building the parsers of validate/test/predict costs seconds.
-            return {"fit": LightningCLI.subcommands()["fit"]}
-
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_class_arguments(ExportSettings, "export")
-            # Expert Merging configs name no class (`model: {base: ..., experts: ...}`); the sequence MoE's does.
-            parser.set_defaults({"model": {"class_path": EXPERT_MERGING_CLASS}})
-            parser.link_arguments("model", "data.tokenizer", compute_fn=_tokenizer_of)
-
-        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-            """A Trainer of this config; `kwargs` override its settings (stage 2 gets its own max_steps).
-
-            Each Trainer gets fresh copies of the configured callbacks (a callback keeps state from the fit it
-            ran in), and our progress bar unless one is configured or `trainer.enable_progress_bar` is false
-            (a bar in trainer_defaults would make Lightning refuse that flag).
-            """
-            config = (
-                self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
-            )
-            if not hasattr(self, "_configured_callbacks"):
-                self._configured_callbacks = copy.deepcopy(list(config.get("callbacks") or []))
-            callbacks = copy.deepcopy(self._configured_callbacks)
-            if {**config, **kwargs}.get("enable_progress_bar") is not False and not any(
-                isinstance(c, ProgressBar) for c in callbacks
-            ):
-                callbacks.append(StepProgressBar())
-            if {**config, **kwargs}.get("strategy") == "fsdp" and isinstance(self.model, ExpertMergingModule):
-                from lightning_modules.strategy import LayerShardedStrategy
-
-                kwargs = {**kwargs, "strategy": LayerShardedStrategy()}  # Lightning's fsdp refuses the CPU
-            return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
-
-        def parse_arguments(self, parser: Any, args: Any) -> None:
-            super().parse_arguments(parser, args)
-            # Before Lightning reads the checkpoint's hyperparameters into the config (it would fail there with
-            # a traceback) and before any model loads.
-            subcommand = self.config.get("subcommand")
-            self.resume_checkpoint = read_resume_checkpoint(self.config[subcommand]) if subcommand else None
-
-        def before_instantiate_classes(self) -> None:
-            from expertmerge.validation import positive_int
-
-            trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
-            accumulate = trainer.get("accumulate_grad_batches")
-            if accumulate is not None:  # Lightning divides by it mid-fit (ZeroDivisionError at step 0)
-                positive_int("trainer.accumulate_grad_batches", accumulate)
-
-        def before_fit(self) -> None:
-            self.export_settings = ExportSettings(**vars(self.config.fit.export))
-            if isinstance(self.model, ExpertMergingModule):
-                # Resolved (a zoo:// reference built) and checked now: before any output is promised, and outside
-                # the fit's timings.
-                self.model.run.pool = self.model.run.make_pool()
-                if self.resume_checkpoint is not None:
-                    check_pool_matches(
-                        self.resume_checkpoint,
-                        self.model.run.options,
-                        self.config.fit.ckpt_path,
-                        "--ckpt_path",
-                    )
-            inputs, estimate = fit_inputs(self.config.fit.model, self.datamodule)
-            settings = self.export_settings
-            flag = FORCE_FLAG
-            check_output_dir(
-                settings.output_dir, settings.force, inputs, estimate, force_flag=flag
-            )  # before work
-            if getattr(self.model.hparams, "moe", False):
-                check_output_dir(settings.moe_dir(), settings.force, inputs, estimate, force_flag=flag)
-            self.config_yaml = self._parser(self.subcommand).dump(self.config.fit, skip_none=False)
-
-        def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
-            """The command's steps (LightningCLI runs this method in place of `Trainer.fit`)."""
-            if isinstance(model, ExpertMergingModule):
-                from expertmerge.fit.run import run_fit
-                from lightning_modules.trainer import lightning_trainers
-
-                model.run.datamodule = self.datamodule
-                trainers = lightning_trainers(model, self.instantiate_trainer, first=self.trainer)
-                result = run_fit(model.run, trainers, ckpt_path=kwargs.get("ckpt_path"))
-                if result.main_process and not result.interrupted:
-                    export_expert_merging(result, self.export_settings, self.config_yaml)
-                return
-            from lightning_modules.trainer import leave_process_group
-
-            # Checkpoints are plain data: never unpickle other objects (`--weights_only false` included).
-            self.trainer.fit(model, **{**kwargs, "weights_only": True})
-            if self.trainer.interrupted or not self.trainer.is_global_zero:
-                leave_process_group(self.trainer)
-                return
-            model.to(self.trainer.strategy.root_device)
-            export_sequence_moe(model, self.export_settings, self.config_yaml)
-
-    trainer_defaults = {
-        "max_steps": 60,
-        "num_sanity_val_steps": 0,
-        "enable_model_summary": False,
-        "use_distributed_sampler": False,  # the calibration batch sampler shards itself across ranks
-        "log_every_n_steps": 5,
-        "default_root_dir": "outputs/fit-logs",
-    }
-    cli_kwargs = dict(
-        subclass_mode_model=True,
-        args=list(args),
-        run=run,
-        seed_everything_default=0,
-        trainer_defaults=trainer_defaults,
-        save_config_kwargs={"overwrite": True},
-        # The fit subcommand's usage then reads "python -m expertmerge fit [options]"; a bad value raises (the CLI
-        # prints it as one line) instead of printing the whole usage and exiting.
-        parser_kwargs={
-            "exit_on_error": False,
-            **(
-                {
-                    "prog": PROG,
-                    "fit": {
-                        "prog": f"{PROG} fit",
-                        "usage": f"{PROG} fit [options]",
-                        "description": _DESCRIPTION,
-                        "exit_on_error": False,
-                    },
-                }
-                if run
-                else {}
-            ),
-        },
-    )
-    from argparse import ArgumentError
-
     try:
-        return ExpertMergeCLI(pl.LightningModule, CalibrationDataModule, **cli_kwargs)
+        return build_fit_cli(args, run)
     except ArgumentError as error:
         message = _unknown_key_message(" ".join(str(error).split()), configs)
         if message is None:

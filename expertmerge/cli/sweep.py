@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from typing import Any
 
 # The sweep scores every fit itself: the fit's own validation, checkpoints and logs would only cost time.
 _LEAN_TRAINER = (
@@ -25,31 +26,7 @@ _LEAN_TRAINER = (
 )
 
 
-def sweep_main(argv: Sequence[str]) -> int:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from calib_data.tasks import base_task_names
-    from expertmerge.cli.fit import fit_inputs, quiet_lightning, read_fit_config
-    from expertmerge.console import make_console
-    from expertmerge.errors import ExpertMergeError
-    from expertmerge.fit.run import run_fit
-    from expertmerge.io.folder import atomic_output_dir, check_output_dir
-    from expertmerge.plots import plot_tradeoff
-    from expertmerge.sweep import (
-        SweepPoint,
-        check_swept_task,
-        complete_point,
-        held_out_scores,
-        parse_task_weights,
-        sweep_table,
-        teacher_scores,
-        write_results,
-    )
-    from expertmerge.teachers import teacher_forwards
-    from lightning_modules.merging import ExpertMergingModule
-    from lightning_modules.trainer import lightning_trainers
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge sweep",
         description="Fit a config once per weight of one task; plot and tabulate each domain's gain retained "
@@ -66,25 +43,55 @@ def sweep_main(argv: Sequence[str]) -> int:
         "--output_dir", default="outputs/sweep", help="folder for tradeoff.png, sweep.json/.csv"
     )
     parser.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
-    options, overrides = parser.parse_known_args(argv)
-    task, weights = parse_task_weights(options.task_weights)
-    console = make_console()
+    return parser
 
+
+def sweep_main(argv: Sequence[str]) -> int:
+    from calib_data.tasks import base_task_names
+    from expertmerge.cli.fit import fit_inputs, read_fit_config
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.io.folder import check_output_dir
+    from expertmerge.sweep import check_swept_task, parse_task_weights
+    from lightning_modules.merging import ExpertMergingModule
+
+    options, overrides = _parser().parse_known_args(argv)
+    task, weights = parse_task_weights(options.task_weights)
     fit_config = read_fit_config(options.config, [*_LEAN_TRAINER, *overrides])
     module, datamodule = fit_config.model, fit_config.datamodule
     if not isinstance(module, ExpertMergingModule):
         raise ExpertMergeError(
             f"sweep needs an Expert Merging config; '{options.config}' fits {type(module).__name__}."
         )
-    run = module.run
-    run.datamodule = datamodule
-    configured = dict(run.options.loss.task_weights or {})
-    check_swept_task(task, weights, datamodule.tasks, configured)
+    module.run.datamodule = datamodule
+    check_swept_task(task, weights, datamodule.tasks, module.run.options.loss.task_weights)
     inputs, _ = fit_inputs(fit_config.config.model, datamodule)
     check_output_dir(options.output_dir, options.force, inputs)  # before any work
-    run.pool = run.make_pool()
+    module.run.pool = module.run.make_pool()
     base_tasks = base_task_names(datamodule.tasks)
+    fitted = _fit_points(module, fit_config.instantiate_trainer, task, weights, base_tasks)
+    if fitted is None:
+        return 1
+    _write_outputs(options, inputs, task, weights, base_tasks, *fitted)
+    return 0
 
+
+def _fit_points(
+    module: Any, make_trainer: Any, task: str, weights: list[float], base_tasks: list[str]
+) -> Any:
+    """One fit per weight on the module's one prepared merge; the points, and the base's and teachers' scores
+    (None when a fit was interrupted)."""
+    from rich.markup import escape
+
+    from expertmerge.cli.fit import quiet_lightning
+    from expertmerge.console import make_console
+    from expertmerge.fit.run import run_fit
+    from expertmerge.sweep import SweepPoint, complete_point, held_out_scores, sweep_table, teacher_scores
+    from expertmerge.teachers import teacher_forwards
+    from lightning_modules.trainer import lightning_trainers
+
+    console = make_console()
+    run = module.run
+    configured = dict(run.options.loss.task_weights or {})
     points: list[SweepPoint] = []
     base = teachers = None
     for index, weight in enumerate(weights):
@@ -94,9 +101,9 @@ def sweep_main(argv: Sequence[str]) -> int:
             run.learned.restart(run.options)
         forwards, started = teacher_forwards(), time.perf_counter()
         with quiet_lightning():  # the Trainer's device inventory and tips are noise here
-            result = run_fit(run, lightning_trainers(module, fit_config.instantiate_trainer))
+            result = run_fit(run, lightning_trainers(module, make_trainer))
         if result.interrupted:
-            return 1
+            return None
         seconds = time.perf_counter() - started
         learned = result.learned
         if base is None:  # once: the base's and the teachers' own scores
@@ -110,6 +117,27 @@ def sweep_main(argv: Sequence[str]) -> int:
         gains = ", ".join(f"{escape(name)} {value:+.3f}" for name, value in point.gains.items())
         console.print(f"  gain retained: {gains} (mean {point.mean_gain:+.3f})" + (f"; {kl}" if kl else ""))
     console.print(sweep_table(task, points, base_tasks))
+    return points, base, teachers
+
+
+def _write_outputs(
+    options: Any,
+    inputs: list[str],
+    task: str,
+    weights: list[float],
+    base_tasks: list[str],
+    points: list[Any],
+    base: Any,
+    teachers: Any,
+) -> None:
+    """The atomic output folder (JSON, CSV, tradeoff.png) and the summary table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from expertmerge.console import make_console
+    from expertmerge.io.folder import atomic_output_dir
+    from expertmerge.plots import plot_tradeoff
+    from expertmerge.sweep import write_results
 
     with atomic_output_dir(options.output_dir, options.force, inputs, command="sweep") as tmp:
         written = write_results(tmp, task, points, base, teachers, base_tasks, options.config)
@@ -127,5 +155,4 @@ def sweep_main(argv: Sequence[str]) -> int:
     summary.add_row("swept", f"{escape(task)}: {', '.join(f'{w:g}' for w in weights)}")
     summary.add_row("teacher forwards per fit", " / ".join(str(p.teacher_forwards) for p in points))
     summary.add_row("fit wall time", f"{sum(p.fit_seconds for p in points):.1f} s")
-    console.print(summary)
-    return 0
+    make_console().print(summary)

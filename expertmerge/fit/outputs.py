@@ -223,24 +223,7 @@ def export_dense(
         save_merged_weights(learned, tmp, _stored_dtype(pool.base_dir))
         # A base without a tokenizer still gives usable weights (with the user's own tokenizer).
         copy_support_files(pool.base_dir, tmp)
-        coefficients = {
-            "experts": learned.expert_names,
-            "alpha0": learned.merged.start_alpha,  # alpha0_search: the value it chose
-            "start_merge": learned.merged.start_merge,  # the training-free merge the coefficients learn over
-            "chunk_counts": dict(
-                zip(learned.merged.coefficient_names, learned.merged.coefficients.chunk_counts, strict=True)
-            ),
-            "coefficients": learned.merged.coefficients.to_dict(learned.expert_names),
-            "layerwise": {
-                name: dict(zip(learned.expert_names, [round(float(v), 6) for v in column], strict=True))
-                for name, column in zip(
-                    learned.merged.coefficient_names,
-                    learned.merged.coefficients.layerwise_values().T,
-                    strict=True,
-                )
-            },
-        }
-        (tmp / "coefficients.json").write_text(json.dumps(coefficients, indent=1))
+        (tmp / "coefficients.json").write_text(json.dumps(coefficients_json(learned), indent=1))
         if learned.merged.chunk_allocation is not None:
             (tmp / "chunk_allocation.json").write_text(json.dumps(learned.merged.chunk_allocation, indent=1))
         write_plots(learned.merged, tmp)
@@ -248,51 +231,71 @@ def export_dense(
             (tmp / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
         if config_yaml:
             (tmp / "fit_config.yaml").write_text(config_yaml)
-        hashes = pool.content_hashes()
         sections = {}
         if scores:
             sections["Evaluation (held-out calibration samples)"] = "\n".join(card_evaluation_lines(scores))
         if health is not None:
             sections["Health check"] = health.card_section()
-        loss = learned.options.loss
+        hashes = pool.content_hashes()
         write_merge_card(
             tmp,
             title="Expert Merging result",
             method="expert_merging (learned coefficients, arXiv 2509.25712)",
             base=(pool.base_source, hashes["base"]),
             experts={name: (pool.expert_sources[name], hashes[name]) for name in learned.expert_names},
-            parameters={
-                "alpha0": learned.merged.start_alpha,
-                "start_merge": learned.merged.start_merge,
-                "start_search": learned.start_scores_json(),
-                "stage2_choice": learned.stage2_choice,
-                "gamma": loss.gamma,
-                "mu": loss.mu,
-                "temperature": loss.temperature,
-                "hidden_layers": learned.calibration.hidden_layers,
-                "task_weights": loss.task_weights,
-                "ce_weight": loss.ce_weight,
-                "task_balance": loss.task_balance,
-                "task_scales": learned.task_scales,
-                "tasks": {
-                    t: BASE_TEACHER if k is None else learned.expert_names[k]
-                    for t, k in zip(learned.task_names, learned.calibration.task_experts, strict=True)
-                },
-                "learned_tensors": len(learned.merged.coefficient_names),
-                "chunking": (
-                    None
-                    if learned.merged.chunk_allocation is None
-                    else {
-                        k: learned.merged.chunk_allocation[k]
-                        for k in ("budget", "kappa", "total_chunks", "fixed_tensors")
-                    }
-                ),
-                "coefficients": learned.merged.coefficients.num_trainable(),
-                "steps": steps,
-            },
+            parameters=card_parameters(learned, steps),
             sections=sections,
         )
     return Path(output_dir)
+
+
+def coefficients_json(learned: LearnedMerge) -> dict[str, Any]:
+    """`coefficients.json`: the start, the chunk counts, every coefficient, and the layer-wise view."""
+    merged, experts = learned.merged, learned.expert_names
+    layerwise = merged.coefficients.layerwise_values().T
+    return {
+        "experts": experts,
+        "alpha0": merged.start_alpha,  # alpha0_search: the value it chose
+        "start_merge": merged.start_merge,  # the training-free merge the coefficients learn over
+        "chunk_counts": dict(zip(merged.coefficient_names, merged.coefficients.chunk_counts, strict=True)),
+        "coefficients": merged.coefficients.to_dict(experts),
+        "layerwise": {
+            name: dict(zip(experts, [round(float(v), 6) for v in column], strict=True))
+            for name, column in zip(merged.coefficient_names, layerwise, strict=True)
+        },
+    }
+
+
+def card_parameters(learned: LearnedMerge, steps: int | None) -> dict[str, Any]:
+    """What the merge card lists under its parameters: the start, the objective, the tasks, the structure."""
+    merged, loss = learned.merged, learned.options.loss
+    allocation = merged.chunk_allocation
+    return {
+        "alpha0": merged.start_alpha,
+        "start_merge": merged.start_merge,
+        "start_search": learned.start_scores_json(),
+        "stage2_choice": learned.stage2_choice,
+        "gamma": loss.gamma,
+        "mu": loss.mu,
+        "temperature": loss.temperature,
+        "hidden_layers": learned.calibration.hidden_layers,
+        "task_weights": loss.task_weights,
+        "ce_weight": loss.ce_weight,
+        "task_balance": loss.task_balance,
+        "task_scales": learned.task_scales,
+        "tasks": {
+            t: BASE_TEACHER if k is None else learned.expert_names[k]
+            for t, k in zip(learned.task_names, learned.calibration.task_experts, strict=True)
+        },
+        "learned_tensors": len(merged.coefficient_names),
+        "chunking": (
+            None
+            if allocation is None
+            else {k: allocation[k] for k in ("budget", "kappa", "total_chunks", "fixed_tensors")}
+        ),
+        "coefficients": merged.coefficients.num_trainable(),
+        "steps": steps,
+    }
 
 
 # --------------------------------------------------------------------------------------- fused MoE export
