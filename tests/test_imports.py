@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "pytorch_lightning", "lightning_fabric", "datasets")
 LAZY_PACKAGES = ("expertmerge", "expertmerge.moe", "expertmerge.methods", "expertmerge.io", "calib_data")
-LAZY_PACKAGES += ("lightning_modules",)
+LAZY_PACKAGES += ("lightning_modules", "expertmerge.fit", "expertmerge.merge_config")
 
 
 def run_python(code: str, *args: str) -> dict:
@@ -51,6 +51,27 @@ def test_packages_import_without_heavy_modules_or_registration() -> None:
         "'sequence': 'expertmerge.moe.sequence' in sys.modules}))"
     )
     assert result == {"heavy": [], "sequence": False}
+
+
+def test_fit_help_lists_the_merge_options_without_loading_lightning() -> None:
+    """`fit --help` opens with the merge's own options (each with its type and default), not Lightning's flags."""
+    result = run_python(
+        "import contextlib, io, json, sys\n"
+        "from expertmerge.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    code = main(['fit', '--help'])\n"
+        "text = out.getvalue()\n"
+        "print(json.dumps({'code': code, 'head': text.splitlines()[0], 'text': text, "
+        "'lightning': 'pytorch_lightning' in sys.modules}))"
+    )
+    assert result["code"] == 0 and result["head"].startswith("usage: python -m expertmerge fit --config FILE")
+    assert result["lightning"] is False
+    text = result["text"]
+    assert "--model.gamma (float, default 0.05)" in text
+    assert "--model.task_balance (none | start_kl | expert_gain, default 'expert_gain')" in text
+    assert text.index("--model.alpha0") < text.index("--trainer.max_steps")  # the merge's options first
+    assert "--help-all" in text
 
 
 def test_help_imports_no_torch() -> None:
