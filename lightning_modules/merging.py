@@ -38,7 +38,13 @@ class ExpertMergingModule(pl.LightningModule):
     @classmethod
     def for_run(cls, run: FitRun) -> ExpertMergingModule:
         """The module over an existing run (its options; its merge, when prepared, is reused)."""
-        module = cls(**run.options.to_flat())
+        # The flat signature is generated (see the end of this file), so Lightning cannot read the hyperparameters
+        # from __init__'s frame; they are given, as LightningCLI gives them when it builds the module.
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+        flat = run.options.to_flat()
+        with _given_hyperparameters_context(flat, f"{cls.__module__}.{cls.__qualname__}"):
+            module = cls(**flat)
         module.run = run
         if run.learned is not None:
             module._attach(run.learned)
