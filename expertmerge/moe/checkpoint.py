@@ -30,7 +30,7 @@ from expertmerge.moe.formats import (
     moe_format_for,
     split_dense_names,
 )
-from expertmerge.moe.plan import MoeSources, plan_moe
+from expertmerge.moe.plan import MoePlan, MoeSources, plan_moe
 from expertmerge.moe.router import add_generalist_row
 from expertmerge.pool import BASE, ExpertPool
 
@@ -233,6 +233,45 @@ def _sources(
     )
 
 
+def _plan(
+    pool: ExpertPool,
+    spec: _Export,
+    top_k: int,
+    shared_tensors: SharedTensors,
+    router_weights: RouterWeights,
+) -> MoePlan:
+    """The output's config and tensors, checked (routers, shared tensors, layout) before any writing."""
+    layout = spec.layout
+    config = build_moe_config(pool.config, len(spec.routed), top_k, shared_expert_size=spec.shared_width)
+    config.dtype = spec.dtype
+    hidden = pool.shape(layout.ffn[0]["gate"])[1]
+    generalist = spec.include_base and not spec.fmt.shared_expert
+    count = len(pool.expert_names)
+    routers = _router_rows(router_weights, layout.num_layers, len(spec.routed), count, hidden, generalist)
+    shared = _shared_source(shared_tensors, pool, layout.shared)
+    plan = plan_moe(
+        pool,
+        layout,
+        spec.fmt,
+        config,
+        _sources(pool, spec, shared, routers, hidden),
+        dtype=spec.dtype,
+        num_routed=len(spec.routed),
+        shared_names=layout.shared,
+        shared_width=spec.shared_width,
+    )
+    # What we plan must be exactly what the installed transformers builds for this config.
+    mismatch = plan.mismatch()
+    if mismatch is not None:
+        import transformers
+
+        raise ExpertMergeError(
+            f"The {spec.fmt.architecture} layout of the installed transformers {transformers.__version__} differs "
+            f"from what expertmerge writes (fused 3-D experts, transformers 5.x): {mismatch}."
+        )
+    return plan
+
+
 def write_moe_checkpoint(
     pool: ExpertPool,
     out: str | Path,
@@ -279,35 +318,8 @@ def write_moe_checkpoint(
     max_shard = shard_limit(max_shard_size)
     pool.validate()
     spec = _export(pool, include_base_expert, shared_expert_weight, dtype)
+    plan = _plan(pool, spec, top_k, shared_tensors, router_weights)
     layout = spec.layout
-    config = build_moe_config(pool.config, len(spec.routed), top_k, shared_expert_size=spec.shared_width)
-    config.dtype = spec.dtype
-    hidden = pool.shape(layout.ffn[0]["gate"])[1]
-    generalist = include_base_expert and not spec.fmt.shared_expert
-    count = len(pool.expert_names)
-    routers = _router_rows(router_weights, layout.num_layers, len(spec.routed), count, hidden, generalist)
-    shared = _shared_source(shared_tensors, pool, layout.shared)
-    plan = plan_moe(
-        pool,
-        layout,
-        spec.fmt,
-        config,
-        _sources(pool, spec, shared, routers, hidden),
-        dtype=spec.dtype,
-        num_routed=len(spec.routed),
-        shared_names=layout.shared,
-        shared_width=spec.shared_width,
-    )
-    # What we plan must be exactly what the installed transformers builds for this config.
-    mismatch = plan.mismatch()
-    if mismatch is not None:
-        import transformers
-
-        raise ExpertMergeError(
-            f"The {spec.fmt.architecture} layout of the installed transformers {transformers.__version__} differs "
-            f"from what expertmerge writes (fused 3-D experts, transformers 5.x): {mismatch}."
-        )
-
     notes = [f"ignored dense tensor '{name}' (not part of the MoE model)" for name in layout.ignored]
     inputs += [pool.base_dir, *pool.expert_dirs.values()]
     estimate = plan.nbytes + support_bytes(pool.base_dir)

@@ -171,24 +171,44 @@ def _plan(
 
 
 def _gate_rows(
-    config: MergekitMoeConfig, pool: ExpertPool, fmt: MoeFormat, donor: str, tokenizer: Any
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The gate rows of `gate_mode`: "routed" `[L, E, H]` and "shared" `[L, S, H]`; notes on degenerate layers."""
+    config: MergekitMoeConfig,
+    pool: ExpertPool,
+    fmt: MoeFormat,
+    donor: str,
+    rows: dict[str, torch.Tensor],
+    notes: list[str],
+) -> Any:
+    """Sets the gate rows of `gate_mode`, "routed" `[L, E, H]` and "shared" `[L, S, H]`, into `rows` (a note on
+    degenerate layers into `notes`); returns the base's tokenizer."""
+    if config.options.seed is not None:
+        torch.manual_seed(config.options.seed)
+    tokenizer = moe_tokenizer(pool.base_dir)
     donor_dir = pool.base_dir if donor == BASE else pool.expert_dirs[donor]
     gates = gate_rows(config, donor_dir, tokenizer, pool, donor)
     count = len(config.experts)
-    rows = {"routed": gates[:, :count], "shared": gates[:, count:]}
+    rows.update(routed=gates[:, :count], shared=gates[:, count:])
     if fmt is QWEN2_MOE and rows["shared"].shape[1] == 0:
         # random gates without shared prompts: mergekit fails
         rows["shared"] = torch.zeros(gates.shape[0], 1, gates.shape[2])
     degenerate = degenerate_layers(gates)
     fitted_router = config.options.router is not None and config.options.router.init == "discriminant"
     if degenerate and not fitted_router:
-        return rows, [
+        notes.append(
             f"layers {degenerate} have degenerate gates (condition number > 5): prompts may be too similar, some "
             "experts will be underused"
-        ]
-    return rows, []
+        )
+    return tokenizer
+
+
+def _read_config(
+    config: MergekitMoeConfig | str | Path, allow_all_same: bool, config_text: str | None
+) -> tuple[MergekitMoeConfig, str | None, str]:
+    """The checked config, its text (copied beside the output) and where it came from (for messages)."""
+    if isinstance(config, MergekitMoeConfig):
+        check_moe_config(config, "config", allow_all_same)
+        return config, config_text, "config"
+    parsed, text = load_moe_config(config, allow_all_same)
+    return parsed, text, str(config)
 
 
 def _open_pool(config: MergekitMoeConfig) -> tuple[ExpertPool, dict[str, str], str]:
@@ -202,6 +222,26 @@ def _open_pool(config: MergekitMoeConfig) -> tuple[ExpertPool, dict[str, str], s
     pool = ExpertPool(config.base_model, names, distinct=False)  # mergekit-moe: the base may be an expert
     pool.validate()
     return pool, names, donor
+
+
+def _model_writer(
+    plan: MoePlan, max_shard: int, support_dir: Path, console: Any
+) -> Callable[[Path, bool], WrittenWeights]:
+    """`write(folder, show)`: weights, config and tokenizer files into `folder` (the final atomic folder, or a
+    scratch one), with a progress bar when `show`."""
+
+    def write_model(folder: Path, show: bool) -> WrittenWeights:
+        with tensor_progress(console, show, "moe") as bar:
+            task = bar.add_task("moe", total=len(plan.tensors), tensor="")
+            return plan.write(
+                folder,
+                max_shard,
+                support_dir,
+                on_start=lambda name: bar.update(task, tensor=name),
+                on_written=lambda name: bar.advance(task),
+            )
+
+    return write_model
 
 
 def build_mergekit_moe(
@@ -222,12 +262,7 @@ def build_mergekit_moe(
     configs with such texts need it.
     """
     started = time.perf_counter()
-    source = "config"
-    if not isinstance(config, MergekitMoeConfig):
-        source = str(config)
-        config, config_text = load_moe_config(config, allow_all_same)
-    else:
-        check_moe_config(config, source, allow_all_same)
+    config, config_text, source = _read_config(config, allow_all_same, config_text)
     shared_defs = list(config.shared_experts or [])
     sources = [config.base_model, *(e.source_model for e in [*config.experts, *shared_defs])]
     check_output_dir(out, force, inputs=sources)
@@ -241,25 +276,9 @@ def build_mergekit_moe(
     plan, notes = _plan(config, pool, fmt, donor, rows, source)
 
     # The one heavy step before writing: the gate rows (hidden modes run the base model once per prompt set).
-    if config.options.seed is not None:
-        torch.manual_seed(config.options.seed)
-    tokenizer = moe_tokenizer(pool.base_dir)
-    gates, gate_notes = _gate_rows(config, pool, fmt, donor, tokenizer)
-    rows.update(gates)
-    notes += gate_notes
+    tokenizer = _gate_rows(config, pool, fmt, donor, rows, notes)
 
-    def write_model(folder: Path, show: bool) -> WrittenWeights:
-        """Weights, config and tokenizer files into `folder` (the final atomic folder, or a scratch one)."""
-        with tensor_progress(console, show, "moe") as bar:
-            task = bar.add_task("moe", total=len(plan.tensors), tensor="")
-            return plan.write(
-                folder,
-                max_shard,
-                pool.base_dir,
-                on_start=lambda name: bar.update(task, tensor=name),
-                on_written=lambda name: bar.advance(task),
-            )
-
+    write_model = _model_writer(plan, max_shard, pool.base_dir, console)
     router_label, fitted = f"mergekit's gate_mode {config.gate_mode}", None
     if config.options.router is not None:  # ours: routers fitted to calibration data (and tuned)
         fitted = _fit_router(config, router_calibration, pool, donor, tokenizer, rows, write_model, progress)
