@@ -178,7 +178,7 @@ def task_tokens(
     kept: list[list[int]] = []
     groups: list[str] = []
     grouped = bool(task.group_field)
-    from calib_data.splits import group_roles  # splits pads with this module's `pad`
+    from calib_data.groups import group_roles
 
     def enough() -> bool:
         if not grouped:

@@ -31,6 +31,7 @@ from expertmerge.alignment import IDENTITY, Alignment, aligned_tensor, tensor_ro
 from expertmerge.errors import ExpertMergeError
 from expertmerge.methods.spherical import slerp  # the registry's (mergekit's) slerp
 from expertmerge.moe.formats import split_dense_names
+from expertmerge.moe.forward import expert_ffn, moe_forward
 from expertmerge.pool import BASE, ExpertPool
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -216,13 +217,6 @@ def write_dense_folder(
     return folder
 
 
-def expert_ffn(pool: SymphonyPool, expert: str) -> dict[str, torch.Tensor]:
-    """Every FFN tensor (gate/up/down of every layer) of one aligned expert, fp32."""
-    layout = split_dense_names(pool.tensor_names)
-    names = [name for projections in layout.ffn.values() for name in projections.values()]
-    return {name: pool.expert_tensor(expert, name, torch.float32) for name in names}
-
-
 def dense_model(pool: SymphonyPool, tensors: Mapping[str, torch.Tensor]) -> Any:
     """An fp32 `transformers` model of the pool's architecture holding `tensors` (eval mode)."""
     from transformers import AutoModelForCausalLM
@@ -276,23 +270,6 @@ def _load_original(pool: SymphonyPool, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ MoE
-def moe_forward(model: Any, ffns: Sequence[Mapping[str, torch.Tensor]], pool: SymphonyPool) -> Callable:
-    """`forward(e, ids, mask)` running the dense backbone `model` with expert e's FFN (router statistics)."""
-    keys = {key: param for param, key in pool.parameter_keys(model).items()}
-
-    def forward(expert: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
-        swapped = {keys[name]: tensor for name, tensor in ffns[expert].items()}
-        return torch.func.functional_call(
-            model,
-            swapped,
-            args=(),
-            kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False},
-            strict=False,
-        )
-
-    return forward
-
-
 def router_rows(
     pool: SymphonyPool,
     shared: Mapping[str, torch.Tensor],

@@ -204,7 +204,7 @@ def test_group_field_keeps_held_out_sources_apart(tmp_path, tokenizer_dir):
 
 
 def test_group_roles_fill_the_held_out_part_from_whole_groups_first_come():
-    from calib_data.splits import group_roles
+    from calib_data.groups import group_roles
 
     roles = group_roles(list("AABBBCCDDE"), 3, 4)
     # A (2) and B hold out: B lends one sample, its other two are unused; C, D, E train, up to 4.
@@ -217,7 +217,7 @@ def test_group_roles_fill_the_held_out_part_from_whole_groups_first_come():
 
 
 def test_group_roles_balanced_draws_the_training_part_in_rounds_over_groups():
-    from calib_data.splits import group_roles
+    from calib_data.groups import group_roles
 
     groups = list("AABBBBBCCDE")
     # First come: B (the big source) fills the training part.

@@ -31,6 +31,8 @@ CROSSINGS = {
     "core-without-data": ("expertmerge.teachers", "calib_data.tasks"),
     "library-without-lightning": ("expertmerge.fit.merged", "lightning_modules.merging"),
     "fit-without-data-module": ("expertmerge.fit.prepare", "calib_data.tasks"),
+    "moe-below-symphony-and-data": ("expertmerge.moe.checkpoint", "expertmerge.symphony"),
+    "no-package-cycles": ("expertmerge.io.reader", "expertmerge.pool"),
     "zoos-are-plugins": ("expertmerge.pool", "expertmerge_zoos.tiny"),
 }
 
@@ -66,10 +68,15 @@ def test_contract_breaks_on_an_import_across_it(contract_id: str) -> None:
     grimp = pytest.importorskip("grimp", reason="import-linter is not installed")
     # importlinter.api sets up import-linter's settings (a contract's timer among them) as lint-imports does.
     pytest.importorskip("importlinter.api", reason="import-linter is not installed")
+    from importlinter.contracts.acyclic_siblings import AcyclicSiblingsContract
     from importlinter.contracts.forbidden import ForbiddenContract
     from importlinter.contracts.layers import LayersContract
 
-    kinds: dict[str, Any] = {"forbidden": ForbiddenContract, "layers": LayersContract}
+    kinds: dict[str, Any] = {
+        "forbidden": ForbiddenContract,
+        "layers": LayersContract,
+        "acyclic_siblings": AcyclicSiblingsContract,
+    }
     spec = next(c for c in CONFIG["contracts"] if c["id"] == contract_id)
     options = {k: v for k, v in spec.items() if k not in ("id", "name", "type")}
     session = {k: v for k, v in CONFIG.items() if k != "contracts"}

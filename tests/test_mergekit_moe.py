@@ -271,6 +271,15 @@ def _router_config(**router) -> dict:
     return config
 
 
+def _calib_reader():
+    """calib_data's reading of `router.calib` texts, given to the build as the `moe` command gives it."""
+    from calib_data.datamodule import CalibrationDataModule
+    from calib_data.tasks import TaskSpec
+    from expertmerge.moe.mergekit_moe_router import CalibrationReader
+
+    return CalibrationReader(TaskSpec, CalibrationDataModule)
+
+
 @torch.no_grad()
 def _routing(folder: Path, datamodule) -> tuple[dict[str, float], float]:
     """Held-out KL to each task's own expert, and the share of (token, layer) routes whose top-1 is that expert."""
@@ -321,12 +330,12 @@ def test_router_fitted_and_tuned_on_calibration_data_beats_mergekit_gates_on_hel
         CLOWNCAR.read_text()
     )
     out = tmp_path / "moe"
-    summary = build_mergekit_moe(config, out, progress=False)
+    summary = build_mergekit_moe(config, out, progress=False, calibration=_calib_reader())
     assert summary.router == "fitted to calibration data (discriminant), tuned 30 steps"
     kl = summary.router_kl
     assert list(kl) == ["mergekit gates", "fitted", "tuned"]
     assert kl["tuned"] < 0.8 * kl["fitted"] and kl["fitted"] < 0.9 * kl["mergekit gates"], kl
-    datamodule = router_data(config, Path(resolve_path("zoo://tiny/base")))
+    datamodule = router_data(config, Path(resolve_path("zoo://tiny/base")), reader=_calib_reader())
     hidden_kl, hidden_accuracy = _routing(clowncar, datamodule)
     tuned_kl, tuned_accuracy = _routing(out, datamodule)
     # The build scored mergekit's rows on the same held-out texts and weights (fp32 of the bf16 tensors).
@@ -359,3 +368,6 @@ def test_router_key_mistakes_name_the_key() -> None:
             "/tmp/never-written",
             progress=False,
         )
+    # moe/ reads calibration texts through the reader its caller gives (it imports no calib_data).
+    with pytest.raises(ExpertMergeError, match=r"expertmerge.router.calib needs a calibration reader"):
+        build_mergekit_moe(parse_moe_config(_router_config()), "/tmp/never-written", progress=False)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from expertmerge.cli.fit import fit_inputs, read_fit_config
+from expertmerge.cli.fit import read_fit_config
+from expertmerge.cli.fit_steps import fit_inputs
 from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.folder import check_output_file, write_json_output

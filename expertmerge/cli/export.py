@@ -8,7 +8,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from expertmerge.cli.fit import check_pool_matches, fit_inputs, read_fit_config
+from expertmerge.cli.fit import read_fit_config
+from expertmerge.cli.fit_steps import check_pool_matches, fit_inputs
 from expertmerge.console import make_console
 from expertmerge.errors import ExpertMergeError
 

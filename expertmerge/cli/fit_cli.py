@@ -12,17 +12,17 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
 
 from calib_data import CalibrationDataModule
-from expertmerge.cli.fit import (
-    _DESCRIPTION,
+from expertmerge.cli.fit_steps import (
+    DESCRIPTION,
     EXPERT_MERGING_CLASS,
     FORCE_FLAG,
     PROG,
-    _tokenizer_of,
     check_pool_matches,
     export_expert_merging,
     export_sequence_moe,
     fit_inputs,
     read_resume_checkpoint,
+    tokenizer_of,
 )
 from expertmerge.fit.outputs import ExportSettings
 from expertmerge.io.folder import check_output_dir
@@ -51,7 +51,7 @@ class ExpertMergeCLI(LightningCLI):
         parser.add_class_arguments(ExportSettings, "export")
         # Expert Merging configs name no class (`model: {base: ..., experts: ...}`); the sequence MoE's does.
         parser.set_defaults({"model": {"class_path": EXPERT_MERGING_CLASS}})
-        parser.link_arguments("model", "data.tokenizer", compute_fn=_tokenizer_of)
+        parser.link_arguments("model", "data.tokenizer", compute_fn=tokenizer_of)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """A Trainer of this config; `kwargs` override its settings (stage 2 gets its own max_steps).
@@ -142,7 +142,7 @@ def build_fit_cli(args: Sequence[str], run: bool = True) -> ExpertMergeCLI:
     fit_parser = {
         "prog": f"{PROG} fit",
         "usage": f"{PROG} fit [options]",
-        "description": _DESCRIPTION,
+        "description": DESCRIPTION,
         "exit_on_error": False,
     }
     return ExpertMergeCLI(

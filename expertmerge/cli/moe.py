@@ -43,9 +43,12 @@ def summary_table(summary: Any, peak_rss: int) -> Any:
 
 def moe_main(argv: Sequence[str]) -> int:
     """`python -m expertmerge moe --config moe.yaml --out DIR [--force]`."""
+    from calib_data.datamodule import CalibrationDataModule
+    from calib_data.tasks import TaskSpec
     from expertmerge.console import make_console
     from expertmerge.merge import peak_rss_bytes
     from expertmerge.moe.mergekit_moe_build import build_mergekit_moe
+    from expertmerge.moe.mergekit_moe_router import CalibrationReader
 
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge moe",
@@ -87,6 +90,7 @@ def moe_main(argv: Sequence[str]) -> int:
         max_shard_size=options.max_shard_size,
         console=console,
         progress=not options.no_progress,
+        calibration=CalibrationReader(TaskSpec, CalibrationDataModule),
     )
     summary.wall_seconds = time.perf_counter() - started
     console.print(summary_table(summary, peak_rss_bytes()))

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def sweep_main(argv: Sequence[str]) -> int:
     from calib_data.tasks import base_task_names
-    from expertmerge.cli.fit import fit_inputs, read_fit_config
+    from expertmerge.cli.fit import read_fit_config
+    from expertmerge.cli.fit_steps import fit_inputs
     from expertmerge.errors import ExpertMergeError
     from expertmerge.io.folder import check_output_dir
     from expertmerge.sweep import check_swept_task, parse_task_weights

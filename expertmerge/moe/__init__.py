@@ -1,7 +1,9 @@
 """Fused Mixture-of-Experts: each expert's FFN becomes one MoE expert; shared tensors merged; routers initialised.
 
 - `formats`: dense family -> MoE format (Mixtral, Qwen2-MoE, Qwen3-MoE), config, tensor names, forced routing.
+- `plan`: the one fused-MoE tensor plan (names, shapes, dtypes, stacked experts) that every fused-MoE writer fills.
 - `checkpoint`: `write_moe_checkpoint`, the streaming, atomic writer of a folder `transformers` loads as is.
+- `forward`: the dense backbone with one expert's FFN swapped in (oracle routing), for router statistics.
 - `router`: router initialisation maths (`hidden`, `cheap_embed`, `random`, the fit's linear discriminant).
 - `router_inputs`: what the routers see on calibration data (one hook-based collection) and `initial_router_rows`.
 - `router_tuning`: `tune_router`, training only the gates against the oracle-routed targets.
@@ -43,6 +45,11 @@ _EXPORTS = {
     "router_from_hidden": "expertmerge.moe.router",
     "router_random": "expertmerge.moe.router",
     "warn_if_degenerate": "expertmerge.moe.router",
+    "MoePlan": "expertmerge.moe.plan",
+    "MoeSources": "expertmerge.moe.plan",
+    "plan_moe": "expertmerge.moe.plan",
+    "expert_ffn": "expertmerge.moe.forward",
+    "moe_forward": "expertmerge.moe.forward",
     "RouterInputs": "expertmerge.moe.router_inputs",
     "initial_router_rows": "expertmerge.moe.router_inputs",
     "mean_token_embeddings": "expertmerge.moe.router_inputs",

@@ -8,7 +8,7 @@ one FFN matrix whatever the number of experts. The output folder appears only wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +19,20 @@ from expertmerge.health import HealthCheck, HealthSamples, check_folder
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
 from expertmerge.io.reader import dtype_name, parse_dtype
-from expertmerge.io.support import copy_support_files, support_bytes
-from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
+from expertmerge.io.support import support_bytes
+from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, shard_limit
 from expertmerge.moe.formats import (
     QWEN2_MOE,
     ZERO_SHARED_EXPERT_WIDTH,
+    DenseLayout,
     MoeFormat,
     build_moe_config,
-    expected_tensors,
     moe_format_for,
-    moe_layer_names,
     split_dense_names,
 )
+from expertmerge.moe.plan import MoePlan, MoeSources, plan_moe
 from expertmerge.moe.router import add_generalist_row
-from expertmerge.pool import BASE, ExpertPool, natural_key
+from expertmerge.pool import BASE, ExpertPool
 
 SharedTensors = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
 RouterWeights = Mapping[int, torch.Tensor] | torch.Tensor
@@ -109,6 +109,169 @@ def _router_rows(
     return rows
 
 
+@dataclass
+class _Export:
+    """What a fused MoE export of a pool is: its format and dtype, its routed experts and its shared expert."""
+
+    fmt: MoeFormat
+    layout: DenseLayout
+    dtype: torch.dtype
+    include_base: bool
+    routed: list[str]  # pool names of the routed experts, in expert order ("base": the base's FFN)
+    base_as_shared: bool  # Qwen2-MoE: the base's FFN is the shared expert
+    shared_weight: float
+    shared_width: int | None  # Qwen2-MoE's shared expert width; None without one
+
+    @property
+    def routed_scale(self) -> float:
+        return 1.0 - self.shared_weight if self.base_as_shared else 1.0
+
+    @property
+    def shared_description(self) -> str | None:
+        if self.base_as_shared:
+            return "base"
+        return "zero" if self.fmt is QWEN2_MOE else None
+
+
+def _export(
+    pool: ExpertPool, include_base_expert: bool, shared_expert_weight: float, dtype: torch.dtype | str | None
+) -> _Export:
+    fmt: MoeFormat = moe_format_for(getattr(pool.config, "model_type", None))
+    layout = split_dense_names(pool.tensor_names)
+    first_gate = layout.ffn[0]["gate"]
+    out_dtype = pool.stored_dtype(first_gate) if dtype is None else parse_dtype(dtype)
+    intermediate = pool.shape(first_gate)[0]
+    base_as_shared = include_base_expert and fmt.shared_expert
+    routed: list[str] = list(pool.expert_names) + (
+        [BASE] if include_base_expert and not fmt.shared_expert else []
+    )
+    if base_as_shared and not 0.0 < float(shared_expert_weight) < 1.0:
+        raise ExpertMergeError(
+            f"shared_expert_weight must be between 0 and 1 (exclusive), got {shared_expert_weight}."
+        )
+    shared_width = None
+    if fmt.shared_expert:
+        shared_width = intermediate if base_as_shared else min(intermediate, ZERO_SHARED_EXPERT_WIDTH)
+    return _Export(
+        fmt,
+        layout,
+        out_dtype,
+        include_base_expert,
+        routed,
+        base_as_shared,
+        float(shared_expert_weight),
+        shared_width,
+    )
+
+
+def _shared_source(
+    shared_tensors: SharedTensors, pool: ExpertPool, names: list[str]
+) -> Callable[[str], torch.Tensor]:
+    """The shared tensors by name; a mapping's names and shapes are checked now, before any writing."""
+    if isinstance(shared_tensors, Mapping):
+        missing = [name for name in names if name not in shared_tensors]
+        if missing:
+            shown = ", ".join(f"'{n}'" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ExpertMergeError(f"shared_tensors lacks {len(missing)} shared tensor(s): {shown}.")
+        for name in names:
+            if tuple(shared_tensors[name].shape) != pool.shape(name):
+                raise ExpertMergeError(
+                    f"shared_tensors['{name}'] has shape {list(shared_tensors[name].shape)}, the model's is "
+                    f"{list(pool.shape(name))}."
+                )
+        get_shared: Callable[[str], torch.Tensor] = shared_tensors.__getitem__
+    elif callable(shared_tensors):
+        get_shared = shared_tensors
+    else:
+        raise ExpertMergeError(
+            "shared_tensors must be a mapping {name: tensor} or a function name -> tensor."
+        )
+
+    def shared(name: str) -> torch.Tensor:
+        tensor = torch.as_tensor(get_shared(name)).detach().cpu()
+        if tuple(tensor.shape) != pool.shape(name):
+            raise ExpertMergeError(
+                f"shared tensor '{name}' has shape {list(tensor.shape)}, the model's is {list(pool.shape(name))}."
+            )
+        return tensor
+
+    return shared
+
+
+def _sources(
+    pool: ExpertPool,
+    spec: _Export,
+    shared: Callable[[str], torch.Tensor],
+    routers: list[torch.Tensor],
+    hidden: int,
+) -> MoeSources:
+    """The values: FFNs read in fp32, scaled (Qwen2-MoE with the base as shared expert), cast to the output dtype."""
+
+    def ffn(model: str, name: str, scale: float = 1.0) -> torch.Tensor:
+        tensor = (
+            pool.base_tensor(name, torch.float32)
+            if model == BASE
+            else pool.expert_tensor(model, name, torch.float32)
+        )
+        return (tensor if scale == 1.0 else tensor * scale).to(spec.dtype)
+
+    def routed_ffn(expert: int, projection: str, name: str) -> torch.Tensor:
+        model = spec.routed[expert]
+        return ffn(model, name, spec.routed_scale if projection == "down" and model != BASE else 1.0)
+
+    def shared_ffn(projection: str, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        if not spec.base_as_shared:
+            return torch.zeros(shape, dtype=spec.dtype)  # no shared expert: adds exactly 0
+        return ffn(BASE, name, 2.0 * spec.shared_weight if projection == "down" else 1.0)
+
+    return MoeSources(
+        shared=shared,
+        routed_ffn=routed_ffn,
+        router=lambda layer: routers[layer].to(spec.dtype),
+        shared_ffn=shared_ffn,
+        shared_expert_gate=lambda layer: torch.zeros((1, hidden), dtype=spec.dtype),
+    )
+
+
+def _plan(
+    pool: ExpertPool,
+    spec: _Export,
+    top_k: int,
+    shared_tensors: SharedTensors,
+    router_weights: RouterWeights,
+) -> MoePlan:
+    """The output's config and tensors, checked (routers, shared tensors, layout) before any writing."""
+    layout = spec.layout
+    config = build_moe_config(pool.config, len(spec.routed), top_k, shared_expert_size=spec.shared_width)
+    config.dtype = spec.dtype
+    hidden = pool.shape(layout.ffn[0]["gate"])[1]
+    generalist = spec.include_base and not spec.fmt.shared_expert
+    count = len(pool.expert_names)
+    routers = _router_rows(router_weights, layout.num_layers, len(spec.routed), count, hidden, generalist)
+    shared = _shared_source(shared_tensors, pool, layout.shared)
+    plan = plan_moe(
+        pool,
+        layout,
+        spec.fmt,
+        config,
+        _sources(pool, spec, shared, routers, hidden),
+        dtype=spec.dtype,
+        num_routed=len(spec.routed),
+        shared_names=layout.shared,
+        shared_width=spec.shared_width,
+    )
+    # What we plan must be exactly what the installed transformers builds for this config.
+    mismatch = plan.mismatch()
+    if mismatch is not None:
+        import transformers
+
+        raise ExpertMergeError(
+            f"The {spec.fmt.architecture} layout of the installed transformers {transformers.__version__} differs "
+            f"from what expertmerge writes (fused 3-D experts, transformers 5.x): {mismatch}."
+        )
+    return plan
+
+
 def write_moe_checkpoint(
     pool: ExpertPool,
     out: str | Path,
@@ -156,214 +319,78 @@ def write_moe_checkpoint(
     out = check_output_dir(out, force, inputs, force_flag=force_flag)
     max_shard = shard_limit(max_shard_size)
     pool.validate()
-    fmt: MoeFormat = moe_format_for(getattr(pool.config, "model_type", None))
-    layout = split_dense_names(pool.tensor_names)
-    first_ffn = layout.ffn[0]
-    out_dtype = pool.stored_dtype(first_ffn["gate"]) if dtype is None else parse_dtype(dtype)
-    intermediate, hidden = pool.shape(first_ffn["gate"])
-
-    experts = list(pool.expert_names)
-    base_as_shared = include_base_expert and fmt.shared_expert
-    routed: list[str] = experts + ([BASE] if include_base_expert and not fmt.shared_expert else [])
-    if base_as_shared and not 0.0 < float(shared_expert_weight) < 1.0:
-        raise ExpertMergeError(
-            f"shared_expert_weight must be between 0 and 1 (exclusive), got {shared_expert_weight}."
-        )
-    routed_scale = 1.0 - float(shared_expert_weight) if base_as_shared else 1.0
-    shared_width = None
-    if fmt.shared_expert:
-        shared_width = intermediate if base_as_shared else min(intermediate, ZERO_SHARED_EXPERT_WIDTH)
-    config = build_moe_config(pool.config, len(routed), top_k, shared_expert_size=shared_width)
-    config.dtype = out_dtype
-    routers = _router_rows(
-        router_weights,
-        layout.num_layers,
-        len(routed),
-        len(experts),
-        hidden,
-        generalist=include_base_expert and not fmt.shared_expert,
-    )
-
-    # The shared tensors: check names (and, for a mapping, shapes) before any writing.
-    if isinstance(shared_tensors, Mapping):
-        missing = [name for name in layout.shared if name not in shared_tensors]
-        if missing:
-            shown = ", ".join(f"'{n}'" for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ExpertMergeError(f"shared_tensors lacks {len(missing)} shared tensor(s): {shown}.")
-        for name in layout.shared:
-            if tuple(shared_tensors[name].shape) != pool.shape(name):
-                raise ExpertMergeError(
-                    f"shared_tensors['{name}'] has shape {list(shared_tensors[name].shape)}, the model's is "
-                    f"{list(pool.shape(name))}."
-                )
-        get_shared: Callable[[str], torch.Tensor] = shared_tensors.__getitem__
-    elif callable(shared_tensors):
-        get_shared = shared_tensors
-    else:
-        raise ExpertMergeError(
-            "shared_tensors must be a mapping {name: tensor} or a function name -> tensor."
-        )
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-
-    def shared_parts(name: str) -> Callable[[], Iterator[torch.Tensor]]:
-        def parts() -> Iterator[torch.Tensor]:
-            tensor = torch.as_tensor(get_shared(name)).detach().cpu()
-            if tuple(tensor.shape) != pool.shape(name):
-                raise ExpertMergeError(
-                    f"shared tensor '{name}' has shape {list(tensor.shape)}, the model's is {list(pool.shape(name))}."
-                )
-            yield cast(tensor)
-
-        return parts
-
-    def ffn(model: str, name: str, scale: float = 1.0) -> torch.Tensor:
-        tensor = (
-            pool.base_tensor(name, torch.float32)
-            if model == BASE
-            else pool.expert_tensor(model, name, torch.float32)
-        )
-        return (tensor if scale == 1.0 else tensor * scale).to(out_dtype)
-
-    entries: list[PlannedTensor] = []
-    shared_dtype = {
-        name: out_dtype if pool.stored_dtype(name).is_floating_point else pool.stored_dtype(name)
-        for name in layout.shared
-    }
-    for name in layout.shared:
-        entries.append(PlannedTensor(name, pool.shape(name), shared_dtype[name], shared_parts(name)))
-    for layer, projections in layout.ffn.items():
-        names = moe_layer_names(fmt, layout.mlp_prefix[layer])
-
-        def gate_up(projections: dict[str, str] = projections) -> Iterator[torch.Tensor]:
-            for model in routed:
-                yield ffn(model, projections["gate"])
-                yield ffn(model, projections["up"])
-
-        def down(projections: dict[str, str] = projections) -> Iterator[torch.Tensor]:
-            for model in routed:
-                yield ffn(model, projections["down"], routed_scale if model != BASE else 1.0)
-
-        def router(matrix: torch.Tensor = routers[layer]) -> Iterator[torch.Tensor]:
-            yield matrix.to(out_dtype)
-
-        count = len(routed)
-        entries += [
-            PlannedTensor(names.router, (count, hidden), out_dtype, router),
-            PlannedTensor(names.gate_up, (count, 2 * intermediate, hidden), out_dtype, gate_up),
-            PlannedTensor(names.down, (count, hidden, intermediate), out_dtype, down),
-        ]
-        if fmt.shared_expert:
-            width = shared_width or intermediate
-
-            def shared_ffn(
-                projection: str, shape: tuple[int, int], projections: dict[str, str] = projections
-            ) -> Callable[[], Iterator[torch.Tensor]]:
-                def parts() -> Iterator[torch.Tensor]:
-                    if base_as_shared:
-                        scale = 2.0 * float(shared_expert_weight) if projection == "down" else 1.0
-                        yield ffn(BASE, projections[projection], scale)
-                    else:
-                        yield torch.zeros(shape, dtype=out_dtype)
-
-                return parts
-
-            def shared_gate() -> Iterator[torch.Tensor]:
-                yield torch.zeros((1, hidden), dtype=out_dtype)
-
-            entries += [
-                PlannedTensor(
-                    names.shared_gate, (width, hidden), out_dtype, shared_ffn("gate", (width, hidden))
-                ),
-                PlannedTensor(names.shared_up, (width, hidden), out_dtype, shared_ffn("up", (width, hidden))),
-                PlannedTensor(
-                    names.shared_down, (hidden, width), out_dtype, shared_ffn("down", (hidden, width))
-                ),
-                PlannedTensor(names.shared_expert_gate, (1, hidden), out_dtype, shared_gate),
-            ]
-    entries.sort(key=lambda entry: natural_key(entry.name))
-
-    # What we plan must be exactly what the installed transformers builds for this config.
-    expected = expected_tensors(config)
-    planned = {entry.name: entry.shape for entry in entries}
-    unexpected = sorted(set(planned) - set(expected), key=natural_key)
-    lacking = sorted(set(expected) - set(planned), key=natural_key)
-    wrong = [n for n in planned if n in expected and tuple(expected[n]) != tuple(planned[n])]
-    if unexpected or lacking or wrong:
-        import transformers
-
-        raise ExpertMergeError(
-            f"The {fmt.architecture} layout of the installed transformers {transformers.__version__} differs from "
-            f"what expertmerge writes (fused 3-D experts, transformers 5.x): unexpected {unexpected[:4]}, "
-            f"missing {lacking[:4]}, wrong shape {[(n, planned[n], expected[n]) for n in wrong[:4]]}."
-        )
-
+    spec = _export(pool, include_base_expert, shared_expert_weight, dtype)
+    plan = _plan(pool, spec, top_k, shared_tensors, router_weights)
+    layout = spec.layout
     notes = [f"ignored dense tensor '{name}' (not part of the MoE model)" for name in layout.ignored]
-    if base_as_shared:
-        shared_description = "base"
-    elif fmt is QWEN2_MOE:
-        shared_description = "zero"
-    else:
-        shared_description = None
-    hashes = pool.content_hashes()
     inputs += [pool.base_dir, *pool.expert_dirs.values()]
-    estimate = sum(entry.nbytes for entry in entries) + support_bytes(pool.base_dir)
+    estimate = plan.nbytes + support_bytes(pool.base_dir)
     with atomic_output_dir(out, force, inputs, estimate, command="moe", force_flag=force_flag) as tmp:
-        total = write_safetensors(tmp, entries, max_shard).num_shards
-        config.save_pretrained(tmp)
-        copy_support_files(pool.base_dir, tmp)
+        total = plan.write(tmp, max_shard, pool.base_dir).num_shards
         health = check_folder(tmp, pool.base_dir, samples=health_samples)
-        parameters: dict[str, object] = {
-            "format": fmt.name,
-            "architecture": fmt.architecture,
-            "source_model_type": pool.config.model_type,
-            "router_method": router_method,
-            "top_k": top_k,
-            "norm_topk_prob": True,
-            "routed_experts": routed,
-            "include_base_expert": include_base_expert,
-            "dtype": dtype_name(out_dtype),
-        }
-        if fmt.shared_expert:
-            parameters["shared_expert"] = shared_description
-            if base_as_shared:
-                parameters["shared_expert_weight"] = float(shared_expert_weight)
-        parameters.update(card_parameters or {})
-        write_merge_card(
-            tmp,
-            title=f"Fused MoE ({fmt.architecture}) of {len(experts)} expert(s)",
-            method=f"moe:{fmt.name}",
-            base=(pool.base_source, hashes[BASE]),
-            experts={name: (pool.expert_sources[name], hashes[name]) for name in experts},
-            parameters=parameters,
-            sections={
-                "Experts": "\n".join(
-                    f"- routed expert {index}: FFN of {'the base model' if name == BASE else f'expert `{name}`'}"
-                    for index, name in enumerate(routed)
-                )
-                + (
-                    f"\n- shared expert: {'the base FFN' if base_as_shared else 'zeros (contributes nothing)'}"
-                    if fmt.shared_expert
-                    else ""
-                ),
-                "Routing": f"Router initialisation `{router_method}`, top-{top_k} of {len(routed)} routed experts, "
-                "top-k weights renormalised to sum to 1.",
-                "Health check": health.card_section(),
-                **({"Notes": "\n".join(f"- {note}" for note in notes)} if notes else {}),
-            },
-        )
+        _write_card(tmp, pool, spec, top_k, router_method, card_parameters, health, notes)
         output_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
     return MoeExportSummary(
         output=out,
-        format=fmt.name,
-        architecture=fmt.architecture,
-        routed_experts=routed,
-        shared_expert=shared_description,
+        format=spec.fmt.name,
+        architecture=spec.fmt.architecture,
+        routed_experts=spec.routed,
+        shared_expert=spec.shared_description,
         top_k=top_k,
         router_method=router_method,
         num_shards=total,
         output_bytes=output_bytes,
         notes=notes,
         health=health,
+    )
+
+
+def _write_card(
+    folder: Path,
+    pool: ExpertPool,
+    spec: _Export,
+    top_k: int,
+    router_method: str,
+    card_parameters: Mapping[str, object] | None,
+    health: HealthCheck,
+    notes: list[str],
+) -> None:
+    fmt, routed = spec.fmt, spec.routed
+    parameters: dict[str, object] = {
+        "format": fmt.name,
+        "architecture": fmt.architecture,
+        "source_model_type": pool.config.model_type,
+        "router_method": router_method,
+        "top_k": top_k,
+        "norm_topk_prob": True,
+        "routed_experts": routed,
+        "include_base_expert": spec.include_base,
+        "dtype": dtype_name(spec.dtype),
+    }
+    if fmt.shared_expert:
+        parameters["shared_expert"] = spec.shared_description
+        if spec.base_as_shared:
+            parameters["shared_expert_weight"] = spec.shared_weight
+    parameters.update(card_parameters or {})
+    hashes = pool.content_hashes()
+    experts = list(pool.expert_names)
+    shared = f"\n- shared expert: {'the base FFN' if spec.base_as_shared else 'zeros (contributes nothing)'}"
+    write_merge_card(
+        folder,
+        title=f"Fused MoE ({fmt.architecture}) of {len(experts)} expert(s)",
+        method=f"moe:{fmt.name}",
+        base=(pool.base_source, hashes[BASE]),
+        experts={name: (pool.expert_sources[name], hashes[name]) for name in experts},
+        parameters=parameters,
+        sections={
+            "Experts": "\n".join(
+                f"- routed expert {index}: FFN of {'the base model' if name == BASE else f'expert `{name}`'}"
+                for index, name in enumerate(routed)
+            )
+            + (shared if fmt.shared_expert else ""),
+            "Routing": f"Router initialisation `{router_method}`, top-{top_k} of {len(routed)} routed experts, "
+            "top-k weights renormalised to sum to 1.",
+            "Health check": health.card_section(),
+            **({"Notes": "\n".join(f"- {note}" for note in notes)} if notes else {}),
+        },
     )

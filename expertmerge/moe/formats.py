@@ -150,76 +150,81 @@ def build_moe_config(
     settings: dict[str, Any] = {key: dense[key] for key in _COMMON_KEYS if key in dense}
     if dense.get("head_dim") is not None:
         settings["head_dim"] = dense["head_dim"]
-    intermediate = dense["intermediate_size"]
-    source = dense_config.model_type
-
-    if fmt is MIXTRAL:
-        from transformers import MixtralConfig
-
-        for flag in ("attention_bias", "mlp_bias"):
-            if dense.get(flag):
-                raise ExpertMergeError(
-                    f"The dense {source} model has {flag}=true; Mixtral has no biases in attention or experts, "
-                    "so this model cannot become a Mixtral MoE."
-                )
-        config = MixtralConfig(
-            **settings,
-            intermediate_size=intermediate,
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            sliding_window=dense.get("sliding_window"),
-            router_jitter_noise=0.0,
-            output_router_logits=False,
-        )
-    elif fmt is QWEN2_MOE:
-        from transformers import Qwen2MoeConfig
-
-        use_sliding = bool(dense.get("use_sliding_window", False))
-        config = Qwen2MoeConfig(
-            **settings,
-            intermediate_size=intermediate,  # only for dense layers, of which we write none
-            moe_intermediate_size=intermediate,
-            shared_expert_intermediate_size=intermediate
-            if shared_expert_size is None
-            else shared_expert_size,
-            num_experts=num_experts,
-            num_experts_per_tok=top_k,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            qkv_bias=True,  # Qwen2 attention always has q/k/v biases
-            use_sliding_window=use_sliding,
-            sliding_window=dense.get("sliding_window") if use_sliding else None,
-            max_window_layers=dense.get("max_window_layers", dense["num_hidden_layers"]),
-            layer_types=list(dense["layer_types"]) if dense.get("layer_types") else None,
-            output_router_logits=False,
-        )
-    else:
-        from transformers import Qwen3MoeConfig
-
-        layer_types = set(dense.get("layer_types") or ["full_attention"])
-        if len(layer_types) > 1:
-            raise ExpertMergeError(
-                "The dense qwen3 model mixes sliding-window and full attention layers (layer_types); Qwen3-MoE "
-                "applies one attention type to every layer, so it cannot reproduce this model."
-            )
-        use_sliding = layer_types == {"sliding_attention"}
-        config = Qwen3MoeConfig(
-            **settings,
-            intermediate_size=intermediate,
-            moe_intermediate_size=intermediate,
-            num_experts=num_experts,
-            num_experts_per_tok=top_k,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            attention_bias=bool(dense.get("attention_bias", False)),
-            use_sliding_window=use_sliding,
-            sliding_window=dense.get("sliding_window") if use_sliding else None,
-            output_router_logits=False,
-        )
+    settings.update(intermediate_size=dense["intermediate_size"], num_experts_per_tok=top_k)
+    build = {MIXTRAL: _mixtral_config, QWEN2_MOE: _qwen2_moe_config, QWEN3_MOE: _qwen3_moe_config}[fmt]
+    config = build(dense, settings, num_experts, shared_expert_size)
     config.architectures = [fmt.architecture]
     return config
+
+
+def _mixtral_config(
+    dense: dict[str, Any], settings: dict[str, Any], num_experts: int, shared_expert_size: int | None
+) -> Any:
+    from transformers import MixtralConfig
+
+    for flag in ("attention_bias", "mlp_bias"):
+        if dense.get(flag):
+            raise ExpertMergeError(
+                f"The dense {dense['model_type']} model has {flag}=true; Mixtral has no biases in attention or "
+                "experts, so this model cannot become a Mixtral MoE."
+            )
+    return MixtralConfig(
+        **settings,
+        num_local_experts=num_experts,
+        sliding_window=dense.get("sliding_window"),
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+    )
+
+
+def _qwen2_moe_config(
+    dense: dict[str, Any], settings: dict[str, Any], num_experts: int, shared_expert_size: int | None
+) -> Any:
+    from transformers import Qwen2MoeConfig
+
+    intermediate = dense["intermediate_size"]  # the dense `intermediate_size` is only for dense layers (none)
+    use_sliding = bool(dense.get("use_sliding_window", False))
+    return Qwen2MoeConfig(
+        **settings,
+        moe_intermediate_size=intermediate,
+        shared_expert_intermediate_size=intermediate if shared_expert_size is None else shared_expert_size,
+        num_experts=num_experts,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,  # Qwen2 attention always has q/k/v biases
+        use_sliding_window=use_sliding,
+        sliding_window=dense.get("sliding_window") if use_sliding else None,
+        max_window_layers=dense.get("max_window_layers", dense["num_hidden_layers"]),
+        layer_types=list(dense["layer_types"]) if dense.get("layer_types") else None,
+        output_router_logits=False,
+    )
+
+
+def _qwen3_moe_config(
+    dense: dict[str, Any], settings: dict[str, Any], num_experts: int, shared_expert_size: int | None
+) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    layer_types = set(dense.get("layer_types") or ["full_attention"])
+    if len(layer_types) > 1:
+        raise ExpertMergeError(
+            "The dense qwen3 model mixes sliding-window and full attention layers (layer_types); Qwen3-MoE "
+            "applies one attention type to every layer, so it cannot reproduce this model."
+        )
+    use_sliding = layer_types == {"sliding_attention"}
+    return Qwen3MoeConfig(
+        **settings,
+        moe_intermediate_size=dense["intermediate_size"],
+        num_experts=num_experts,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        attention_bias=bool(dense.get("attention_bias", False)),
+        use_sliding_window=use_sliding,
+        sliding_window=dense.get("sliding_window") if use_sliding else None,
+        output_router_logits=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- names

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.moe.forward import expert_ffn, moe_forward
 from expertmerge.moe.mergekit_moe import MergekitMoeConfig, RouterOptions, tokenize_prompts
 from expertmerge.moe.router import DegenerateRouterWarning
 from expertmerge.pool import ExpertPool
@@ -30,6 +31,16 @@ from expertmerge.pool import ExpertPool
 # The datamodule settings `router.data` may set (the fit's `data:` keys other than `tasks` / `tokenizer`).
 DATA_KEYS = ("samples_per_task", "eval_samples_per_task", "max_length", "batch_size", "seed", "rounds")
 PROMPTS_TASK = "positive_prompts"
+
+
+@dataclass(frozen=True)
+class CalibrationReader:
+    """How `router.calib` entries become tokenised batches: calib_data's `TaskSpec` and `CalibrationDataModule`,
+    given by the caller (the `moe` command) so that this package needs neither calib_data nor Lightning."""
+
+    task: Callable[..., Any]  # task(expert=..., name=..., **entry) -> a task spec with `.expert`
+    # datamodule(tasks, tokenizer=dir, **data), with .check(names) and .setup("fit")
+    datamodule: Callable[..., Any]
 
 
 @dataclass
@@ -62,11 +73,12 @@ def expert_index(config: MergekitMoeConfig, given: Any, where: str) -> int:
     raise ExpertMergeError(f"{where}.expert is {given!r}: {why}.")
 
 
-def calib_tasks(config: MergekitMoeConfig, options: RouterOptions, source: str) -> list[Any]:
-    """`router.calib` as calib_data `TaskSpec`s whose `expert` is the pool name `expert{i}` (checked now)."""
-    from calib_data.tasks import TaskSpec
-
-    tasks, seen = [], {}
+def calib_tasks(
+    config: MergekitMoeConfig, options: RouterOptions, source: str, reader: CalibrationReader | None = None
+) -> list[Any]:
+    """`router.calib` as `reader`'s task specs whose `expert` is the pool name `expert{i}` (checked now)."""
+    entries: list[tuple[str, str, dict[str, Any]]] = []
+    seen: dict[int, int] = {}
     for index, entry in enumerate(options.calib):
         where = f"{source}: expertmerge.router.calib[{index}]"
         entry = dict(entry)
@@ -75,8 +87,16 @@ def calib_tasks(config: MergekitMoeConfig, options: RouterOptions, source: str) 
         expert = expert_index(config, entry.pop("expert"), where)
         seen[expert] = seen.get(expert, 0) + 1
         entry.setdefault("name", f"expert{expert}" + (f"_{seen[expert]}" if seen[expert] > 1 else ""))
+        entries.append((where, f"expert{expert}", entry))
+    tasks: list[Any] = []
+    for where, expert_name, entry in entries:
+        if reader is None:
+            raise ExpertMergeError(
+                f"{source}: expertmerge.router.calib needs a calibration reader: pass calibration="
+                "CalibrationReader(TaskSpec, CalibrationDataModule) of calib_data (the moe command does)."
+            )
         try:
-            tasks.append(TaskSpec(expert=f"expert{expert}", **entry))
+            tasks.append(reader.task(expert=expert_name, **entry))
         except TypeError as error:
             raise ExpertMergeError(
                 f"{where}: {error}; it takes the keys of a fit config's data.tasks."
@@ -102,13 +122,14 @@ def calib_tasks(config: MergekitMoeConfig, options: RouterOptions, source: str) 
 
 
 def calibration_data(
-    tasks: Sequence[Any], options: RouterOptions, tokenizer_dir: Path, names: list[str]
+    tasks: Sequence[Any],
+    options: RouterOptions,
+    tokenizer_dir: Path,
+    names: list[str],
+    reader: CalibrationReader,
 ) -> Any:
     """The calibration datamodule (checked, set up) of `tasks`, tokenised with the base's tokenizer."""
-
-    from calib_data.datamodule import CalibrationDataModule
-
-    datamodule = CalibrationDataModule(list(tasks), tokenizer=str(tokenizer_dir), **options.data)
+    datamodule = reader.datamodule(list(tasks), tokenizer=str(tokenizer_dir), **options.data)
     datamodule.check(names)
     datamodule.setup("fit")
     return datamodule
@@ -173,8 +194,6 @@ class _FfnOfOneExpert(Sequence):
         return self.count
 
     def __getitem__(self, expert: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        from expertmerge.symphony import expert_ffn
-
         if expert != self.index:
             self.tensors = {}  # the previous expert's FFN is freed before the next is read
             self.tensors, self.index = expert_ffn(self.pool, f"expert{expert}"), expert
@@ -188,7 +207,6 @@ def discriminant_rows(
     from transformers import AutoModelForCausalLM
 
     from expertmerge.moe.router_inputs import initial_router_rows
-    from expertmerge.symphony import moe_forward
 
     model = AutoModelForCausalLM.from_pretrained(str(donor_dir), dtype=torch.float32).eval()
     ffns = _FfnOfOneExpert(pool, len(batches_per_expert))
@@ -201,14 +219,21 @@ def discriminant_rows(
         del model, ffns
 
 
-def router_data(config: MergekitMoeConfig, tokenizer_dir: Path, source: str = "config") -> Any | None:
-    """The checked, tokenised `router.calib` texts (None without any): run before any long work."""
+def router_data(
+    config: MergekitMoeConfig,
+    tokenizer_dir: Path,
+    source: str = "config",
+    reader: CalibrationReader | None = None,
+) -> Any | None:
+    """The checked, tokenised `router.calib` texts (None without any), read by `reader`: run before any long work."""
     options = config.options.router
     if options is None:
         return None
-    tasks = calib_tasks(config, options, source)
+    tasks = calib_tasks(config, options, source, reader)
+    if not tasks or reader is None:
+        return None
     names = [f"expert{i}" for i in range(len(config.experts))]
-    return calibration_data(tasks, options, tokenizer_dir, names) if tasks else None
+    return calibration_data(tasks, options, tokenizer_dir, names, reader)
 
 
 def fit_router(

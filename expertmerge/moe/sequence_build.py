@@ -103,6 +103,41 @@ def _least_squares(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return solution.T.to(torch.float32)
 
 
+def _join_shared(model: SequenceMoEForCausalLM, loaded: list[Any], widths: list[int], anchor: int) -> None:
+    """MergeME's heterogeneous join: the anchor's embedding and head shared by all, each expert's backbone between
+    an input and an output projector fitted by least squares to its own embedding and head."""
+    shared_in = loaded[anchor].get_input_embeddings().weight.detach()
+    shared_out = loaded[anchor].get_output_embeddings().weight.detach()
+    model.embed_tokens = torch.nn.Embedding.from_pretrained(shared_in.clone(), freeze=False)
+    model.lm_head = torch.nn.Linear(widths[anchor], model.config.vocab_size, bias=False)
+    model.lm_head.weight = torch.nn.Parameter(shared_out.clone())
+    backbones, inputs, outputs = [], [], []
+    for index, expert in enumerate(loaded):
+        width = widths[index]
+        own_in = expert.get_input_embeddings().weight.detach()
+        own_out = expert.get_output_embeddings().weight.detach()
+        into, out_of = (
+            torch.nn.Linear(widths[anchor], width, bias=False),
+            torch.nn.Linear(width, widths[anchor], bias=False),
+        )
+        with torch.no_grad():
+            if index == anchor:
+                into.weight.copy_(torch.eye(width))
+                out_of.weight.copy_(torch.eye(width))
+            else:
+                into.weight.copy_(_least_squares(shared_in, own_in))
+                # The shared head reads W_out h as the expert's head reads h: shared_out W_out ~ own_out.
+                out_of.weight.copy_(_least_squares(shared_out, own_out).T)
+        backbone = expert.get_decoder() if hasattr(expert, "get_decoder") else expert.base_model
+        backbone.set_input_embeddings(torch.nn.Embedding(1, width))
+        backbones.append(backbone)
+        inputs.append(into)
+        outputs.append(out_of)
+    model.experts = torch.nn.ModuleList(backbones)
+    model.input_projectors = torch.nn.ModuleList(inputs)
+    model.output_projectors = torch.nn.ModuleList(outputs)
+
+
 def build_sequence_moe(
     experts: Mapping[str, str],
     embeddings: str = "auto",
@@ -142,36 +177,7 @@ def build_sequence_moe(
     if mode == "own":
         model.experts = torch.nn.ModuleList(loaded)
     else:
-        shared_in = loaded[anchor].get_input_embeddings().weight.detach()
-        shared_out = loaded[anchor].get_output_embeddings().weight.detach()
-        model.embed_tokens = torch.nn.Embedding.from_pretrained(shared_in.clone(), freeze=False)
-        model.lm_head = torch.nn.Linear(widths[anchor], config.vocab_size, bias=False)
-        model.lm_head.weight = torch.nn.Parameter(shared_out.clone())
-        backbones, inputs, outputs = [], [], []
-        for index, expert in enumerate(loaded):
-            width = widths[index]
-            own_in = expert.get_input_embeddings().weight.detach()
-            own_out = expert.get_output_embeddings().weight.detach()
-            into, out_of = (
-                torch.nn.Linear(widths[anchor], width, bias=False),
-                torch.nn.Linear(width, widths[anchor], bias=False),
-            )
-            with torch.no_grad():
-                if index == anchor:
-                    into.weight.copy_(torch.eye(width))
-                    out_of.weight.copy_(torch.eye(width))
-                else:
-                    into.weight.copy_(_least_squares(shared_in, own_in))
-                    # The shared head reads W_out h as the expert's head reads h: shared_out W_out ~ own_out.
-                    out_of.weight.copy_(_least_squares(shared_out, own_out).T)
-            backbone = expert.get_decoder() if hasattr(expert, "get_decoder") else expert.base_model
-            backbone.set_input_embeddings(torch.nn.Embedding(1, width))
-            backbones.append(backbone)
-            inputs.append(into)
-            outputs.append(out_of)
-        model.experts = torch.nn.ModuleList(backbones)
-        model.input_projectors = torch.nn.ModuleList(inputs)
-        model.output_projectors = torch.nn.ModuleList(outputs)
+        _join_shared(model, loaded, widths, anchor)
     model.router = torch.nn.Linear(model.router.in_features, len(names))
     torch.nn.init.zeros_(model.router.weight)
     torch.nn.init.zeros_(model.router.bias)
