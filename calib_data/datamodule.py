@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from calib_data.groups import Split
 from calib_data.rendering import TokenizedSamples, check_tokenizer_path, load_tokenizer, task_tokens
 from calib_data.resume import ResumableDataLoader
 from calib_data.sampler import (
@@ -30,7 +31,7 @@ from calib_data.sampler import (
     interleaved_batches,
 )
 from calib_data.sources import load_saved, peek_columns, resolve_task_sources
-from calib_data.splits import SPLIT_KEYS, Split, SplitDataset, fingerprint, split_task
+from calib_data.splits import SPLIT_KEYS, SplitDataset, fingerprint, split_task
 from calib_data.tasks import TaskSpec, check_columns, check_settings
 from expertmerge.errors import ExpertMergeError
 
