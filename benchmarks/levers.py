@@ -210,7 +210,7 @@ def score_fit(name: str, overrides: dict[str, Any], out: Path, wall: float) -> d
     scores = json.loads((out / "eval.json").read_text())
     tasks = list(scores["experts"])
     row = {"setting": name, "overrides": overrides, "wall_s": round(wall, 1), "export": str(out)}
-    from lightning_modules.callbacks import start_row_name
+    from expertmerge.fit.outputs import start_row_name
 
     for label, key in (("expert merging", "em"), (start_row_name(scores), "ta")):
         row[f"{key}_kl"] = {t: scores[label][t]["kl"] for t in tasks}
@@ -353,38 +353,42 @@ def gains(scores: dict[str, Any], base: dict[str, Any], experts: dict[str, Any])
     }
 
 
-IN_PROCESS_HPARAMS = ("mu", "hidden_loss", "gamma", "lr", "alpha0", "task_balance", "ce_weight")
-
-
 def run_in_process(
     config: Path, names: list[str], common: dict[str, Any], zoo: str, console: Console
 ) -> None:
-    """Many settings over one prepared module: the base, task vectors and teacher targets are read once
+    """Many settings over one prepared merge: the base, task vectors and teacher targets are read once
     (on SmolLM2 under load that set-up costs more than a 10-step fit), then each setting is a fresh Lightning
-    fit of fresh coefficients with the module's own training_step and optimiser, scored like `fit` scores."""
+    fit of fresh coefficients with the fit's own training_step and optimiser, scored like `fit` scores."""
     import pytorch_lightning as pl
-    from lightning_modules.callbacks import evaluate_fit, start_row
 
-    from calib_data.datamodule import CalibrationDataModule
-    from expertmerge.cli.fit import _quiet_lightning
-    from expertmerge.coefficients import MergeCoefficients
-    from lightning_modules.merging import ExpertMergingModule
+    from expertmerge.cli.fit import quiet_lightning, read_fit_config
+    from expertmerge.fit.outputs import evaluate_fit, start_row
+    from expertmerge.teachers import mean_next_token_nll
 
     settings = yaml.safe_load(config.read_text())
     for key, value in common.items():
         section, name = key.split(".")
         settings[section][name] = value
-    module = ExpertMergingModule(**settings["model"])
-    datamodule = CalibrationDataModule(tokenizer=settings["model"]["base"], **settings["data"])
+    fit = read_fit_config(str(config), arguments(common))  # the Lightning module and data as `fit` has them
+    module, datamodule = fit.model, fit.datamodule
+    run = module.run
+    run.datamodule = datamodule
     started = time.perf_counter()
-    module.prepare(datamodule)
-    if (
-        not module.base_nll
-    ):  # expert_gain settings need the pure base's NLL (zoo B's model holds folded tensors)
-        module.base_nll = module.measure_base_nll(module._load(module.pool.base_dir), datamodule)
-    reference = evaluate_fit(module)  # base and experts once; their scores do not depend on the setting
+    learned = run.prepare()
+    calibration = learned.calibration
+    if not calibration.base_nll:
+        # expert_gain settings need the pure base's NLL (the prepared model holds folded tensors)
+        base = learned.pool.load_model()
+        calibration.base_nll = {
+            t: mean_next_token_nll(
+                base, datamodule.task_samples(t, "train"), learned.options.loss.teacher_batch_size
+            )
+            for t in learned.task_names
+        }
+        del base
+    reference = evaluate_fit(learned)  # base and experts once; their scores do not depend on the setting
     console.print(f"prepared in {time.perf_counter() - started:.0f} s")
-    defaults = {key: module.hparams[key] for key in IN_PROCESS_HPARAMS}
+    prepared = learned.options
     for name in names:
         overrides = resolve(SETTINGS[name], settings)
         if set(overrides) - IN_PROCESS_KEYS:
@@ -393,18 +397,18 @@ def run_in_process(
             )
             continue
         started = time.perf_counter()
-        for key, value in {**defaults, **{k.split(".")[1]: v for k, v in overrides.items()}}.items():
-            if key != "max_steps":
-                module.hparams[key] = value
-        module.task_scales = None  # task_balance: measured again at this setting's start point
-        module.coefficients = MergeCoefficients(
-            module.coefficient_names,
-            [module.model.get_parameter(n).shape[0] for n in module.coefficient_names],
-            len(module.expert_names),
-            alpha0=module.hparams.alpha0,
+        options = prepared.replace(
+            **{k.split(".")[1]: v for k, v in overrides.items() if k.startswith("model.")}
         )
+        run.options = options  # the module's optimiser reads the run's options, the objective the merge's
+        learned.restart(options)
+        if "model.alpha0" in overrides:
+            # restart keeps the prepared start; this setting's coefficients start at its own alpha0 (the
+            # tensors without coefficients stay merged at the config's)
+            learned.merged.start_coefficients(options.start.alpha0)
+        learned.objective.task_scales = None  # task_balance: measured again at this setting's start point
         pl.seed_everything(0, verbose=False)
-        with _quiet_lightning():  # the fit command's own filter: no Lightning tips or device inventory
+        with quiet_lightning():  # the fit command's own filter: no Lightning tips or device inventory
             trainer = pl.Trainer(
                 max_steps=int(overrides.get("trainer.max_steps", settings["trainer"]["max_steps"])),
                 accumulate_grad_batches=int(settings["trainer"].get("accumulate_grad_batches", 1)),
@@ -417,7 +421,7 @@ def run_in_process(
                 use_distributed_sampler=False,
             )
             trainer.fit(module, datamodule=datamodule)
-        scores = evaluate_fit(module, include_base=False)
+        scores = evaluate_fit(learned, include_base=False)
         base, experts = reference["base"], reference["experts"]
         row = {
             "setting": name,
@@ -426,11 +430,11 @@ def run_in_process(
             "export": "",
             "zoo": zoo,
             "in_process": True,
-            "em_kl": {t: scores["expert merging"][t].kl for t in module.task_names},
-            "ta_kl": {t: start_row(scores)[t].kl for t in module.task_names},
+            "em_kl": {t: scores["expert merging"][t].kl for t in learned.task_names},
+            "ta_kl": {t: start_row(scores)[t].kl for t in learned.task_names},
             "em_gain": gains(scores["expert merging"], base, experts),
             "ta_gain": gains(start_row(scores), base, experts),
-            "coefficients": module.coefficients.to_dict(module.expert_names),
+            "coefficients": learned.merged.coefficients.to_dict(learned.expert_names),
         }
         with open(results_file(zoo), "a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -440,30 +444,37 @@ def run_in_process(
         )
 
 
+def log1mexp(x: Any) -> Any:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (as the top-k KL's tail bucket computes it)."""
+    import torch
+
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def explain_objective(config: Path, export: Path) -> Table:
     """Why top-k KL and perplexity can disagree: per task, on the held-out calibration samples, where the
     teacher's mass lies and how task arithmetic (alpha0) and the learned merge (`export`'s coefficients) do on
     the next tokens inside and outside the teacher's top k. Uses cached targets; no expert is loaded."""
     import torch
 
-    from calib_data.datamodule import CalibrationDataModule
-    from expertmerge.losses import _log1mexp, kl_to_teacher, masked_mean
-    from lightning_modules.merging import ExpertMergingModule
+    from expertmerge.cli.fit import read_fit_config
+    from expertmerge.fit.outputs import START_ROWS
+    from expertmerge.losses import kl_to_teacher, masked_mean
 
-    settings = yaml.safe_load(config.read_text())
-    module = ExpertMergingModule(**settings["model"])
-    datamodule = CalibrationDataModule(tokenizer=settings["model"]["base"], **settings["data"])
-    module.prepare(datamodule)
-    learned = json.loads((export / "coefficients.json").read_text())["coefficients"]
+    fit = read_fit_config(str(config))
+    datamodule = fit.datamodule
+    fit.model.run.datamodule = datamodule
+    learned = fit.model.run.prepare()
+    merged = learned.merged
+    saved = json.loads((export / "coefficients.json").read_text())["coefficients"]
     values = {
-        name: torch.tensor([per_expert[e][0] for e in module.expert_names])
-        for name, per_expert in learned.items()
+        name: torch.tensor([per_expert[e][0] for e in merged.expert_names])
+        for name, per_expert in saved.items()
     }
-    from lightning_modules.callbacks import START_ROWS
-
     models = {
-        START_ROWS[module.start_merge]: module.alpha0_coefficients,
-        "expert merging": module.layerwise_coefficients(values),
+        START_ROWS[merged.start_merge]: merged.alpha0_coefficients,
+        "expert merging": merged.layerwise_coefficients(values),
     }
     out = Table(title=f"Objective vs perplexity, held-out calibration samples ({config.name})")
     for column in (
@@ -478,10 +489,10 @@ def explain_objective(config: Path, export: Path) -> Table:
     ):
         out.add_column(column, justify="left" if column in ("task", "model") else "right")
     with torch.no_grad():
-        for task in module.task_names:
+        for task in learned.task_names:
             samples = datamodule.task_samples(task, "eval")
             ids, mask = samples.input_ids, samples.attention_mask
-            targets = module.targets[(task, "eval")].rows(torch.arange(len(ids)), ids.shape[1])
+            targets = learned.calibration.targets[(task, "eval")].rows(torch.arange(len(ids)), ids.shape[1])
             nxt = ids[:, 1:]
             real = (mask[:, 1:] * mask[:, :-1]).bool()
             inside = (targets["topk_indices"][:, :-1] == nxt.unsqueeze(-1)).any(-1) & real
@@ -497,12 +508,12 @@ def explain_objective(config: Path, export: Path) -> Table:
                 f"{float(outside.sum() / real.sum()):.3f}", f"{ms:.1f}",
             )  # fmt: skip
             for label, coefficients in models.items():
-                logits = module(
+                logits = merged(
                     ids, mask, coefficients=coefficients, output_hidden_states=False
                 ).logits.float()
                 kl = masked_mean(kl_to_teacher(logits, targets), mask)
                 log_probs = torch.log_softmax(logits, -1)
-                student_tail = _log1mexp(
+                student_tail = log1mexp(
                     torch.logsumexp(log_probs.gather(-1, targets["topk_indices"].long()), -1)
                 ).exp()
                 nll = -log_probs[:, :-1].gather(-1, nxt.unsqueeze(-1)).squeeze(-1)

@@ -1,4 +1,5 @@
-"""Peak memory and wall time of the fit's set-up (`ExpertMergingModule.prepare`) with a warm teacher cache:
+"""Peak memory and wall time of the fit's set-up (`FitRun.prepare`; `ExpertMergingModule.prepare` in checkouts
+before `expertmerge.fit`) with a warm teacher cache:
 the code at another checkout ("before", e.g. `git worktree add /tmp/before ffbd20f`) against this one
 ("after"), side by side.
 
@@ -64,8 +65,6 @@ def _child(config: str, overrides: list[str]) -> None:
         fit = importlib.import_module("expertmerge.cli.fit")
     except ModuleNotFoundError:  # a "before" checkout from when the CLI was one module (ffbd20f)
         fit = importlib.import_module("expertmerge.cli")
-    # `configured` is public API; older checkouts named it `_configured`.
-    configured = getattr(fit, "configured", None) or fit._configured
 
     loads: list[str] = []
     original = PreTrainedModel.from_pretrained.__func__
@@ -75,21 +74,36 @@ def _child(config: str, overrides: list[str]) -> None:
         return original(cls, path, *args, **kwargs)
 
     PreTrainedModel.from_pretrained = classmethod(counting)
-    module, datamodule = configured(config, overrides)
+    if hasattr(fit, "read_fit_config"):  # the learned merge as a library (`expertmerge.fit`)
+        parsed = fit.read_fit_config(config, overrides)
+        run = parsed.model.run
+        run.datamodule = parsed.datamodule
+        prepare = run.prepare
+    else:  # checkouts before it: the Lightning module prepared itself
+        # `configured` was public API there; older checkouts named it `_configured`.
+        configured = getattr(fit, "configured", None) or fit._configured
+        module, datamodule = configured(config, overrides)
+
+        def prepare():
+            module.prepare(datamodule)
+            return module
+
     _reset_peak()
     start = _rss_bytes("VmRSS")
     started = time.perf_counter()
-    module.prepare(datamodule)
+    prepared = prepare()
     wall = time.perf_counter() - started
     peak = _rss_bytes("VmHWM")
-    base = str(Path(module.pool.base_dir).resolve())
+    base = str(Path(prepared.pool.base_dir).resolve())
+    # a prepared merge keeps the teacher statistics with its calibration data; the old module held them
+    stats = prepared.calibration.teacher_stats if hasattr(prepared, "calibration") else prepared.teacher_stats
     result = {
         "wall_s": wall,
         "peak_rss": peak,
         "start_rss": start,
         "expert_models_built": sum(1 for path in loads if path != base),
-        "teacher_computed": module.teacher_stats.computed,
-        "teacher_reused": module.teacher_stats.reused,
+        "teacher_computed": stats.computed,
+        "teacher_reused": stats.reused,
         "code": str(Path(expertmerge.__file__).resolve().parents[1]),
     }
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -9,10 +9,11 @@ Variants, all on the same single-task batches (one batch = one step: forward, ba
 
 - floor: plain fine-tuning of the base on the batch (next-token cross-entropy, AdamW over every base
   parameter). What the issue asks a fit step to come close to.
-- ours (layer-wise) / ours (chunk-wise): the library's `ExpertMergingModule`, built with its own `prepare`
-  (cached teacher targets, bf16 task vectors, `functional_call` on merged tensors); one step is its
-  `training_step` + backward + Adam on the coefficients. Chunk-wise uses the module's own Expert Merging++
-  allocation (`start_stage2`, budget = number of learned tensors, so about as many coefficients).
+- ours (layer-wise) / ours (chunk-wise): the library's learned merge, prepared by its own `FitRun.prepare`
+  (cached teacher targets, bf16 task vectors, `functional_call` on merged tensors); one step is the loss a
+  fit step computes (`Objective.training_loss`) + backward + Adam on the coefficients. Chunk-wise uses the library's
+  own Expert Merging++ allocation (`LearnedMerge.enter_stage2`, budget = number of learned tensors, so about
+  as many coefficients).
 - straightforward: the official code's way, written here: base and every expert in memory in fp32, the
   task's expert run live at every step, fp32 task vectors, merged tensors built by a Python loop over
   experts, full-logit KL and MSE averaged over every token.
@@ -293,16 +294,17 @@ class Floor:
 
 
 class Ours:
-    """The library's ExpertMergingModule, prepared by its own `prepare`; both coefficient layouts."""
+    """The library's learned merge, prepared by its own `FitRun.prepare`, stepped by its own objective; both
+    coefficient layouts."""
 
     def __init__(
         self, spec: dict[str, Any], datamodule: Any, chunk_wise: bool | None = None, streamed: bool = False
     ) -> None:
         import torch
 
-        from lightning_modules.merging import ExpertMergingModule
+        from expertmerge.fit import FitOptions, FitRun
 
-        self.module = ExpertMergingModule(
+        options = FitOptions.from_flat(
             base=spec["base"],
             experts=spec["experts"],
             alpha0=0.3,
@@ -311,15 +313,16 @@ class Ours:
             scheduler="constant",
             task_vectors="streamed" if streamed else "resident",
         )
-        self.module.prepare(datamodule)
-        self.module.to(_device(spec))
+        self.learned = FitRun(options, datamodule).prepare()
+        self.merged = self.learned.merged
+        self.merged.to(_device(spec))
         self.spec = spec
-        self.layer_wise = self.module.coefficients
+        self.layer_wise = self.merged.coefficients
         self.chunk_wise = None
         if chunk_wise is not False:
-            self.module.start_stage2(self.module.stage1_snapshot())
-            self.chunk_wise = self.module.coefficients
-            self.module.coefficients = self.layer_wise
+            self.learned.enter_stage2(self.merged.stage1_snapshot())
+            self.chunk_wise = self.merged.coefficients
+            self.merged.coefficients = self.layer_wise
         if chunk_wise is True:
             self.layer_wise = None
         self.optimizers = {
@@ -331,17 +334,17 @@ class Ours:
 
     def counts(self) -> dict[str, int]:
         return {
-            "layer-wise": self.module.chunk_allocation["layerwise_coefficients"],
-            "chunk-wise": self.module.chunk_allocation["chunkwise_coefficients"],
+            "layer-wise": self.merged.chunk_allocation["layerwise_coefficients"],
+            "chunk-wise": self.merged.chunk_allocation["chunkwise_coefficients"],
         }
 
     def step(self, batch: dict[str, Any], chunk_wise: bool = False, profile: bool = False) -> None:
         coefficients = self.chunk_wise if chunk_wise else self.layer_wise
-        self.module.coefficients = coefficients
+        self.merged.coefficients = coefficients
         optimizer = self.optimizers[id(coefficients)]
         t0 = time.perf_counter()
         with _autocast(self.spec):
-            loss = self.module.training_step(batch, 0)
+            loss, _, _ = self.learned.objective.training_loss([batch])
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -349,14 +352,15 @@ class Ours:
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         if profile:
-            for key, value in (("training_step", t1 - t0), ("backward", t2 - t1), ("optimiser", t3 - t2)):
+            for key, value in (("loss", t1 - t0), ("backward", t2 - t1), ("optimiser", t3 - t2)):
                 self.timers.setdefault(key, []).append(value)
 
     def memory_floor(self) -> int:
-        module = self.module
-        base = sum(p.numel() * p.element_size() for p in module.model.parameters())
-        task_vectors = sum(module.task_vectors[i].numel() * 2 for i in range(len(module.coefficient_names)))
-        merged = sum(module.task_vectors[i][0].numel() * 4 for i in range(len(module.coefficient_names)))
+        merged_model = self.merged
+        base = sum(p.numel() * p.element_size() for p in merged_model.model.parameters())
+        learned = range(len(merged_model.coefficient_names))
+        task_vectors = sum(merged_model.task_vectors[i].numel() * 2 for i in learned)
+        merged = sum(merged_model.task_vectors[i][0].numel() * 4 for i in learned)
         return base + task_vectors + merged
 
 
@@ -555,7 +559,7 @@ def _quiet() -> None:
 def _profile_ours(ours: Ours, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
     """Median seconds of the parts of a layer-wise step, timed by wrapping the library's own functions."""
     from expertmerge import coefficients
-    from lightning_modules import merging
+    from expertmerge.fit import merged as merged_module
 
     spent: dict[str, float] = {}
 
@@ -571,7 +575,7 @@ def _profile_ours(ours: Ours, batches: list[dict[str, Any]], steps: int) -> dict
 
     weighted = coefficients._WeightedSum
     patches = [
-        (merging, "functional_call", timed("model forward", merging.functional_call)),
+        (merged_module, "functional_call", timed("model forward", merged_module.functional_call)),
         (weighted, "forward", staticmethod(timed("merge build", weighted.forward))),
         (weighted, "backward", staticmethod(timed("merge backward", weighted.backward))),
     ]
@@ -584,12 +588,12 @@ def _profile_ours(ours: Ours, batches: list[dict[str, Any]], steps: int) -> dict
             ours.step(batches[i % len(batches)], profile=True)
             if i == 0:
                 continue  # warm-up
-            total_step = ours.timers["training_step"][0]
+            total_step = ours.timers["loss"][0]
             parts = {
                 "merge build (fwd of merged tensors)": spent["merge build"],
                 # the merged tensors are built before functional_call is entered: the two do not overlap
                 "model forward (functional_call)": spent["model forward"],
-                "loss (targets lookup, KL, MSE, reg, logs)": total_step
+                "loss (targets lookup, KL, MSE, reg)": total_step
                 - spent["model forward"]
                 - spent["merge build"],
                 "model backward": ours.timers["backward"][0] - spent["merge backward"],
@@ -607,7 +611,7 @@ def _merge_only(ours: Ours, levers: list[str], rounds: int) -> dict[str, dict[st
     and without each lever, round-robin: the part of a step the levers change, without the model's noise."""
     import torch
 
-    module = ours.module
+    module = ours.merged
     module.coefficients = ours.layer_wise
     generator = torch.Generator().manual_seed(0)
     grads: dict[tuple[int, ...], torch.Tensor] = {}
@@ -657,7 +661,7 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
         streamed = Ours(spec, datamodule, chunk_wise=False, streamed=True)
         steps["ours (streamed)"] = lambda b: streamed.step(b, chunk_wise=False)
     if spec["naive"]:
-        naive = Straightforward(spec, ours.module.task_experts)
+        naive = Straightforward(spec, ours.learned.calibration.task_experts)
         steps["straightforward"] = naive.step
 
     def with_lever(lever: str) -> Callable[[dict[str, Any]], None]:
@@ -695,10 +699,10 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
         + (" (bf16 autocast)" if _device(spec).type == "cuda" and spec.get("bf16", True) else ""),
         "tokens_per_batch": statistics.mean(int(b["attention_mask"].sum()) for b in batches),
         "batch_shapes": [list(b["input_ids"].shape) for b in batches],
-        "learned_tensors": len(ours.module.coefficient_names),
+        "learned_tensors": len(ours.merged.coefficient_names),
         "parameters": sum(p.numel() for p in floor.model.parameters()),
         "learned_parameters": sum(
-            ours.module.task_vectors[i][0].numel() for i in range(len(ours.module.coefficient_names))
+            ours.merged.task_vectors[i][0].numel() for i in range(len(ours.merged.coefficient_names))
         ),
     }
     if "straightforward" in times:
@@ -733,7 +737,7 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
         runner = Ours(spec, datamodule, chunk_wise=chunk_wise, streamed=variant == "ours (streamed)")
         step = lambda b: runner.step(b, chunk_wise=chunk_wise)  # noqa: E731
     else:
-        from lightning_modules.merging import ExpertMergingModule  # noqa: F401 - same imports as the others
+        from expertmerge.fit.prepare import prepare_fit  # noqa: F401 - same imports as the others
 
         task_experts = [list(spec["experts"]).index(t["expert"]) for t in spec["tasks"]]
         runner = Straightforward(spec, task_experts)

@@ -4,8 +4,8 @@
     python benchmarks/stream_memory.py --model smollm2 --experts 2 8 --threads 1
 
 Each row is a fresh process: libraries and calibration data loaded, then the RSS is read ("runtime"); then
-`ExpertMergingModule.prepare` (teacher targets from the cache, task vectors read from the pool), glibc's free
-heap returned and the peak reset, then `--steps` fit steps (training_step + backward + Adam). "held MB" is the
+`FitRun.prepare` (teacher targets from the cache, task vectors read from the pool), glibc's free
+heap returned and the peak reset, then `--steps` fit steps (the fit's loss `Objective.training_loss` + backward + Adam). "held MB" is the
 RSS after the steps and "peak MB" the peak RSS during them, both over the runtime: what the fit itself holds
 and needs, whatever the set-up did. On the CPU the compute device's memory is the process's memory, so the
 streamed rows use the disk store (`model.task_vector_store: auto`): the process holds the base, one merged
@@ -59,7 +59,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     _quiet()
-    from lightning_modules.merging import ExpertMergingModule
+    from expertmerge.fit import FitOptions, FitRun
 
     # The same data for every row: the first two experts' tasks; the other experts have none (a dense fit
     # allows that), so a row differs from another only by the number of experts whose task vectors it merges.
@@ -68,18 +68,19 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     batches = _first_round(datamodule)
     release_and_reset_peak()
     runtime = rss_bytes()
-    module = ExpertMergingModule(
+    options = FitOptions.from_flat(
         base=spec["base"],
         experts=spec["experts"],
         lr=0.1,
         scheduler="constant",
         task_vectors=spec["mode"],
     )
-    module.prepare(datamodule)
-    optimizer = torch.optim.Adam(module.coefficients.parameters(), lr=0.1)
+    learned = FitRun(options, datamodule).prepare()
+    merged = learned.merged
+    optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=0.1)
     release_and_reset_peak()
     for step in range(spec["steps"]):
-        loss = module.training_step(batches[step % len(batches)], step)
+        loss, _, _ = learned.objective.training_loss([batches[step % len(batches)]])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,20 +89,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     batch = batches[0]["input_ids"]
     estimate = estimate_fit(
-        module.model,
+        merged.model,
         len(spec["experts"]),
-        module.coefficient_names,
+        merged.coefficient_names,
         batch_size=batch.shape[0],
         seq_len=batch.shape[1],
-        logit_topk=module.hparams.logit_topk,
-        hidden_layers=len(module.hidden_layers),
+        logit_topk=options.loss.logit_topk,
+        hidden_layers=len(learned.calibration.hidden_layers),
     )
     strategy = "resident" if spec["mode"] == "resident" else "streamed"
     return {
         "peak": peak - runtime,
         "held": held - runtime,
         "plan": estimate[strategy].total,
-        "coefficients": module.coefficients.num_trainable(),
+        "coefficients": merged.coefficients.num_trainable(),
     }
 
 
