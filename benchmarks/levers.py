@@ -400,8 +400,7 @@ def run_in_process(
         options = prepared.replace(
             **{k.split(".")[1]: v for k, v in overrides.items() if k.startswith("model.")}
         )
-        run.options = options  # the module's optimiser reads the run's options, the objective the merge's
-        learned.restart(options)
+        run.restart(options)
         if "model.alpha0" in overrides:
             # restart keeps the prepared start; this setting's coefficients start at its own alpha0 (the
             # tensors without coefficients stay merged at the config's)

@@ -97,9 +97,8 @@ def _fit_points(
     base = teachers = None
     for index, weight in enumerate(weights):
         console.print(f"[bold]sweep {index + 1}/{len(weights)}[/bold]: {escape(task)} weight {weight:g}")
-        run.options = run.options.replace(task_weights={**configured, task: weight})
-        if run.learned is not None:  # the base, task vectors and targets stay; the coefficients start afresh
-            run.learned.restart(run.options)
+        # the base, task vectors and targets stay; the coefficients start afresh
+        run.restart(run.options.replace(task_weights={**configured, task: weight}))
         forwards, started = teacher_forwards(), time.perf_counter()
         with quiet_lightning():  # the Trainer's device inventory and tips are noise here
             result = run_fit(run, lightning_trainers(module, make_trainer))

@@ -46,6 +46,13 @@ class FitRun:
         )
         return pool.validate()
 
+    def restart(self, options: FitOptions) -> None:
+        """New options that change no prepared input (e.g. other task weights): the run's and its prepared
+        merge's (fresh coefficients at the chosen start), so the trainer and the objective read the same."""
+        self.options = options
+        if self.learned is not None:
+            self.learned.restart(options)
+
     def prepare(self, shard_device: torch.device | None = None, announce: bool = True) -> LearnedMerge:
         if self.learned is None:
             from expertmerge.fit.prepare import prepare_fit
