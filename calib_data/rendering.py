@@ -128,6 +128,73 @@ def row_text(
 BALANCE_POOL = 4  # `group_balance`: the training part is drawn from at least this many times the texts wanted
 
 
+class _TaskRows(NamedTuple):
+    """A task's sources as one list of rows: each part's used columns, where it came from, and its bounds."""
+
+    parts: list[Any]
+    wheres: list[str]
+    from_txt: list[bool]
+    bounds: list[int]  # part p holds the flat rows bounds[p] .. bounds[p + 1] - 1
+    described: list[str]  # the files read
+
+
+def _task_rows(task: TaskSpec, index: int) -> _TaskRows:
+    needed, _ = needed_columns(task, index)
+    needed = [*needed, *group_column(task)]
+    parts = []
+    wheres = []
+    from_txt = []
+    described: list[str] = []
+    for source in resolve_task_sources(task, index):
+        described.extend(source.files if source.kind == "files" else [source.path])
+        for dataset, is_txt in load_source(task, index, source):
+            where = f"'{source.given}'"
+            check_columns(task, index, where, dataset.column_names)
+            # Reading only the used columns keeps row access cheap next to wide or binary columns.
+            used = [c for c in dataset.column_names if c in needed or c == MESSAGES_COLUMN]
+            parts.append(dataset.select_columns(used))
+            wheres.append(where)
+            from_txt.append(is_txt)
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + len(part))
+    return _TaskRows(parts, wheres, from_txt, bounds, described)
+
+
+def _shuffled_order(task: TaskSpec, seed: int, count: int) -> list[int]:
+    # The shuffle is seeded per task by a stable hash of its name, so adding a task leaves the others be.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(task.name.encode())) % 2**63)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def _next_texts(
+    task: TaskSpec,
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: _TaskRows,
+    order: list[int],
+    position: int,
+    seen_texts: set[str],
+) -> tuple[list[str], list[str], int]:
+    """The next chunk of new texts in shuffled order, their groups (with `group_field`), and the next position."""
+    texts = []
+    text_groups = []
+    parts, bounds = rows.parts, rows.bounds
+    while position < len(order) and len(texts) < _TOKENIZE_CHUNK:
+        flat = order[position]
+        position += 1
+        part = next(p for p in range(len(parts)) if flat < bounds[p + 1])
+        text = row_text(
+            task, index, tokenizer, parts[part][flat - bounds[part]], rows.wheres[part], rows.from_txt[part]
+        )
+        if text is not None and text not in seen_texts:
+            seen_texts.add(text)
+            texts.append(text)
+            if task.group_field:
+                text_groups.append(str(parts[part][flat - bounds[part]][task.group_field]))
+    return texts, text_groups, position
+
+
 def task_tokens(
     task: TaskSpec,
     index: int,
@@ -148,28 +215,8 @@ def task_tokens(
             f"Task '{task.name}' sets `data.tasks[{index}].chat_template: true`, but the tokenizer "
             f"'{tokenizer_name}' has no chat template; set it to false or use a chat tokenizer."
         )
-    needed, _ = needed_columns(task, index)
-    needed = [*needed, *group_column(task)]
-    parts = []
-    wheres = []
-    from_txt = []
-    described: list[str] = []
-    for source in resolve_task_sources(task, index):
-        described.extend(source.files if source.kind == "files" else [source.path])
-        for dataset, is_txt in load_source(task, index, source):
-            where = f"'{source.given}'"
-            check_columns(task, index, where, dataset.column_names)
-            # Reading only the used columns keeps row access cheap next to wide or binary columns.
-            used = [c for c in dataset.column_names if c in needed or c == MESSAGES_COLUMN]
-            parts.append(dataset.select_columns(used))
-            wheres.append(where)
-            from_txt.append(is_txt)
-    bounds = [0]
-    for part in parts:
-        bounds.append(bounds[-1] + len(part))
-    # The shuffle is seeded per task by a stable hash of its name, so adding a task leaves the others be.
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(task.name.encode())) % 2**63)
-    order = torch.randperm(bounds[-1], generator=generator).tolist()
+    rows = _task_rows(task, index)
+    order = _shuffled_order(task, seed, rows.bounds[-1])
     # Chat-rendered text already holds the template's special tokens (BOS included).
     add_special_tokens = not task.chat_template
     special_ids = set(tokenizer.all_special_ids)
@@ -189,20 +236,7 @@ def task_tokens(
 
     position = 0
     while position < len(order) and not enough():
-        texts = []
-        text_groups = []
-        while position < len(order) and len(texts) < _TOKENIZE_CHUNK:
-            flat = order[position]
-            position += 1
-            part = next(p for p in range(len(parts)) if flat < bounds[p + 1])
-            text = row_text(
-                task, index, tokenizer, parts[part][flat - bounds[part]], wheres[part], from_txt[part]
-            )
-            if text is not None and text not in seen_texts:
-                seen_texts.add(text)
-                texts.append(text)
-                if grouped:
-                    text_groups.append(str(parts[part][flat - bounds[part]][task.group_field]))
+        texts, text_groups, position = _next_texts(task, index, tokenizer, rows, order, position, seen_texts)
         if not texts:
             continue
         encoded = tokenizer(
@@ -218,7 +252,7 @@ def task_tokens(
                 kept.append(list(ids))
                 if grouped:
                     groups.append(text_groups[row])
-    return kept, described, groups if grouped else None
+    return kept, rows.described, groups if grouped else None
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenizedSamples:

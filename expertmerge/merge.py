@@ -24,24 +24,19 @@ import torch
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.health import HealthCheck, check_folder
-from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, check_output_dir
-from expertmerge.io.reader import DTYPES, dtype_name, weights_bytes
-from expertmerge.io.support import TOKENIZER_FILES, copy_support_files, support_bytes, write_config
-from expertmerge.io.tokenizer import (
-    Vocabulary,
-    build_vocabulary,
-    chat_template_text,
-    load_tokenizer,
-    save_tokenizer,
-)
+from expertmerge.io.reader import DTYPES, weights_bytes
+from expertmerge.io.support import TOKENIZER_FILES, support_bytes
+from expertmerge.io.tokenizer import Vocabulary, build_vocabulary
 from expertmerge.io.writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, shard_limit, write_safetensors
 from expertmerge.merge_config.parse import dry_run, load_merge_config, parse_merge_config
 from expertmerge.merge_config.resolved import MergeConfig
-from expertmerge.merge_config.slices import OutputTensor, layer_config, output_layers, plan_tensors
+from expertmerge.merge_config.slices import OutputTensor, output_layers, plan_tensors
+from expertmerge.merge_inputs import MergeInputs, open_merge_inputs
+from expertmerge.merge_outputs import write_merge_record, write_output_config, write_output_tokenizer
 from expertmerge.methods import tensor_generator
 from expertmerge.methods.settings import resolve_values
-from expertmerge.pool import BASE, ExpertPool
+from expertmerge.pool import ExpertPool
 
 __all__ = ["MergeConfig", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge"]
 
@@ -114,66 +109,6 @@ def _majority_dtype(pool: ExpertPool) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-@dataclass
-class _Inputs:
-    """The models a merge reads (one pool: the structure model as its base, every other model an expert)."""
-
-    pool: ExpertPool
-    structure: str
-    keys: dict[str, str]  # source -> pool key
-
-    def checkpoint(self, model: str) -> Any:
-        return self.pool.checkpoint(self.keys[model])
-
-    def folder(self, model: str) -> Path:
-        return self.pool.base_dir if self.keys[model] == BASE else self.pool.expert_dirs[self.keys[model]]
-
-    def raw_config(self, model: str) -> dict[str, Any]:
-        return self.pool.raw_config(self.keys[model])
-
-    def num_layers(self, model: str) -> int:
-        raw = self.raw_config(model)
-        count = raw.get("num_hidden_layers", (raw.get("text_config") or {}).get("num_hidden_layers"))
-        if not isinstance(count, int):
-            raise ExpertMergeError(
-                f"{self.pool.label(self.keys[model])}: config.json has no num_hidden_layers."
-            )
-        return count
-
-    def vocab_size(self, model: str) -> int:
-        raw = self.raw_config(model)
-        return raw.get("vocab_size", (raw.get("text_config") or {}).get("vocab_size"))
-
-
-def _open_inputs(config: MergeConfig) -> _Inputs:
-    """mergekit's rules: the base gives structure, config and tokenizer (without one, the first model)."""
-    referenced = config.referenced_models
-    structure = referenced[0]
-    others = [m for m in referenced if m != structure]
-    pool = ExpertPool(
-        structure,
-        others,
-        trust_remote_code=config.trust_remote_code,
-        include=config.include,
-        exclude=config.exclude,
-        distinct=False,  # mergekit's meaning: a merge may list the base among its models
-    )
-    keys = {structure: BASE, **{source: name for name, source in pool.expert_sources.items()}}
-    inputs = _Inputs(pool, structure, keys)
-    if config.slices is None and config.tokenizer is None and others:
-        pool.validate()  # same architecture, vocabulary, tokenizer, names and shapes
-    else:
-        model_type = inputs.raw_config(structure).get("model_type")
-        for model in others:
-            if inputs.raw_config(model).get("model_type") != model_type:
-                raise ExpertMergeError(
-                    f"{pool.label(inputs.keys[model])} has model_type "
-                    f"'{inputs.raw_config(model).get('model_type')}' but '{structure}' has '{model_type}'; "
-                    "every model must share one architecture."
-                )
-    return inputs
-
-
 def _is_selected(pool: ExpertPool, name: str) -> bool:
     """`include` / `exclude` on the output's tensor names (default: every floating tensor is merged)."""
     return (pool.include is None or any(p.search(name) for p in pool.include)) and not any(
@@ -195,7 +130,7 @@ def _values(config: MergeConfig, tensor: OutputTensor) -> tuple[list[dict[str, A
     )
 
 
-def _shape(inputs: _Inputs, tensor: OutputTensor, vocabulary: Vocabulary | None) -> tuple[int, ...]:
+def _shape(inputs: MergeInputs, tensor: OutputTensor, vocabulary: Vocabulary | None) -> tuple[int, ...]:
     """The output shape; every input must have it (the vocabulary axis aside when a tokenizer is built)."""
     shapes = {i.model: tuple(inputs.checkpoint(i.model).shape(i.name)) for i in tensor.inputs}
     first = tensor.inputs[0]
@@ -216,7 +151,7 @@ def _shape(inputs: _Inputs, tensor: OutputTensor, vocabulary: Vocabulary | None)
     return shapes[first.model]
 
 
-def _is_vocab(inputs: _Inputs, tensor: OutputTensor) -> bool:
+def _is_vocab(inputs: MergeInputs, tensor: OutputTensor) -> bool:
     """Embeddings and lm_head: outside the layers, 2-D, one row per token of each model."""
     if tensor.layer is not None:
         return False
@@ -226,7 +161,7 @@ def _is_vocab(inputs: _Inputs, tensor: OutputTensor) -> bool:
     )
 
 
-def _one_tokenizer(config: MergeConfig, inputs: _Inputs, base: str) -> bool:
+def _one_tokenizer(config: MergeConfig, inputs: MergeInputs, base: str) -> bool:
     """`tokenizer_source: base` where every model has the base's `tokenizer.json` ids (or none) and as many
     tokens as embedding rows: mergekit's permutations are then the identity, so the files are copied as
     they are (loading a 50k-token tokenizer per model costs seconds)."""
@@ -259,7 +194,7 @@ def _added(tokenizer_json: dict[str, Any]) -> list[tuple[Any, Any]]:
     return sorted((t.get("content"), t.get("id")) for t in tokenizer_json.get("added_tokens", []))
 
 
-def _build_vocabulary(config: MergeConfig, inputs: _Inputs) -> Vocabulary | None:
+def _build_vocabulary(config: MergeConfig, inputs: MergeInputs) -> Vocabulary | None:
     if config.tokenizer is None:
         return None
     models = config.referenced_models
@@ -281,7 +216,7 @@ def _build_vocabulary(config: MergeConfig, inputs: _Inputs) -> Vocabulary | None
 
 def _producer(
     config: MergeConfig,
-    inputs: _Inputs,
+    inputs: MergeInputs,
     tensor: OutputTensor,
     dtype: torch.dtype,
     merged: bool,
@@ -310,48 +245,63 @@ def _producer(
     return produce
 
 
-def _write_config(
+def _read_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike, console: Any) -> MergeConfig:
+    """The typed config (parsed from a mapping or read from a file), its warnings printed."""
+    if isinstance(config, MergeConfig):
+        pass
+    elif isinstance(config, Mapping):
+        config = parse_merge_config(config)
+    else:
+        config = load_merge_config(config)
+    for warning in config.warnings:
+        console.print(f"[yellow]warning[/yellow]: {config.path}: {warning}", highlight=False, soft_wrap=True)
+    return config
+
+
+def _plan_writes(
     config: MergeConfig,
-    inputs: _Inputs,
+    inputs: MergeInputs,
     plan: list[OutputTensor],
-    target: Path,
-    out_dtype: torch.dtype,
     vocabulary: Vocabulary | None,
-) -> None:
-    write_config(inputs.folder(inputs.structure), target, out_dtype)
-    if config.slices is None and vocabulary is None:
-        return
-    data = json.loads((target / "config.json").read_text())
-    if config.slices is not None:
-        layers = output_layers(plan)
-        data = layer_config(data, layers, {m: inputs.raw_config(m) for m, _ in layers})
-    if vocabulary is not None:
-        holder = (
-            data["text_config"]
-            if "vocab_size" not in data and isinstance(data.get("text_config"), dict)
-            else data
-        )
-        holder["vocab_size"] = vocabulary.size
-    (target / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    out_dtype: torch.dtype,
+) -> tuple[list[PlannedTensor], int, set[str]]:
+    """Every output tensor's shape, dtype and producer, with its values checked; the merged count and experts."""
+    planned, merged_count, experts = [], 0, set()
+    checked: set[str] = set()
+    for tensor in plan:
+        stored = inputs.checkpoint(tensor.inputs[0].model).dtype(tensor.inputs[0].name)
+        merged = stored.is_floating_point and _is_selected(inputs.pool, tensor.name)
+        values = _values(config, tensor)
+        if merged:
+            merged_count += 1
+            experts.update(e.model for e in tensor.experts)
+            key = repr(values)
+            if key not in checked:  # each distinct set of values once, on a one-element merge
+                checked.add(key)
+                dry_run(
+                    config.method, *values, f"{config.path} (tensor '{tensor.name}')", tensor.base is not None
+                )
+        dtype = out_dtype if stored.is_floating_point else stored
+        shape = _shape(inputs, tensor, vocabulary)
+        produce = _producer(config, inputs, tensor, dtype, merged, vocabulary, values)
+        planned.append(PlannedTensor(tensor.name, shape, dtype, produce))
+    return planned, merged_count, experts
 
 
-def _write_tokenizer(
-    config: MergeConfig, inputs: _Inputs, target: Path, vocabulary: Vocabulary | None
-) -> None:
-    """The base's files, or (with `tokenizer:` / `chat_template:`) the built tokenizer saved by transformers."""
-    copy_support_files(inputs.folder(inputs.structure), target, config.trust_remote_code)
-    if vocabulary is None and config.chat_template is None:
-        return
-    folders = {m: inputs.folder(m) for m in config.referenced_models}
-    template = None
-    if config.chat_template is not None:
-        template = chat_template_text(config.chat_template, folders, config.trust_remote_code)
-    tokenizer = vocabulary.tokenizer if vocabulary is not None else None
-    if tokenizer is None:
-        tokenizer = load_tokenizer(
-            inputs.folder(config.base_model or config.referenced_models[0]), config.trust_remote_code
+def _write_weights(
+    target: Path, planned: list[PlannedTensor], max_shard: int, console: Any, progress: bool
+) -> int:
+    """Stream every tensor into the shards, with a progress bar; the number of shards."""
+    with tensor_progress(console, progress) as bar:
+        task = bar.add_task("merging", total=len(planned), tensor="")
+        written = write_safetensors(
+            target,
+            planned,
+            max_shard,
+            on_start=lambda name: bar.update(task, tensor=name),
+            on_written=lambda name: bar.advance(task),
         )
-    save_tokenizer(tokenizer, target, template)
+    return written.num_shards
 
 
 def run_merge(
@@ -375,14 +325,7 @@ def run_merge(
     merge_only = reset_peak_rss()
     start_rss = current_rss_bytes()
     console = console or make_console()
-    if isinstance(config, MergeConfig):
-        pass
-    elif isinstance(config, Mapping):
-        config = parse_merge_config(config)
-    else:
-        config = load_merge_config(config)
-    for warning in config.warnings:
-        console.print(f"[yellow]warning[/yellow]: {config.path}: {warning}", highlight=False, soft_wrap=True)
+    config = _read_config(config, console)
     out = out if out is not None else config.output_dir
     if out is None:
         raise ExpertMergeError(
@@ -392,98 +335,32 @@ def run_merge(
     check_output_dir(out, force, inputs=sources)  # cheap checks now; free space once the size is known
     max_shard = shard_limit(max_shard_bytes)
 
-    inputs = _open_inputs(config)
+    inputs = open_merge_inputs(config)
     pool = inputs.pool
     plan = plan_tensors(config, inputs.structure, lambda m: inputs.checkpoint(m).names, inputs.num_layers)
     vocabulary = _build_vocabulary(config, inputs)
     out_dtype = DTYPES[config.dtype] if config.dtype else _majority_dtype(pool)
-    planned, merged_count, experts = [], 0, set()
-    checked: set[str] = set()
-    for tensor in plan:
-        stored = inputs.checkpoint(tensor.inputs[0].model).dtype(tensor.inputs[0].name)
-        merged = stored.is_floating_point and _is_selected(pool, tensor.name)
-        values = _values(config, tensor)
-        if merged:
-            merged_count += 1
-            experts.update(e.model for e in tensor.experts)
-            key = repr(values)
-            if key not in checked:  # each distinct set of values once, on a one-element merge
-                checked.add(key)
-                dry_run(
-                    config.method, *values, f"{config.path} (tensor '{tensor.name}')", tensor.base is not None
-                )
-        dtype = out_dtype if stored.is_floating_point else stored
-        shape = _shape(inputs, tensor, vocabulary)
-        produce = _producer(config, inputs, tensor, dtype, merged, vocabulary, values)
-        planned.append(PlannedTensor(tensor.name, shape, dtype, produce))
+    planned, merged_count, experts = _plan_writes(config, inputs, plan, vocabulary, out_dtype)
     folders = [*sources, *(inputs.folder(m) for m in sources)]
     estimate = sum(t.nbytes for t in planned) + support_bytes(*(f for f in folders if Path(f).is_dir()))
     with atomic_output_dir(out, force, folders, estimate, command="merge") as tmp:
-        with tensor_progress(console, progress) as bar:
-            task = bar.add_task("merging", total=len(planned), tensor="")
-            written = write_safetensors(
-                tmp,
-                planned,
-                max_shard,
-                on_start=lambda name: bar.update(task, tensor=name),
-                on_written=lambda name: bar.advance(task),
-            )
-        total = written.num_shards
-        _write_config(config, inputs, plan, tmp, out_dtype, vocabulary)
-        _write_tokenizer(config, inputs, tmp, vocabulary)
+        num_shards = _write_weights(tmp, planned, max_shard, console, progress)
+        write_output_config(config, inputs, plan, tmp, out_dtype, vocabulary)
+        write_output_tokenizer(config, inputs, tmp, vocabulary)
         # On the finished folder before it is moved into place, so the card can say what it found.
-        health = check_folder(
-            tmp,
-            inputs.folder(config.base_model or config.referenced_models[0]),
-            (),
-            "",
-            config.trust_remote_code,
-        )
-        resolved_yaml = config.to_mergekit_yaml()
-        (tmp / "merge_config.yaml").write_text(resolved_yaml)
-        hashes = pool.content_hashes()
-        by_source = {source: name for name, source in pool.expert_sources.items()}
-        by_source.setdefault(inputs.structure, Path(inputs.structure).name or inputs.structure)
-        hash_of = {source: hashes[key] for source, key in inputs.keys.items()}
-        experts_listed = [m for m in sources if m in experts]
-        write_merge_card(
-            tmp,
-            title=f"{config.merge_method} merge of {len(experts_listed)} model(s)",
-            method=config.merge_method,
-            base=None if config.base_model is None else (config.base_model, hash_of[config.base_model]),
-            experts={by_source[m]: (m, hash_of[m]) for m in experts_listed},
-            parameters={
-                **config.parameters,
-                "models": {by_source[m.source]: {"source": m.source, **m.parameters} for m in config.models},
-                **(
-                    {"slices": len(config.slices), "layers": len(output_layers(plan))}
-                    if config.slices
-                    else {}
-                ),
-                "dtype": dtype_name(out_dtype),
-                "random_seed": config.seed,
-                "include": config.include,
-                "exclude": config.exclude,
-                "tensors_merged": merged_count,
-                "tensors_copied_from_base": len(planned) - merged_count,
-            },
-            sections={
-                "Merge config": f"Re-run with `python -m expertmerge merge --config merge_config.yaml --out DIR`.\n\n"
-                f"```yaml\n{resolved_yaml}```",
-                "Health check": health.card_section(),
-                **({"Notes": "\n".join(f"- {note}" for note in pool.notes)} if pool.notes else {}),
-            },
-        )
+        base_folder = inputs.folder(config.base_model or config.referenced_models[0])
+        health = check_folder(tmp, base_folder, (), "", config.trust_remote_code)
+        write_merge_record(config, inputs, plan, tmp, out_dtype, health, merged_count, experts)
         output_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
     model_bytes = weights_bytes(pool.base_dir)
     pool.close()
-    summary = MergeSummary(
+    return MergeSummary(
         method=config.merge_method,
         output=Path(out).expanduser(),
         num_experts=len(experts),
         tensors_merged=merged_count,
         tensors_copied=len(planned) - merged_count,
-        num_shards=total,
+        num_shards=num_shards,
         output_bytes=output_bytes,
         model_bytes=model_bytes,
         wall_seconds=time.perf_counter() - started,
@@ -494,7 +371,6 @@ def run_merge(
         output_layers=len(output_layers(plan)) if config.slices is not None else None,
         health=health,
     )
-    return summary
 
 
 def tensor_progress(console: Any, enabled: bool, label: str = "merge") -> Any:

@@ -5,14 +5,7 @@ compatible, and which tensors are merged. Nothing here holds a whole model: chec
 safetensors' `safe_open` (or memory-mapped `torch.load(weights_only=True)` for `.bin`), the handles are kept,
 and each call reads one tensor of one model.
 
-Sources, per model:
-
-- a local folder with `model.safetensors`, a sharded `model.safetensors.index.json`, or (only when no
-  safetensors are there) `pytorch_model.bin` / `pytorch_model.bin.index.json`, read with `weights_only=True`;
-- `zoo://<zoo>/<path>`: a registered model zoo (see `expertmerge.zoo_registry`);
-- a hub id such as `org/name` that is not an existing path: downloaded with `huggingface_hub.snapshot_download`
-  (config, tokenizer and weights only; a silent network is an error after `EXPERTMERGE_HUB_TIMEOUT`
-  seconds without progress, see `expertmerge.hub`) and then read like a local folder.
+Where each model's folder comes from (a local folder, `zoo://`, a hub id): `expertmerge.io.sources`.
 
 Which tensors are merged (`merged_names`): every floating-point tensor whose name matches one of the `include`
 regular expressions (default: all) and none of the `exclude` ones (default: none), matched with `re.search`.
@@ -21,7 +14,6 @@ Integer/bool buffers are never merged. Tensors that are not merged are taken fro
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,7 +25,6 @@ import torch
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hashing import file_hash, model_content_hash, weights_hash
-from expertmerge.hub import bounded_hub_call
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
     BIN_SINGLE,
@@ -43,79 +34,10 @@ from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name th
     _few,
     natural_key,
 )
-from expertmerge.zoo_registry import resolve_path
+from expertmerge.io.tokenizer_ids import TOKENIZER_FILES, tokenizer_json_ids
+from expertmerge.sources import model_dir
 
 BASE = "base"  # the key of the base model in `content_hashes()`; no expert may take this name
-
-# Files that define what token ids mean; formatting-only files (tokenizer_config.json, chat templates) are not
-# compared, since fine-tuning often rewrites them without changing a single id.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.safetensors"]
-
-
-def looks_like_hub_id(reference: str) -> bool:
-    """`org/name` (no leading `.`, `/` or `~`, exactly one slash) and not an existing local path."""
-    return bool(_HUB_ID.match(reference)) and not Path(reference).exists()
-
-
-def _download(reference: str, label: str) -> Path:
-    """Fetch a hub model's config, tokenizer and weights (safetensors, else `.bin`) into the HF cache."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:  # pragma: no cover - huggingface_hub comes with transformers
-        raise ExpertMergeError(
-            f"{label}: '{reference}' looks like a hub id but huggingface_hub is missing."
-        ) from error
-
-    def fetch(patterns: list[str]) -> Path:
-        return Path(
-            bounded_hub_call(lambda: snapshot_download(reference, allow_patterns=patterns), label, reference)
-        )
-
-    try:
-        folder = fetch(_HUB_PATTERNS)
-        if not any(folder.glob("*.safetensors")):
-            folder = fetch([*_HUB_PATTERNS, "*.bin"])
-    except ExpertMergeError:
-        raise
-    except Exception as error:  # network, auth, missing repo: all mean "cannot use this source"
-        raise ExpertMergeError(
-            f"{label}: '{reference}' is not a local folder and downloading it from the Hugging Face hub "
-            f"failed ({type(error).__name__}: {error}). Give a local folder, or check the id and network."
-        ) from error
-    return folder
-
-
-def model_dir(source: str, label: str) -> Path:
-    """The local folder of a model source (a folder, a `zoo://` reference, or a hub id downloaded once),
-    checked to be a Hugging Face model folder; errors name the model by `label`."""
-    try:
-        local = resolve_path(source)
-    except ExpertMergeError:
-        raise
-    except Exception as error:
-        raise ExpertMergeError(f"{label}: cannot resolve '{source}': {error}") from error
-    folder = Path(local)
-    if not folder.exists():
-        if looks_like_hub_id(source):
-            folder = _download(source, label)
-        else:
-            raise ExpertMergeError(f"{label}: folder '{folder}' does not exist.")
-    if not folder.is_dir():
-        raise ExpertMergeError(f"{label}: '{folder}' is not a folder.")
-    if not (folder / "config.json").is_file():
-        raise ExpertMergeError(f"{label}: '{folder}' has no config.json; is it a Hugging Face model folder?")
-    return folder
 
 
 class ExpertPool:
@@ -470,23 +392,6 @@ def _tied(config: Any) -> bool:
 
 def _vocab_size(config: Any) -> int | None:
     return getattr(config.get_text_config(), "vocab_size", getattr(config, "vocab_size", None))
-
-
-def tokenizer_json_ids(path: Path) -> tuple[Any, Any]:
-    """What a `tokenizer.json` maps: its model's vocabulary and its added tokens (content -> id).
-    Parsed once per file version: the base's file is compared with every expert's (2 MB for SmolLM2)."""
-    stat = Path(path).stat()
-    return _tokenizer_json_ids(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns))
-
-
-@functools.lru_cache(maxsize=16)
-def _tokenizer_json_ids(path: str, version: tuple[int, int, int, int]) -> tuple[Any, Any]:
-    # `version` (mtime, size, inode, ctime) only keys the cache: a file replaced with the same size and a forged
-    # mtime still has a new inode or ctime (see `file_hash`).
-    data = json.loads(Path(path).read_text())
-    vocab = data.get("model", {}).get("vocab")
-    added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens", []))
-    return vocab, added
 
 
 def _default_name(source: str) -> list[str]:

@@ -31,7 +31,7 @@ from expertmerge.hashing import model_content_hash
 from expertmerge.losses import kl_to_teacher, logit_kl_loss
 from expertmerge.moe.sequence import ROUTERS
 from expertmerge.moe.sequence_build import build_sequence_moe, export_sequence_moe
-from expertmerge.pool import model_dir
+from expertmerge.sources import model_dir
 from expertmerge.teachers import TeacherSettings, teacher_targets
 from expertmerge.validation import check_sequence_moe_options
 

@@ -28,7 +28,7 @@ import json, sys, time
 from calib_data.rendering import load_tokenizer
 from calib_data.sources import Source, load_source
 from calib_data.tasks import TaskSpec
-from expertmerge.pool import model_dir
+from expertmerge.sources import model_dir
 
 calls = {
     "model": lambda: model_dir("someorg/some-model", "base model (someorg/some-model)"),

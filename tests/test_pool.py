@@ -298,7 +298,7 @@ def test_bad_or_empty_patterns_are_refused(tiny_models):
 def test_a_tokenizer_json_replaced_with_the_same_size_and_mtime_is_read_anew(tiny_models, tmp_path):
     import os
 
-    from expertmerge.pool import tokenizer_json_ids
+    from expertmerge.io.tokenizer_ids import tokenizer_json_ids
 
     path = copy_model(tiny_models.base, tmp_path / "base") / "tokenizer.json"
     before = path.stat()

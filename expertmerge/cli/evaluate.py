@@ -56,18 +56,7 @@ def check_scorable(
         checkpoint.close()
 
 
-def evaluate_main(argv: Sequence[str]) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import expertmerge.moe.sequence  # noqa: F401  (a scored folder may be an exported sequence MoE)
-    from calib_data.tasks import BASE_TEACHER
-    from expertmerge.evaluate import expert_scores, score_task, scores_table, scores_to_json
-    from expertmerge.io.reader import Checkpoint
-    from expertmerge.pool import ExpertPool, _vocab_size, model_dir
-    from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
-    from expertmerge.zoo_registry import resolve_path
-
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m expertmerge evaluate",
         description="Score model folders on a fit config's held-out samples.",
@@ -78,16 +67,66 @@ def evaluate_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--json", help="also write the scores to this JSON file")
     parser.add_argument("--force", action="store_true", help="replace the --json file of an earlier evaluate")
-    options, overrides = parser.parse_known_args(argv)
-    # The models to score and the JSON target are checked before the config's data and experts are touched.
+    return parser.parse_known_args(argv)
+
+
+def _given_models(model_options: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The `--model` folders by name (NAME=PATH, else the path), and the option each name came from."""
+    from expertmerge.io.reader import Checkpoint
+    from expertmerge.sources import model_dir
+
     given, items = {}, {}
-    for item in options.model:
+    for item in model_options:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         folder = model_dir(path, f"evaluate --model {item}")
         # Its weights' headers (a .bin: its tensors, weights only) now, not in from_pretrained after the teachers.
         Checkpoint(folder, f"evaluate --model {item}").close()
         given[name or path] = str(folder)
         items[name or path] = item
+    return given, items
+
+
+def _score_models(
+    named: dict[str, str], labels: dict[str, str], datamodule: Any, targets: dict[Any, Any], hp: Any
+) -> dict[str, dict[str, Any]]:
+    """Each model's scores per task, one model in memory at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from expertmerge.evaluate import score_task
+
+    rows = {}
+    for name, path in named.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=hp.trust_remote_code
+        ).eval()
+        rows[name] = {
+            task: score_task(
+                lambda ids, mask, m=model, n=name: finite_logits(
+                    m(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels[n]
+                ),
+                datamodule.task_samples(task, "eval").input_ids,
+                datamodule.task_samples(task, "eval").attention_mask,
+                targets[(task, "eval")],
+                hp.loss.temperature,
+            )
+            for task in datamodule.task_names
+        }
+        del model
+    return rows
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    import expertmerge.moe.sequence  # noqa: F401  (a scored folder may be an exported sequence MoE)
+    from calib_data.tasks import BASE_TEACHER
+    from expertmerge.evaluate import expert_scores, scores_table, scores_to_json
+    from expertmerge.pool import ExpertPool, _vocab_size
+    from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
+    from expertmerge.zoo_registry import resolve_path
+
+    options, overrides = _parse(argv)
+    # The models to score and the JSON target are checked before the config's data and experts are touched.
+    given, items = _given_models(options.model)
     inputs = [options.config, *given.values()]
     if options.json:
         check_output_file(options.json, options.force, inputs, JSON_LABEL, existing=False)
@@ -127,24 +166,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         pool.content_hashes(),
         hp.trust_remote_code,
     )
-    rows = {}
-    for name, path in named.items():
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=hp.trust_remote_code
-        ).eval()
-        rows[name] = {
-            task: score_task(
-                lambda ids, mask, m=model, n=name: finite_logits(
-                    m(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels[n]
-                ),
-                datamodule.task_samples(task, "eval").input_ids,
-                datamodule.task_samples(task, "eval").attention_mask,
-                targets[(task, "eval")],
-                hp.loss.temperature,
-            )
-            for task in datamodule.task_names
-        }
-        del model
+    rows = _score_models(named, labels, datamodule, targets, hp)
     rows["experts"] = {
         task: expert_scores(datamodule.task_samples(task, "eval").attention_mask, targets[(task, "eval")])
         for task in datamodule.task_names

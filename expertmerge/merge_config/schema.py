@@ -17,7 +17,7 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.reader import DTYPE_ALIASES, DTYPES
 from expertmerge.methods import get_method
 from expertmerge.paths import ZOO_SCHEME
-from expertmerge.pool import looks_like_hub_id
+from expertmerge.sources import looks_like_hub_id
 
 # The output dtypes a config may name (the arithmetic is always fp32): the one dtype table's names and aliases.
 DTYPE_NAMES = tuple(DTYPES)

@@ -22,9 +22,9 @@ from expertmerge.errors import ExpertMergeError
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir
 from expertmerge.io.reader import nonfinite_count
+from expertmerge.io.tokenizer_ids import TOKENIZER_FILES, tokenizer_json_ids
 from expertmerge.moe import sequence
 from expertmerge.moe.sequence import SequenceMoEConfig, SequenceMoEForCausalLM
-from expertmerge.pool import TOKENIZER_FILES, tokenizer_json_ids
 
 REMOTE_CODE_FILE = "modeling_sequence_moe.py"
 
