@@ -26,6 +26,7 @@ from expertmerge.cli.fit_steps import (
 )
 from expertmerge.fit.outputs import ExportSettings
 from expertmerge.io.folder import check_output_dir
+from expertmerge.pool import BASE  # a task's `expert: base`
 from lightning_modules.merging import ExpertMergingModule
 from lightning_modules.progress import StepProgressBar
 
@@ -92,8 +93,9 @@ class ExpertMergeCLI(LightningCLI):
     def before_fit(self) -> None:
         self.export_settings = ExportSettings(**vars(self.config.fit.export))
         if isinstance(self.model, ExpertMergingModule):
-            # Resolved (a zoo:// reference built) and checked now: before any output is promised, and outside
-            # the fit's timings.
+            # The data (and the base, as the tokenizer's folder: a missing one is named as `model.base`), then the
+            # pool (a zoo:// reference built), checked now: before any output is promised, outside the timings.
+            self.datamodule.check([*self.model.run.options.expert_names, BASE])
             self.model.run.pool = self.model.run.make_pool()
             if self.resume_checkpoint is not None:
                 check_pool_matches(
