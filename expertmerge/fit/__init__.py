@@ -18,22 +18,22 @@ from __future__ import annotations
 
 from expertmerge.lazy import lazy_exports
 
-_EXPORTS = {
-    "FitOptions": "expertmerge.fit.options",
-    "StartOptions": "expertmerge.fit.options",
-    "LossOptions": "expertmerge.fit.options",
-    "TensorOptions": "expertmerge.fit.options",
-    "OptimiserOptions": "expertmerge.fit.options",
-    "ChunkingOptions": "expertmerge.fit.options",
-    "MoEOptions": "expertmerge.fit.options",
-    "MergedModel": "expertmerge.fit.merged",
-    "Calibration": "expertmerge.fit.objective",
-    "Objective": "expertmerge.fit.objective",
-    "LearnedMerge": "expertmerge.fit.learned",
-    "prepare_fit": "expertmerge.fit.prepare",
-    "FitRun": "expertmerge.fit.run",
-    "FitResult": "expertmerge.fit.run",
-    "run_fit": "expertmerge.fit.run",
+_NAMES = {  # module -> the names it defines that the package re-exports
+    "expertmerge.fit.options": (
+        "FitOptions",
+        "StartOptions",
+        "LossOptions",
+        "TensorOptions",
+        "OptimiserOptions",
+        "ChunkingOptions",
+        "MoEOptions",
+    ),
+    "expertmerge.fit.merged": ("MergedModel",),
+    "expertmerge.fit.objective": ("Calibration", "Objective"),
+    "expertmerge.fit.learned": ("LearnedMerge",),
+    "expertmerge.fit.prepare": ("prepare_fit",),
+    "expertmerge.fit.run": ("FitRun", "FitResult", "run_fit"),
 }
+_EXPORTS = {name: module for module, names in _NAMES.items() for name in names}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)

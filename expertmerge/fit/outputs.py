@@ -369,19 +369,20 @@ def export_moe(
         "gamma": learned.options.loss.gamma,
     }
     samples = health_samples(learned)
-    written = write_moe_checkpoint(
-        pool,
-        out,
-        lambda name: merged[name] if name in merged else state[name].detach(),
-        rows,
-        top_k=hp.moe_top_k,
-        include_base_expert=hp.moe_include_base_expert,
-        router_method=method,
-        force=force,
-        force_flag=force_flag,
-        card_parameters=parameters,
-        health_samples=samples,
-    )
+    settings = {  # the MoE's shape, and how the export is told to replace and describe its output
+        "top_k": hp.moe_top_k,
+        "include_base_expert": hp.moe_include_base_expert,
+        "router_method": method,
+        "force": force,
+        "force_flag": force_flag,
+        "card_parameters": parameters,
+        "health_samples": samples,
+    }
+
+    def read(name: str) -> torch.Tensor:
+        return merged[name] if name in merged else state[name].detach()
+
+    written = write_moe_checkpoint(pool, out, read, rows, **settings)
     health = written.health
     scores = dict(scores or {})
     moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval().to(learned.merged.device)

@@ -319,13 +319,10 @@ def _tokenizer(
 
 
 def _dry_run_models(
-    method: MergeMethod,
-    schema: MergeYAML,
-    models: Sequence[ModelEntry],
-    top: Mapping[str, Setting],
-    path: str,
+    method: MergeMethod, schema: MergeYAML, models: Sequence[ModelEntry], top: Any, path: str
 ) -> None:
-    """`dry_run` at both ends of every gradient (filtered values are checked per tensor at merge time)."""
+    """`dry_run` at both ends of every gradient (filtered values are checked per tensor at merge time);
+    `top`: the file's `parameters`, resolved."""
     # mergekit leaves a base-aware method's base out of the inputs it merges as experts.
     dry = [m for m in models if not (method.uses_base and m.source == schema.base_model)]
     with_base = method.uses_base and schema.base_model is not None

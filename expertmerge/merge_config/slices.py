@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.reader import natural_key
@@ -91,8 +91,8 @@ def plan_tensors(
             f"{config.path}: key 'slices': the model has several stacks of layers ({sorted(stacks)}); slices "
             "need one."
         )
-    planned = _outside_tensors(config, structure, slices, bases, names)
-    planned += _layer_tensors(config, structure, slices, bases, names)
+    cut = _Slices(slices, bases)
+    planned = _outside_tensors(config, structure, cut, names) + _layer_tensors(config, structure, cut, names)
     return sorted(planned, key=lambda p: natural_key(p.name))
 
 
@@ -128,14 +128,19 @@ def _check_layer_ranges(
                 )
 
 
-def _outside_tensors(
-    config: MergeConfig,
-    structure: str,
-    slices: Sequence[SliceEntry],
-    bases: Sequence[str | None],
-    names: Callable[[str], Sequence[str]],
-) -> list[OutputTensor]:
+Names = Callable[[str], Sequence[str]]  # a model's tensor names
+
+
+class _Slices(NamedTuple):
+    """The slices to read, and each one's base (None for methods that use none)."""
+
+    entries: Sequence[SliceEntry]
+    bases: Sequence[str | None]
+
+
+def _outside_tensors(config: MergeConfig, structure: str, cut: _Slices, names: Names) -> list[OutputTensor]:
     """The tensors outside the layers: from the first slice before the layers, else from the last (t = 0)."""
+    slices, bases = cut
     planned = []
     for name in (n for n in names(structure) if layer_of(n) is None):
         index = 0 if any(part in name for part in _PRE) else -1
@@ -150,14 +155,9 @@ def _outside_tensors(
     return planned
 
 
-def _layer_tensors(
-    config: MergeConfig,
-    structure: str,
-    slices: Sequence[SliceEntry],
-    bases: Sequence[str | None],
-    names: Callable[[str], Sequence[str]],
-) -> list[OutputTensor]:
+def _layer_tensors(config: MergeConfig, structure: str, cut: _Slices, names: Names) -> list[OutputTensor]:
     """The layers' tensors, slice after slice; the output layer index counts the layers written so far."""
+    slices, bases = cut
     layer_names = [n for n in names(structure) if layer_of(n) is not None]
     planned = []
     out_layer = 0
