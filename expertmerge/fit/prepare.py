@@ -25,13 +25,12 @@ from expertmerge.fit.objective import Calibration, Objective
 from expertmerge.fit.options import FitOptions
 from expertmerge.fit.sharding import set_parameter, shard_learned
 from expertmerge.fit.start import StartPoint, regmean_offsets, search_start, start_candidates, start_table
+from expertmerge.io.reader import DTYPES  # the one table of dtype names
 from expertmerge.losses import aligned_hidden_layers
 from expertmerge.pool import BASE as BASE_TEACHER  # a task's `expert: base`: the base teaches it
 from expertmerge.streaming import streamed_task_vectors
 from expertmerge.teachers import TeacherSettings, mean_next_token_nll, teacher_dirs, teacher_targets
 from expertmerge.validation import weights
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def prepare_fit(
