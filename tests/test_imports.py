@@ -63,10 +63,10 @@ def test_fit_help_lists_the_merge_options_without_loading_lightning() -> None:
         "    code = main(['fit', '--help'])\n"
         "text = out.getvalue()\n"
         "print(json.dumps({'code': code, 'head': text.splitlines()[0], 'text': text, "
-        "'lightning': 'pytorch_lightning' in sys.modules}))"
+        "'heavy': [m for m in ('torch', 'transformers', 'pytorch_lightning') if m in sys.modules]}))"
     )
     assert result["code"] == 0 and result["head"].startswith("usage: python -m expertmerge fit --config FILE")
-    assert result["lightning"] is False
+    assert result["heavy"] == []  # no torch, transformers or Lightning for a help text
     text = result["text"]
     assert "--model.gamma (float, default 0.05)" in text
     assert "--model.task_balance (none | start_kl | expert_gain, default 'expert_gain')" in text

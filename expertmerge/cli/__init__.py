@@ -86,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[bold red]error:[/bold red] unknown command {escape(repr(command))}.\n{escape(USAGE)}"
         )
         return 2
-    from transformers.utils import logging as transformers_logging
+    if not any(arg in ("-h", "--help") for arg in rest):  # a command's help loads no transformers (seconds)
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # our own rich progress bars cover the long steps
+        transformers_logging.disable_progress_bar()  # our own rich progress bars cover the long steps
     try:
         return _run(command, rest)
     except SystemExit as exit_:  # argparse has printed usage and its one error line already
