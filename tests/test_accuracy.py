@@ -243,3 +243,30 @@ def test_evaluate_refuses_an_unknown_scorer_or_a_missing_answer_column_before_an
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and expected in err, err
         assert not (private_cache / "teachers").exists()  # refused before any teacher pass or generation
+
+
+def test_fit_table_scores_accuracy_and_the_exported_merge_scores_the_same(
+    tiny_zoo: Path, private_cache: Path, tmp_path: Path, capsys
+) -> None:
+    files = _question_answer_files(tiny_zoo, tmp_path)
+    config = _zoo_config(tiny_zoo, tmp_path, files)
+    fit = yaml.safe_load(config.read_text())
+    fit["trainer"] = {"max_steps": 6, "accumulate_grad_batches": 3, "limit_val_batches": 0, "logger": False}
+    fit["trainer"]["enable_checkpointing"] = False
+    fit["export"] = {"output_dir": str(tmp_path / "merge")}
+    config.write_text(yaml.safe_dump(fit))
+    assert main(["fit", "--config", str(config)]) == 0
+    assert "Accuracy by greedy generation" in capsys.readouterr().out
+    table = json.loads((tmp_path / "merge" / "eval.json").read_text())
+    assert {"base", "task arithmetic (alpha0)", "expert merging", "experts"} <= set(table)
+    # The merge generated in the fit (its tensors written into a copy of the model) is the exported folder.
+    out = tmp_path / "scores.json"
+    assert (
+        main(["evaluate", "--config", str(config), "--model", f"em={tmp_path / 'merge'}", "--json", str(out)])
+        == 0
+    )
+    scores = json.loads(out.read_text())
+    for task in files:
+        for field in ("correct", "accuracy_gain_retained"):
+            assert scores["em"][task][field] == table["expert merging"][task][field]
+        assert scores["experts"][task]["correct"] == table["experts"][task]["correct"]
