@@ -22,7 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from calib_data.groups import Split
-from calib_data.rendering import TokenizedSamples, check_tokenizer_path, load_tokenizer, task_tokens
+from calib_data.rendering import (
+    HeldOutRecord,
+    TokenizedSamples,
+    check_tokenizer_path,
+    load_tokenizer,
+    task_tokens,
+)
 from calib_data.resume import ResumableDataLoader
 from calib_data.sampler import (
     BalancedTaskBatchSampler,
@@ -32,13 +38,19 @@ from calib_data.sampler import (
 )
 from calib_data.sources import load_saved, peek_columns, resolve_task_sources
 from calib_data.splits import SPLIT_KEYS, SplitDataset, fingerprint, split_task
-from calib_data.tasks import TaskSpec, check_columns, check_settings
+from calib_data.tasks import TaskSpec, check_columns, check_settings, scored
 from expertmerge.errors import ExpertMergeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["BalancedTaskBatchSampler", "CalibrationDataModule", "TaskSpec", "TokenizedSamples"]
+__all__ = [
+    "BalancedTaskBatchSampler",
+    "CalibrationDataModule",
+    "HeldOutRecord",
+    "TaskSpec",
+    "TokenizedSamples",
+]
 
 
 class CalibrationDataModule(pl.LightningDataModule):
@@ -101,6 +113,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.group_balance = group_balance
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._samples: dict[tuple[str, str], TokenizedSamples] = {}  # keyed by (task, "train" | "eval")
+        self._records: dict[str, list[HeldOutRecord]] = {}  # scored tasks: one per held-out sample, in order
 
     @property
     def task_names(self) -> list[str]:
@@ -164,6 +177,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         samples: dict[tuple[str, str], TokenizedSamples] = {}
         for index, task in enumerate(self.tasks):
+            records: dict[tuple[int, ...], HeldOutRecord] | None = {} if scored(task) else None
             kept, described, groups = task_tokens(
                 task,
                 index,
@@ -174,6 +188,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 tokenizer_name=self.tokenizer_path,
                 eval_wanted=self.eval_samples_per_task,
                 balanced=self.group_balance,
+                records=records,
             )
             splits = split_task(
                 task,
@@ -188,6 +203,13 @@ class CalibrationDataModule(pl.LightningDataModule):
             )
             for split, split_samples in splits.items():
                 samples[(task.name, split)] = split_samples
+            if records is not None:
+                # The held-out rows are found again by their token ids: the split itself stays as it was.
+                held_out = splits["eval"]
+                self._records[task.name] = [
+                    records[tuple(ids[: int(mask.sum())].tolist())]
+                    for ids, mask in zip(held_out.input_ids, held_out.attention_mask, strict=True)
+                ]
         self._samples = samples
 
     # ------------------------------------------------------------------------------------ access
@@ -203,6 +225,19 @@ class CalibrationDataModule(pl.LightningDataModule):
     def task_samples(self, task: str, split: Split) -> TokenizedSamples:
         """All samples of one task's split, padded to the split's longest sample."""
         return self._require(task, split)
+
+    @property
+    def scored_task_names(self) -> list[str]:
+        """The tasks whose held-out records are scored by generation (`answer_field` / `tests_field`)."""
+        return [task.name for task in self.tasks if scored(task)]
+
+    def held_out_records(self, task: str) -> list[HeldOutRecord]:
+        """A scored task's held-out records (prompt, reference answer, tests), row by row of
+        `task_samples(task, "eval")`."""
+        self._require(task, "eval")
+        if task not in self._records:
+            raise KeyError(f"task {task!r} names no answer_field or tests_field: it has no held-out records")
+        return self._records[task]
 
     def fingerprint(self, task: str, split: Split) -> str:
         """Stable hash of a split's token ids and mask: keys the teacher cache."""

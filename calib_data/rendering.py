@@ -7,12 +7,21 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from calib_data.sources import load_source, looks_like_hub_id, resolve_task_sources
-from calib_data.tasks import MESSAGES_COLUMN, TaskSpec, check_columns, group_column, needed_columns
+from calib_data.tasks import (
+    MESSAGES_COLUMN,
+    TaskSpec,
+    check_columns,
+    group_column,
+    needed_columns,
+    reference_columns,
+    scored,
+)
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hub import bounded_hub_call
 from expertmerge.zoo_registry import resolve_path
@@ -26,6 +35,14 @@ _TOKENIZE_CHUNK = 256
 class TokenizedSamples(NamedTuple):
     input_ids: torch.Tensor  # [n, L] long, right-padded with the pad id
     attention_mask: torch.Tensor  # [n, L] long, 1 on real tokens
+
+
+class HeldOutRecord(NamedTuple):
+    """What accuracy by generation needs of one sample of a scored task (`answer_field` / `tests_field`)."""
+
+    prompt: str  # the text to continue: the sample's text, a chat rendered up to the assistant's turn
+    answer: str | None  # the reference answer (`answer_field`)
+    tests: str | None  # unit tests for pass@1 (`tests_field`)
 
 
 def check_tokenizer_path(reference: str) -> str:
@@ -125,6 +142,43 @@ def row_text(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=len(messages) == 1)
 
 
+def _prompt_text(
+    task: TaskSpec, index: int, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], where: str, text: str
+) -> str:
+    """The prompt a model answers for a scored row: its text without the assistant's reply in a chat."""
+    if not task.chat_template:
+        return text
+    messages = row.get(MESSAGES_COLUMN)
+    if messages:
+        turns = list(messages)
+        while turns and turns[-1].get("role") == "assistant":
+            turns.pop()
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if task.response_field is None:
+        return text  # already rendered up to the generation prompt
+    return row_text(replace(task, response_field=None), index, tokenizer, row, where) or text
+
+
+def _held_out_record(
+    task: TaskSpec, index: int, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], where: str, text: str
+) -> HeldOutRecord:
+    def value(key: str) -> str | None:
+        column = getattr(task, key)
+        if not column:
+            return None
+        found = row.get(column)
+        if found is None or not str(found).strip():
+            raise ExpertMergeError(
+                f"Task '{task.name}': a row of {where} has no value in column '{column}' "
+                f"(`data.tasks[{index}].{key}`); every record of a task scored by generation needs one."
+            )
+        return str(found)
+
+    return HeldOutRecord(
+        _prompt_text(task, index, tokenizer, row, where, text), value("answer_field"), value("tests_field")
+    )
+
+
 BALANCE_POOL = 4  # `group_balance`: the training part is drawn from at least this many times the texts wanted
 
 
@@ -140,7 +194,7 @@ class _TaskRows(NamedTuple):
 
 def _task_rows(task: TaskSpec, index: int) -> _TaskRows:
     needed, _ = needed_columns(task, index)
-    needed = [*needed, *group_column(task)]
+    needed = [*needed, *group_column(task), *reference_columns(task)]
     parts = []
     wheres = []
     from_txt = []
@@ -175,24 +229,27 @@ def _next_texts(
     order: list[int],
     position: int,
     seen_texts: set[str],
-) -> tuple[list[str], list[str], int]:
-    """The next chunk of new texts in shuffled order, their groups (with `group_field`), and the next position."""
+) -> tuple[list[str], list[str], list[HeldOutRecord], int]:
+    """The next chunk of new texts in shuffled order, their groups (with `group_field`), their records (for a
+    task scored by generation), and the next position."""
     texts = []
     text_groups = []
+    records = []
     parts, bounds = rows.parts, rows.bounds
     while position < len(order) and len(texts) < _TOKENIZE_CHUNK:
         flat = order[position]
         position += 1
         part = next(p for p in range(len(parts)) if flat < bounds[p + 1])
-        text = row_text(
-            task, index, tokenizer, parts[part][flat - bounds[part]], rows.wheres[part], rows.from_txt[part]
-        )
+        row = parts[part][flat - bounds[part]]
+        text = row_text(task, index, tokenizer, row, rows.wheres[part], rows.from_txt[part])
         if text is not None and text not in seen_texts:
             seen_texts.add(text)
             texts.append(text)
             if task.group_field:
-                text_groups.append(str(parts[part][flat - bounds[part]][task.group_field]))
-    return texts, text_groups, position
+                text_groups.append(str(row[task.group_field]))
+            if scored(task):
+                records.append(_held_out_record(task, index, tokenizer, row, rows.wheres[part], text))
+    return texts, text_groups, records, position
 
 
 def task_tokens(
@@ -206,10 +263,12 @@ def task_tokens(
     tokenizer_name: str | None = None,
     eval_wanted: int = 0,
     balanced: bool = False,
+    records: dict[tuple[int, ...], HeldOutRecord] | None = None,
 ) -> tuple[list[list[int]], list[str], list[str] | None]:
     """Up to `wanted` usable, distinct token sequences of a task in shuffled order, the files read, and each
     sequence's group (`group_field`; None without one). With groups, reading goes on until `group_roles`
-    can fill `eval_wanted` held-out and `wanted - eval_wanted` training samples from groups kept apart."""
+    can fill `eval_wanted` held-out and `wanted - eval_wanted` training samples from groups kept apart.
+    `records`, for a task scored by generation, receives each kept sequence's record (keyed by its ids)."""
     if task.chat_template and not getattr(tokenizer, "chat_template", None):
         raise ExpertMergeError(
             f"Task '{task.name}' sets `data.tasks[{index}].chat_template: true`, but the tokenizer "
@@ -236,7 +295,9 @@ def task_tokens(
 
     position = 0
     while position < len(order) and not enough():
-        texts, text_groups, position = _next_texts(task, index, tokenizer, rows, order, position, seen_texts)
+        texts, text_groups, text_records, position = _next_texts(
+            task, index, tokenizer, rows, order, position, seen_texts
+        )
         if not texts:
             continue
         encoded = tokenizer(
@@ -252,6 +313,8 @@ def task_tokens(
                 kept.append(list(ids))
                 if grouped:
                     groups.append(text_groups[row])
+                if records is not None and text_records:
+                    records[key] = text_records[row]
     return kept, rows.described, groups if grouped else None
 
 

@@ -24,6 +24,9 @@ MESSAGES_COLUMN = "messages"  # a chat-format column, used as-is with `chat_temp
 # suffix (a `.csv` link to /etc/shadow makes its first line one "column"): errors never echo it.
 _COLUMN_NAME = re.compile(r"\w[\w .\-()\[\]#%+&']{0,63}")
 TxtSampleBy = Literal["line", "paragraph", "document"]
+# How a held-out record's greedy generation is scored against it (`expertmerge.accuracy` implements them; named
+# here too so a config is checked without importing torch).
+SCORERS = ("exact", "contains", "number", "pass@1")
 
 
 @dataclass
@@ -56,6 +59,18 @@ class TaskSpec:
             set, the held-out part (`eval_samples_per_task`) is made of whole groups that the training part
             never sees, so the fit's held-out scores (and the start search, which is judged on them) measure
             text from other sources, as the merge will meet in use. Empty: a random split of the texts.
+        answer_field: a column holding each record's reference answer. When set (or `tests_field`, for
+            `pass@1`), `evaluate` and the fit's end-of-fit table also score accuracy by generation: every
+            model writes a greedy answer to each held-out record's prompt (the rendered text, without a chat
+            `response_field`), scored by `scorer`. The text the fit calibrates on stays the prompt alone.
+        scorer: `exact` (equal after normalising case, whitespace and trailing punctuation), `contains` (the
+            reference inside the answer), `number` (the final numbers equal, GSM8K style: "1,234", "-5",
+            "3.50"), or `pass@1` (the answer's code and the record's `tests_field` run in a sandboxed Python
+            process with a time limit and no network; a clean exit passes).
+        tests_field: with `scorer: pass@1`, the column holding each record's unit tests (Python source run
+            after the generated code, e.g. `assert add(1, 2) == 3`).
+        eval_max_new_tokens: the most tokens a scored answer may have.
+        eval_stop: strings that end a scored answer (the answer is cut before the first one), e.g. ["\n"].
     """
 
     name: str
@@ -70,6 +85,11 @@ class TaskSpec:
     txt_sample_by: TxtSampleBy = "paragraph"
     min_tokens: int = 4
     group_field: str = ""
+    answer_field: str = ""
+    scorer: str = "exact"
+    tests_field: str = ""
+    eval_max_new_tokens: int = 64
+    eval_stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.template = self.template or ""  # None (from Python callers) means no template, like ""
@@ -78,6 +98,16 @@ class TaskSpec:
             self.sources = [self.sources]
         else:
             self.sources = list(self.sources)
+
+
+def scored(task: TaskSpec) -> bool:
+    """Whether a task's held-out records are scored by generation (it names a reference or tests column)."""
+    return bool(task.answer_field or task.tests_field)
+
+
+def reference_columns(task: TaskSpec) -> list[str]:
+    """The columns a scored task's held-out records read besides their text: the answer and the tests."""
+    return [c for c in (task.answer_field, task.tests_field) if c]
 
 
 def base_task_names(tasks: Sequence[TaskSpec]) -> list[str]:
@@ -135,10 +165,43 @@ def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int
                 f"`{prefix}.group_field` of task '{task.name}' is {task.group_field!r}; name a column or leave "
                 "it empty."
             )
+        _check_scoring(task, prefix)
         if not task.template and not (isinstance(task.text_field, str) and task.text_field):
             raise ExpertMergeError(
                 f"`{prefix}.text_field` of task '{task.name}' is {task.text_field!r}; name the text column."
             )
+
+
+def _check_scoring(task: TaskSpec, prefix: str) -> None:
+    """The accuracy options of one task: a known scorer, and the columns it needs named."""
+    for key in ("answer_field", "tests_field"):
+        if not isinstance(getattr(task, key), str):
+            raise ExpertMergeError(
+                f"`{prefix}.{key}` of task '{task.name}' is {getattr(task, key)!r}; name a column or leave it "
+                "empty."
+            )
+    if task.scorer not in SCORERS:
+        raise ExpertMergeError(
+            f"`{prefix}.scorer` of task '{task.name}' is {task.scorer!r}; use one of {', '.join(SCORERS)}."
+        )
+    if task.scorer == "pass@1" and not task.tests_field:
+        raise ExpertMergeError(
+            f"`{prefix}.scorer` of task '{task.name}' is pass@1, which runs each record's unit tests: name "
+            f"their column with `{prefix}.tests_field`."
+        )
+    if task.tests_field and task.scorer != "pass@1":
+        raise ExpertMergeError(
+            f"`{prefix}.tests_field` of task '{task.name}' is set, but only `scorer: pass@1` runs tests (its "
+            f"scorer is {task.scorer!r}); set the scorer to pass@1 or drop tests_field."
+        )
+    if not scored(task):
+        return
+    check_count(f"{prefix}.eval_max_new_tokens", task.eval_max_new_tokens, 1)
+    stops = task.eval_stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ExpertMergeError(
+            f"`{prefix}.eval_stop` of task '{task.name}' is {stops!r}; give a list of non-empty strings."
+        )
 
 
 def template_columns(template: str) -> list[str]:
@@ -206,6 +269,15 @@ def check_columns(task: TaskSpec, index: int, where: str, available: Sequence[st
             f"`data.tasks[{index}].group_field`); its columns are: {describe_columns(available)}. Set it "
             "to the column naming each text's source, or leave it empty for a random held-out split."
         )
+    for key in ("answer_field", "tests_field"):
+        column = getattr(task, key)
+        if column and column not in available:
+            raise ExpertMergeError(
+                f"Task '{task.name}': {where} has no column '{column}' (named by `data.tasks[{index}].{key}`, "
+                f"which accuracy by generation reads); its columns are: {describe_columns(available)}. Set it "
+                "to the column holding each record's "
+                f"{'reference answer' if key == 'answer_field' else 'unit tests'}, or leave it empty."
+            )
     if task.chat_template and MESSAGES_COLUMN in available:
         return  # a chat-format `messages` column is used as-is
     needed, key = needed_columns(task, index)

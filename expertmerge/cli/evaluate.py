@@ -1,4 +1,5 @@
-"""`python -m expertmerge evaluate`: score model folders against the experts on a fit config's held-out samples."""
+"""`python -m expertmerge evaluate`: score model folders against the experts on a fit config's held-out samples,
+and by the accuracy of their greedy answers where a task names its records' reference answers (`answer_field`)."""
 
 from __future__ import annotations
 
@@ -86,20 +87,31 @@ def _given_models(model_options: Sequence[str]) -> tuple[dict[str, str], dict[st
     return given, items
 
 
-def _score_models(
-    named: dict[str, str], labels: dict[str, str], datamodule: Any, targets: dict[Any, Any], hp: Any
-) -> dict[str, dict[str, Any]]:
-    """Each model's scores per task, one model in memory at a time."""
+def _load(path: str, hp: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=hp.trust_remote_code
+    ).eval()
+
+
+def _score_models(
+    named: dict[str, str],
+    labels: dict[str, str],
+    datamodule: Any,
+    targets: dict[Any, Any],
+    hp: Any,
+    accuracy_tasks: list[Any],
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Each model's scores per task and, on the scored tasks, its accuracy by generation; one model in memory
+    at a time."""
+    from expertmerge.accuracy import model_accuracy
     from expertmerge.evaluate import score_task
 
-    rows = {}
+    rows, accuracy = {}, {}
     for name, path in named.items():
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=hp.trust_remote_code
-        ).eval()
+        model = _load(path, hp)
         rows[name] = {
             task: score_task(
                 lambda ids, mask, m=model, n=name: finite_logits(
@@ -112,13 +124,16 @@ def _score_models(
             )
             for task in datamodule.task_names
         }
+        if accuracy_tasks:
+            accuracy[name] = model_accuracy(model, datamodule.tokenizer, accuracy_tasks, name)
         del model
-    return rows
+    return rows, accuracy
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
     import expertmerge.moe.sequence  # noqa: F401  (a scored folder may be an exported sequence MoE)
     from calib_data.tasks import BASE_TEACHER
+    from expertmerge.accuracy import accuracy_table, accuracy_tasks, experts_accuracy, merge_accuracy_json
     from expertmerge.evaluate import expert_scores, scores_table, scores_to_json
     from expertmerge.pool import ExpertPool, _vocab_size
     from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
@@ -166,12 +181,27 @@ def evaluate_main(argv: Sequence[str]) -> int:
         pool.content_hashes(),
         hp.trust_remote_code,
     )
-    rows = _score_models(named, labels, datamodule, targets, hp)
+    tasks = accuracy_tasks(datamodule)
+    rows, accuracy = _score_models(named, labels, datamodule, targets, hp, tasks)
     rows["experts"] = {
         task: expert_scores(datamodule.task_samples(task, "eval").attention_mask, targets[(task, "eval")])
         for task in datamodule.task_names
     }
-    make_console().print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
+    console = make_console()
+    console.print(scores_table("Held-out calibration samples, per task", rows, datamodule.task_names))
+    result = scores_to_json(rows)
+    if tasks:
+        folders = teacher_dirs(pool.base_dir, pool.expert_dirs, datamodule.tasks)
+        accuracy["experts"] = experts_accuracy(
+            tasks,
+            {spec.name: spec.expert for spec in datamodule.tasks},
+            lambda teacher: _load(str(folders[teacher]), hp),
+            datamodule.tokenizer,
+            known={BASE_TEACHER: accuracy["base"]} if "base" not in given else None,
+        )
+        title = "Accuracy by greedy generation on the held-out records, per task"
+        console.print(accuracy_table(title, accuracy, [task.name for task in tasks]))
+        result = merge_accuracy_json(result, accuracy)
     if options.json:
-        write_json_output(options.json, scores_to_json(rows), "evaluate", options.force, inputs, JSON_LABEL)
+        write_json_output(options.json, result, "evaluate", options.force, inputs, JSON_LABEL)
     return 0

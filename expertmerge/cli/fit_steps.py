@@ -78,9 +78,10 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from expertmerge.accuracy import accuracy_table
     from expertmerge.console import make_console
     from expertmerge.evaluate import scores_table
-    from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_health
+    from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_accuracy, fit_health
 
     learned = result.learned
     merged, options = learned.merged, learned.options
@@ -94,10 +95,22 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
         scores = moe_scores if scores is not None else None
     if scores is not None:
         console.print(scores_table("Held-out calibration samples, per task", scores, learned.task_names))
+    accuracy = fit_accuracy(learned) if settings.evaluate else {}
+    if accuracy:
+        title = "Accuracy by greedy generation on the held-out records, per task"
+        console.print(accuracy_table(title, accuracy, list(accuracy["base"])))
     health = fit_health(learned)
     last_steps = result.trainers[-1].global_step
     path = export_dense(
-        learned, settings.output_dir, settings.force, config_yaml, scores, health, last_steps, FORCE_FLAG
+        learned,
+        settings.output_dir,
+        settings.force,
+        config_yaml,
+        scores,
+        health,
+        last_steps,
+        FORCE_FLAG,
+        accuracy,
     )
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup

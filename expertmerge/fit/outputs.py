@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from expertmerge.accuracy import TaskAccuracy, merge_accuracy_json
 from expertmerge.console import make_console
 from expertmerge.evaluate import (
     TaskScores,
@@ -150,6 +151,48 @@ def evaluate_fit(learned: LearnedMerge, include_base: bool = True) -> dict[str, 
 
 
 @torch.no_grad()
+def fit_accuracy(learned: LearnedMerge) -> dict[str, dict[str, TaskAccuracy]]:
+    """Accuracy by generation on the tasks whose held-out records name reference answers (`answer_field`): the
+    base, the start merge, the learned merge and each task's own teacher; {} without such tasks.
+
+    A merge generates as a plain model: a copy of the fitted model with the merged tensors written in (one more
+    model in memory, only while it generates)."""
+    import copy
+
+    from expertmerge.accuracy import accuracy_tasks, experts_accuracy, model_accuracy
+
+    datamodule = learned.calibration.datamodule
+    if not getattr(datamodule, "scored_task_names", None):
+        return {}
+    tasks, tokenizer, device = accuracy_tasks(datamodule), datamodule.tokenizer, learned.merged.device
+
+    def load(folder: Path) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval().to(device)
+
+    base = load(learned.pool.base_dir)
+    rows = {"base": model_accuracy(base, tokenizer, tasks, "base")}
+    del base
+    merges = {
+        START_ROWS[learned.merged.start_merge]: learned.merged.alpha0_coefficients,
+        "expert merging": None,
+    }
+    for name, coefficients in merges.items():
+        model = copy.deepcopy(learned.merged.model).eval()
+        model.load_state_dict(learned.merged.merged_parameters(coefficients), strict=False)
+        rows[name] = model_accuracy(model, tokenizer, tasks, name)
+        del model
+    teachers = {"base": learned.pool.base_dir, **learned.pool.expert_dirs}
+    rows["experts"] = experts_accuracy(
+        tasks,
+        {spec.name: spec.expert for spec in datamodule.tasks},
+        lambda teacher: load(teachers[teacher]),
+        tokenizer,
+        known={BASE_TEACHER: rows["base"]},
+    )
+    return rows
+
+
+@torch.no_grad()
 def save_merged_weights(learned: LearnedMerge, folder: Path, dtype: torch.dtype) -> None:
     """The learned merge as a plain model folder, in `dtype`; the merge itself is left as it was.
 
@@ -211,11 +254,13 @@ def export_dense(
     health: HealthCheck | None = None,
     steps: int | None = None,
     force_flag: str = "--force",
+    accuracy: dict[str, dict[str, TaskAccuracy]] | None = None,
 ) -> Path:
     """Fold the learned coefficients into the base weights and write a Hugging Face model folder.
 
     `health` (`fit_health(learned)`) goes into the merge card; `steps` (the stages' steps) too. `force_flag`:
-    how the calling command is told to replace an existing output."""
+    how the calling command is told to replace an existing output. `accuracy` (`fit_accuracy`) joins the
+    scores in eval.json."""
     pool = learned.pool
     inputs = [pool.base_dir, *pool.expert_dirs.values()]
     estimate = weights_bytes(pool.base_dir) + support_bytes(pool.base_dir)
@@ -228,7 +273,8 @@ def export_dense(
             (tmp / "chunk_allocation.json").write_text(json.dumps(learned.merged.chunk_allocation, indent=1))
         write_plots(learned.merged, tmp)
         if scores:
-            (tmp / "eval.json").write_text(json.dumps(scores_to_json(scores), indent=1))
+            evaluation = merge_accuracy_json(scores_to_json(scores), accuracy or {})
+            (tmp / "eval.json").write_text(json.dumps(evaluation, indent=1))
         if config_yaml:
             (tmp / "fit_config.yaml").write_text(config_yaml)
         sections = {}
