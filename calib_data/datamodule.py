@@ -22,7 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from calib_data.groups import Split
-from calib_data.rendering import TokenizedSamples, check_tokenizer_path, load_tokenizer, task_tokens
+from calib_data.rendering import (
+    TokenizedSamples,
+    check_tokenizer_path,
+    join_answers,
+    load_tokenizer,
+    task_tokens,
+)
 from calib_data.resume import ResumableDataLoader
 from calib_data.sampler import (
     BalancedTaskBatchSampler,
@@ -101,6 +107,8 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.group_balance = group_balance
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._samples: dict[tuple[str, str], TokenizedSamples] = {}  # keyed by (task, "train" | "eval")
+        # The prompts of `answers: expert` tasks, kept when their answers join them in `_samples`.
+        self._prompts: dict[tuple[str, str], TokenizedSamples] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -189,6 +197,42 @@ class CalibrationDataModule(pl.LightningDataModule):
             for split, split_samples in splits.items():
                 samples[(task.name, split)] = split_samples
         self._samples = samples
+        self._prompts = {key: value for key, value in samples.items() if key[0] in self.answer_tasks}
+
+    # ------------------------------------------------------------------------------------ answers
+    @property
+    def answer_tasks(self) -> list[str]:
+        """The tasks whose prompts their expert answers (`answers: expert`), in config order."""
+        return [task.name for task in self.tasks if task.answers == "expert"]
+
+    def prompt_samples(self, task: str, split: Split) -> TokenizedSamples:
+        """An `answers: expert` task's prompts alone (right-padded), whether or not its answers are attached."""
+        self._require(task, split)
+        return self._prompts[(task, SPLIT_KEYS[split])]
+
+    def prompt_fingerprint(self, task: str, split: Split) -> str:
+        """Stable hash of an answer task's prompts: keys the answer cache."""
+        return fingerprint(self.prompt_samples(task, split))
+
+    def attach_answers(self, answers: dict[tuple[str, str], list[list[int]]]) -> None:
+        """The samples of each (task, split) become its prompts followed by the given answers' token ids (one
+        per prompt, in row order), cut to `max_length`, with an answer mask; a warning counts the answers the
+        cut shortened. Attaching again starts from the prompts."""
+        assert self.tokenizer is not None
+        for (task, split), task_answers in answers.items():
+            prompts = self.prompt_samples(task, split)
+            samples, shortened = join_answers(
+                prompts, task_answers, self.max_length, int(self.tokenizer.pad_token_id)
+            )
+            if shortened:
+                warnings.warn(
+                    f"Task '{task}': {shortened} of {len(task_answers)} {SPLIT_KEYS[split]} prompts with their "
+                    f"answers are longer than data.max_length ({self.max_length}) and were cut there; raise "
+                    "data.max_length to keep whole answers.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._samples[(task, SPLIT_KEYS[split])] = samples
 
     # ------------------------------------------------------------------------------------ access
     def _require(self, task: str, split: Split) -> TokenizedSamples:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.validation import module_name
+from expertmerge.validation import MAX_TEMPERATURE, in_range, module_name
 
 # A task whose `expert` is this name is taught by the base model itself (general text): the merge keeps what the
 # base could do while it learns the experts. Equal to `expertmerge.pool.BASE`, which no expert may be called.
@@ -24,6 +24,7 @@ MESSAGES_COLUMN = "messages"  # a chat-format column, used as-is with `chat_temp
 # suffix (a `.csv` link to /etc/shadow makes its first line one "column"): errors never echo it.
 _COLUMN_NAME = re.compile(r"\w[\w .\-()\[\]#%+&']{0,63}")
 TxtSampleBy = Literal["line", "paragraph", "document"]
+Answers = Literal["none", "expert"]
 
 
 @dataclass
@@ -56,6 +57,16 @@ class TaskSpec:
             set, the held-out part (`eval_samples_per_task`) is made of whole groups that the training part
             never sees, so the fit's held-out scores (and the start search, which is judged on them) measure
             text from other sources, as the merge will meet in use. Empty: a random split of the texts.
+        answers: `expert`: the texts are prompts without answers, and before the teacher pass the task's
+            expert (the base for `expert: base`) writes its answer to every prompt (train and held-out, cached
+            like the teacher targets); the samples, the teacher targets and the fit's losses then cover prompt
+            + answer (`model.answer_weight` weighs the answer tokens). With `chat_template` the prompt is the
+            user turn plus the generation prompt. `none` (default): the texts are used as they are.
+        max_new_tokens: with `answers: expert`, the longest answer in tokens (prompt + answer are cut to
+            `data.max_length`).
+        temperature: with `answers: expert`, 0 (default) answers greedily; above 0 samples at that temperature
+            (no top-k / top-p), seeded by `data.seed`.
+        stop: with `answers: expert`, strings that end an answer (kept in it), besides the expert's EOS.
     """
 
     name: str
@@ -70,6 +81,10 @@ class TaskSpec:
     txt_sample_by: TxtSampleBy = "paragraph"
     min_tokens: int = 4
     group_field: str = ""
+    answers: Answers = "none"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.template = self.template or ""  # None (from Python callers) means no template, like ""
@@ -139,6 +154,34 @@ def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int
             raise ExpertMergeError(
                 f"`{prefix}.text_field` of task '{task.name}' is {task.text_field!r}; name the text column."
             )
+        check_answer_options(task, prefix)
+
+
+def check_answer_options(task: TaskSpec, prefix: str) -> None:
+    """`answers` and its generation settings: a known value, and settings only where answers are written."""
+    if task.answers not in get_args(Answers):
+        raise ExpertMergeError(
+            f"`{prefix}.answers` of task '{task.name}' is {task.answers!r}; use `expert` (the task's expert "
+            "writes an answer to every prompt) or `none` (the texts as they are)."
+        )
+    check_count(f"{prefix}.max_new_tokens", task.max_new_tokens, 1)
+    in_range(f"`{prefix}.temperature`", task.temperature, 0.0, MAX_TEMPERATURE)
+    if not isinstance(task.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in task.stop):
+        raise ExpertMergeError(
+            f"`{prefix}.stop` of task '{task.name}' is {task.stop!r}; give a list of non-empty strings."
+        )
+    if task.answers == "none":
+        if task.temperature or task.stop:
+            raise ExpertMergeError(
+                f"`{prefix}.temperature` / `stop` of task '{task.name}' set how the expert writes answers, but "
+                f"the task writes none; set `{prefix}.answers: expert` or drop them."
+            )
+        return
+    if task.response_field is not None:
+        raise ExpertMergeError(
+            f"Task '{task.name}' has its own answers (`{prefix}.response_field`: {task.response_field!r}) and "
+            f"asks its expert to write them (`{prefix}.answers: expert`); keep one of the two."
+        )
 
 
 def template_columns(template: str) -> list[str]:

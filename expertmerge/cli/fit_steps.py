@@ -122,6 +122,15 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
         summary.add_row(f"task scales ({options.loss.task_balance})", escape(scales))
     stats = learned.calibration.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
+    answers = learned.calibration.answer_stats
+    if answers is not None:
+        counts = ", ".join(
+            f"{t} {c['prompts']} ({c['empty']} empty, {c['cut']} cut)" for t, c in answers.counts.items()
+        )
+        summary.add_row(
+            "expert answers written / reused (splits)",
+            escape(f"{answers.computed} / {answers.reused}: {counts}"),
+        )
     summary.add_row(
         "set-up wall time (base, task vectors, teachers, start)", f"{learned.prepare_seconds:.1f} s"
     )
