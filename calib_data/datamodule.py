@@ -55,7 +55,8 @@ class CalibrationDataModule(pl.LightningDataModule):
     "train" part that never share a text (or a truncated token sequence). Samples are right-padded; the
     attention mask is 0 on pads. Batches hold one task each: `input_ids [B, l]` and `attention_mask [B, l]`
     trimmed to the batch's longest sample, `task_index` (int into `task_names`) and `sample_index [B]`
-    (rows of `task_samples(task, split)`, to look teacher targets up).
+    (rows of `task_samples(task, split)`, to look teacher targets up); and `answer_mask [B, l]` for tasks with
+    `answers: expert`, once the fit has attached their experts' answers (`attach_answers`).
 
     Needs `Trainer(use_distributed_sampler=False)` under DDP: the train sampler shards itself across ranks.
     The val loader is not sharded: every rank sees every val batch, so per-task metrics that sync across
