@@ -26,6 +26,7 @@ from calib_data.rendering import (
     HeldOutRecord,
     TokenizedSamples,
     check_tokenizer_path,
+    join_answers,
     load_tokenizer,
     task_tokens,
 )
@@ -61,7 +62,8 @@ class CalibrationDataModule(pl.LightningDataModule):
     "train" part that never share a text (or a truncated token sequence). Samples are right-padded; the
     attention mask is 0 on pads. Batches hold one task each: `input_ids [B, l]` and `attention_mask [B, l]`
     trimmed to the batch's longest sample, `task_index` (int into `task_names`) and `sample_index [B]`
-    (rows of `task_samples(task, split)`, to look teacher targets up).
+    (rows of `task_samples(task, split)`, to look teacher targets up); and `answer_mask [B, l]` for tasks with
+    `answers: expert`, once the fit has attached their experts' answers (`attach_answers`).
 
     Needs `Trainer(use_distributed_sampler=False)` under DDP: the train sampler shards itself across ranks.
     The val loader is not sharded: every rank sees every val batch, so per-task metrics that sync across
@@ -114,6 +116,8 @@ class CalibrationDataModule(pl.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._samples: dict[tuple[str, str], TokenizedSamples] = {}  # keyed by (task, "train" | "eval")
         self._records: dict[str, list[HeldOutRecord]] = {}  # scored tasks: one per held-out sample, in order
+        # The prompts of `answers: expert` tasks, kept when their answers join them in `_samples`.
+        self._prompts: dict[tuple[str, str], TokenizedSamples] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -211,6 +215,42 @@ class CalibrationDataModule(pl.LightningDataModule):
                     for ids, mask in zip(held_out.input_ids, held_out.attention_mask, strict=True)
                 ]
         self._samples = samples
+        self._prompts = {key: value for key, value in samples.items() if key[0] in self.answer_tasks}
+
+    # ------------------------------------------------------------------------------------ answers
+    @property
+    def answer_tasks(self) -> list[str]:
+        """The tasks whose prompts their expert answers (`answers: expert`), in config order."""
+        return [task.name for task in self.tasks if task.answers == "expert"]
+
+    def prompt_samples(self, task: str, split: Split) -> TokenizedSamples:
+        """An `answers: expert` task's prompts alone (right-padded), whether or not its answers are attached."""
+        self._require(task, split)
+        return self._prompts[(task, SPLIT_KEYS[split])]
+
+    def prompt_fingerprint(self, task: str, split: Split) -> str:
+        """Stable hash of an answer task's prompts: keys the answer cache."""
+        return fingerprint(self.prompt_samples(task, split))
+
+    def attach_answers(self, answers: dict[tuple[str, str], list[list[int]]]) -> None:
+        """The samples of each (task, split) become its prompts followed by the given answers' token ids (one
+        per prompt, in row order), cut to `max_length`, with an answer mask; a warning counts the answers the
+        cut shortened. Attaching again starts from the prompts."""
+        assert self.tokenizer is not None
+        for (task, split), task_answers in answers.items():
+            prompts = self.prompt_samples(task, split)
+            samples, shortened = join_answers(
+                prompts, task_answers, self.max_length, int(self.tokenizer.pad_token_id)
+            )
+            if shortened:
+                warnings.warn(
+                    f"Task '{task}': {shortened} of {len(task_answers)} {SPLIT_KEYS[split]} prompts with their "
+                    f"answers are longer than data.max_length ({self.max_length}) and were cut there; raise "
+                    "data.max_length to keep whole answers.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._samples[(task, SPLIT_KEYS[split])] = samples
 
     # ------------------------------------------------------------------------------------ access
     def _require(self, task: str, split: Split) -> TokenizedSamples:

@@ -35,6 +35,8 @@ _TOKENIZE_CHUNK = 256
 class TokenizedSamples(NamedTuple):
     input_ids: torch.Tensor  # [n, L] long, right-padded with the pad id
     attention_mask: torch.Tensor  # [n, L] long, 1 on real tokens
+    # [n, L] long, 1 on the tokens of an expert-written answer (`answers: expert`); None: no answers
+    answer_mask: torch.Tensor | None = None
 
 
 class HeldOutRecord(NamedTuple):
@@ -112,7 +114,17 @@ def row_text(
         row = {**row, "text": row["text"].strip("\r\n")}
     if task.chat_template and row.get(MESSAGES_COLUMN) is not None:
         messages = row[MESSAGES_COLUMN]
-        return tokenizer.apply_chat_template(messages, tokenize=False) if messages else None
+        if not messages:
+            return None
+        if task.answers != "expert":
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            raise ExpertMergeError(
+                f"Task '{task.name}': a conversation in the `{MESSAGES_COLUMN}` column of {where} ends with an "
+                f"assistant turn, but `data.tasks[{index}].answers: expert` asks the expert to write that turn; "
+                "drop the assistant turns or set `answers: none`."
+            )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if task.template:
         values = {k: ("" if v is None else v) for k, v in row.items()}
         try:
@@ -327,3 +339,29 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenizedSamples:
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     return TokenizedSamples(input_ids, attention_mask)
+
+
+def join_answers(
+    prompts: TokenizedSamples, answers: Sequence[Sequence[int]], max_length: int, pad_id: int
+) -> tuple[TokenizedSamples, int]:
+    """Each prompt followed by its answer's tokens, cut to `max_length` and right-padded, with the answer's
+    tokens marked in `answer_mask`; and how many answers the cut shortened.
+
+    The answer's token ids are appended as the expert wrote them: decoding and tokenizing prompt + answer
+    again could split the seam differently and teach the merge tokens the expert never produced.
+    """
+    lengths = prompts.attention_mask.sum(dim=1).tolist()
+    if len(answers) != len(lengths):
+        raise ValueError(f"{len(answers)} answers for {len(lengths)} prompts")
+    joined: list[list[int]] = []
+    starts: list[int] = []
+    shortened = 0
+    for row, (length, answer) in enumerate(zip(lengths, answers, strict=True)):
+        ids = prompts.input_ids[row, : int(length)].tolist() + list(answer)
+        shortened += len(ids) > max_length
+        joined.append(ids[:max_length])
+        starts.append(int(length))
+    samples = pad(joined, pad_id)
+    positions = torch.arange(samples.input_ids.shape[1]).unsqueeze(0)
+    answer_mask = (positions >= torch.tensor(starts).unsqueeze(1)).long() * samples.attention_mask
+    return TokenizedSamples(samples.input_ids, samples.attention_mask, answer_mask), shortened

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 
-def collate_task_batch(items: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """Stack one task's rows and trim the padding every row of the batch shares."""
+def collate_task_batch(items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    """Stack one task's rows and trim the padding every row of the batch shares (items: task index, row,
+    input ids, attention mask, and the answer mask where the task has expert-written answers)."""
     task_indices = {item[0] for item in items}
     if len(task_indices) != 1:
         raise RuntimeError(f"a calibration batch must hold one task, got tasks {sorted(task_indices)}")
@@ -20,15 +21,18 @@ def collate_task_batch(items: Sequence[tuple[int, int, torch.Tensor, torch.Tenso
     attention_mask = torch.stack([item[3] for item in items])
     # Padding is on the right, so the longest sample's length is the last column any row needs.
     length = max(1, int(attention_mask.sum(dim=1).max()))
-    return {
+    batch = {
         "input_ids": input_ids[:, :length].contiguous(),
         "attention_mask": attention_mask[:, :length].contiguous(),
         "task_index": task_indices.pop(),
         "sample_index": torch.tensor([item[1] for item in items], dtype=torch.long),
     }
+    if len(items[0]) > 4:
+        batch["answer_mask"] = torch.stack([item[4] for item in items])[:, :length].contiguous()
+    return batch
 
 
-def collate_round(items: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
+def collate_round(items: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
     """A round: one single-task batch per task, in task order (rows keep their order within a task)."""
     by_task: dict[int, list] = {}
     for item in items:

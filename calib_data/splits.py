@@ -8,6 +8,7 @@ import bisect
 import hashlib
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -107,6 +108,8 @@ def fingerprint(samples: TokenizedSamples) -> str:
     """Stable hash of a split's token ids and mask: keys the teacher cache (keep it byte-stable)."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in samples:
+        if tensor is None:  # no answer mask: the key stays what it was before answers existed
+            continue
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -128,8 +131,12 @@ class SplitDataset(Dataset):
     def task_sizes(self) -> list[int]:
         return [task_samples.input_ids.shape[0] for task_samples in self.samples]
 
-    def __getitem__(self, index: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        """(task index, row, input ids, attention mask), and the answer mask where the task has answers."""
         task_index = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[task_index]
         task_samples = self.samples[task_index]
-        return task_index, row, task_samples.input_ids[row], task_samples.attention_mask[row]
+        item = (task_index, row, task_samples.input_ids[row], task_samples.attention_mask[row])
+        if task_samples.answer_mask is None:
+            return item
+        return (*item, task_samples.answer_mask[row])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.validation import module_name
+from expertmerge.validation import MAX_TEMPERATURE, in_range, module_name
 
 # A task whose `expert` is this name is taught by the base model itself (general text): the merge keeps what the
 # base could do while it learns the experts. Equal to `expertmerge.pool.BASE`, which no expert may be called.
@@ -27,6 +27,7 @@ TxtSampleBy = Literal["line", "paragraph", "document"]
 # How a held-out record's greedy generation is scored against it (`expertmerge.accuracy` implements them; named
 # here too so a config is checked without importing torch).
 SCORERS = ("exact", "contains", "number", "pass@1")
+Answers = Literal["none", "expert"]
 
 
 @dataclass
@@ -71,6 +72,16 @@ class TaskSpec:
             after the generated code, e.g. `assert add(1, 2) == 3`).
         eval_max_new_tokens: the most tokens a scored answer may have.
         eval_stop: strings that end a scored answer (the answer is cut before the first one), e.g. ["\n"].
+        answers: `expert`: the texts are prompts without answers, and before the teacher pass the task's
+            expert (the base for `expert: base`) writes its answer to every prompt (train and held-out, cached
+            like the teacher targets); the samples, the teacher targets and the fit's losses then cover prompt
+            + answer (`model.answer_weight` weighs the answer tokens). With `chat_template` the prompt is the
+            user turn plus the generation prompt. `none` (default): the texts are used as they are.
+        max_new_tokens: with `answers: expert`, the longest answer in tokens (prompt + answer are cut to
+            `data.max_length`).
+        temperature: with `answers: expert`, 0 (default) answers greedily; above 0 samples at that temperature
+            (no top-k / top-p), seeded by `data.seed`.
+        stop: with `answers: expert`, strings that end an answer (kept in it), besides the expert's EOS.
     """
 
     name: str
@@ -90,6 +101,10 @@ class TaskSpec:
     tests_field: str = ""
     eval_max_new_tokens: int = 64
     eval_stop: list[str] = field(default_factory=list)
+    answers: Answers = "none"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.template = self.template or ""  # None (from Python callers) means no template, like ""
@@ -170,6 +185,34 @@ def check_settings(tasks: Sequence[TaskSpec], settings: dict[str, tuple[Any, int
             raise ExpertMergeError(
                 f"`{prefix}.text_field` of task '{task.name}' is {task.text_field!r}; name the text column."
             )
+        check_answer_options(task, prefix)
+
+
+def check_answer_options(task: TaskSpec, prefix: str) -> None:
+    """`answers` and its generation settings: a known value, and settings only where answers are written."""
+    if task.answers not in get_args(Answers):
+        raise ExpertMergeError(
+            f"`{prefix}.answers` of task '{task.name}' is {task.answers!r}; use `expert` (the task's expert "
+            "writes an answer to every prompt) or `none` (the texts as they are)."
+        )
+    check_count(f"{prefix}.max_new_tokens", task.max_new_tokens, 1)
+    in_range(f"`{prefix}.temperature`", task.temperature, 0.0, MAX_TEMPERATURE)
+    if not isinstance(task.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in task.stop):
+        raise ExpertMergeError(
+            f"`{prefix}.stop` of task '{task.name}' is {task.stop!r}; give a list of non-empty strings."
+        )
+    if task.answers == "none":
+        if task.temperature or task.stop:
+            raise ExpertMergeError(
+                f"`{prefix}.temperature` / `stop` of task '{task.name}' set how the expert writes answers, but "
+                f"the task writes none; set `{prefix}.answers: expert` or drop them."
+            )
+        return
+    if task.response_field is not None:
+        raise ExpertMergeError(
+            f"Task '{task.name}' has its own answers (`{prefix}.response_field`: {task.response_field!r}) and "
+            f"asks its expert to write them (`{prefix}.answers: expert`); keep one of the two."
+        )
 
 
 def _check_scoring(task: TaskSpec, prefix: str) -> None:

@@ -79,8 +79,8 @@ def cache_key(expert_hash: str, data_fingerprint: str, settings: TeacherSettings
     )
 
 
-def _cache_file(key: str) -> Path:
-    return cache_dir() / "teachers" / f"{key}.safetensors"
+def _cache_file(key: str, folder: str = "teachers") -> Path:
+    return cache_dir() / folder / f"{key}.safetensors"
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -93,9 +93,11 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_cached(key: str) -> TeacherTargets | None:
-    """The cached targets, or None when absent or unreadable (a crash mid-write or a damaged file)."""
-    path = _cache_file(key)
+def load_cached(key: str, folder: str = "teachers") -> TeacherTargets | None:
+    """The cached targets, or None when absent or unreadable (a crash mid-write or a damaged file).
+
+    `folder`: the cache's subfolder (`answers` keeps the expert-written answers the same way)."""
+    path = _cache_file(key, folder)
     if not path.exists():
         return None
     try:
@@ -109,14 +111,16 @@ def load_cached(key: str) -> TeacherTargets | None:
         return TeacherTargets(tensors)
     except Exception as error:  # a damaged entry is recomputed, never trusted
         warnings.warn(
-            f"Ignoring damaged teacher cache entry {path} ({error}); it will be recomputed.", stacklevel=2
+            f"Ignoring damaged {'teacher' if folder == 'teachers' else folder} cache entry {path} ({error}); "
+            "it will be recomputed.",
+            stacklevel=2,
         )
         return None
 
 
-def save_cached(key: str, targets: TeacherTargets) -> None:
+def save_cached(key: str, targets: TeacherTargets, folder: str = "teachers") -> None:
     """Written to a temporary name and renamed: readers see the old entry or the complete new one."""
-    path = _cache_file(key)
+    path = _cache_file(key, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tensors = {k: v.contiguous() for k, v in targets.tensors.items()}

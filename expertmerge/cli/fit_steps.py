@@ -75,8 +75,6 @@ def read_resume_checkpoint(config: Any) -> dict[str, Any] | None:
 def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
     """After the fits (`FitResult`): the per-task comparison, the fused MoE (with router tuning), the dense
     merge, a summary."""
-    from rich.markup import escape
-    from rich.table import Table
 
     from expertmerge.accuracy import accuracy_table
     from expertmerge.console import make_console
@@ -84,7 +82,7 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
     from expertmerge.fit.outputs import evaluate_fit, export_dense, export_moe, fit_accuracy, fit_health
 
     learned = result.learned
-    merged, options = learned.merged, learned.options
+    options = learned.options
     console = make_console()
     scores = evaluate_fit(learned) if settings.evaluate else None
     moe_path, moe_health = None, None
@@ -112,6 +110,20 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
         FORCE_FLAG,
         accuracy,
     )
+    console.print(_summary(result, path, moe_path, health, moe_health))
+    if settings.strict_health:
+        for folder, check in ((path, health), (moe_path, moe_health)):
+            if check is not None and not check.healthy:
+                raise check.error(folder)
+
+
+def _summary(result: Any, path: Any, moe_path: Any, health: Any, moe_health: Any) -> Any:
+    """The fit's closing table: outputs, what was learned from where, the costs, the health checks."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    learned = result.learned
+    merged, options = learned.merged, learned.options
     summary = Table(title="expertmerge fit", show_header=False)
     summary.add_row("output", escape(str(path)))  # paths are not rich markup
     if moe_path is not None:
@@ -135,6 +147,15 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
         summary.add_row(f"task scales ({options.loss.task_balance})", escape(scales))
     stats = learned.calibration.teacher_stats
     summary.add_row("teacher targets computed / reused", f"{stats.computed} / {stats.reused}")
+    answers = learned.calibration.answer_stats
+    if answers is not None:
+        counts = ", ".join(
+            f"{t} {c['prompts']} ({c['empty']} empty, {c['cut']} cut)" for t, c in answers.counts.items()
+        )
+        summary.add_row(
+            "expert answers written / reused (splits)",
+            escape(f"{answers.computed} / {answers.reused}: {counts}"),
+        )
     summary.add_row(
         "set-up wall time (base, task vectors, teachers, start)", f"{learned.prepare_seconds:.1f} s"
     )
@@ -142,11 +163,7 @@ def export_expert_merging(result: Any, settings: Any, config_yaml: str) -> None:
     summary.add_row("health check", health.summary_row())
     if moe_health is not None:
         summary.add_row("fused MoE health check", moe_health.summary_row())
-    console.print(summary)
-    if settings.strict_health:
-        for folder, check in ((path, health), (moe_path, moe_health)):
-            if check is not None and not check.healthy:
-                raise check.error(folder)
+    return summary
 
 
 def export_sequence_moe(module: Any, settings: Any, config_yaml: str) -> None:

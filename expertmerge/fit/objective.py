@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from expertmerge.answers import AnswerStats
 from expertmerge.fit.merged import MergedModel
 from expertmerge.fit.options import LossOptions
 from expertmerge.losses import (
@@ -39,6 +40,7 @@ class Calibration:
     teacher_stats: TeacherStats = field(default_factory=TeacherStats)
     hidden_layers: list[int] = field(default_factory=list)
     base_nll: dict[str, float] = field(default_factory=dict)  # task_balance expert_gain: the base's NLL
+    answer_stats: AnswerStats | None = None  # `answers: expert` tasks: answers written and reused
 
     def samples(self, task: str, split: str) -> Any:
         return self.datamodule.task_samples(task, split)
@@ -50,12 +52,15 @@ class Calibration:
             rows = torch.arange(first, min(first + size, samples.input_ids.shape[0]))
             mask = samples.attention_mask[rows].to(device)
             length = int(mask.sum(1).max())
-            yield {
+            batch = {
                 "input_ids": samples.input_ids[rows, :length].to(device),
                 "attention_mask": mask[:, :length],
                 "task_index": index,
                 "sample_index": rows,
             }
+            if samples.answer_mask is not None:
+                batch["answer_mask"] = samples.answer_mask[rows, :length].to(device)
+            yield batch
 
     def expert_gains(self) -> dict[str, float | None]:
         """Per task its expert's gain over the base on the task's training texts (nats per token, base NLL
@@ -90,11 +95,24 @@ class Objective:
     def task_names(self) -> list[str]:
         return self.calibration.task_names
 
+    def token_weights(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per position its weight in the loss terms: 0 on padding, `answer_weight` where the token it predicts
+        is an expert-written answer's, else 1. Without answers (or at weight 1) the attention mask itself."""
+        mask = batch["attention_mask"]
+        answer = batch.get("answer_mask")
+        if answer is None or self.loss.answer_weight == 1.0:
+            return mask
+        # position i predicts token i + 1; the last position predicts none of the answer
+        predicts = torch.cat([answer[:, 1:], answer.new_zeros(answer.shape[0], 1)], dim=1)
+        return mask * (1.0 + (self.loss.answer_weight - 1.0) * predicts.to(torch.float32))
+
     def task_losses(self, batch: dict[str, Any], split: str = "train") -> dict[str, torch.Tensor]:
-        """KL, hidden term, top-1 agreement (and the texts' own loss) of the merge against the batch's teacher."""
+        """KL, hidden term, top-1 agreement (and the texts' own loss) of the merge against the batch's teacher,
+        each a mean over positions weighted by `token_weights`."""
         loss = self.loss
         task = self.task_names[int(batch["task_index"])]
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        weight = self.token_weights(batch)
         targets = self.calibration.targets[(task, split)].rows(
             batch["sample_index"], ids.shape[1], ids.device
         )
@@ -103,9 +121,9 @@ class Objective:
             ids, mask, output_hidden_states=bool(layers), oracle_expert=self.merged.oracle_expert(task)
         )
         kl_tokens = kl_to_teacher(out.logits, targets, loss.temperature)
-        kl = logit_kl_loss(kl_tokens, mask, loss.temperature)
+        kl = logit_kl_loss(kl_tokens, weight, loss.temperature)
         terms = [
-            hidden_loss(out.hidden_states[layer], targets[f"hidden.{layer}"], mask, loss.hidden_loss)
+            hidden_loss(out.hidden_states[layer], targets[f"hidden.{layer}"], weight, loss.hidden_loss)
             for layer in layers
         ]
         mse = torch.stack(terms).mean() if terms else out.logits.new_zeros(())
@@ -115,12 +133,12 @@ class Objective:
         parts = {"kl": kl, "mse": mse, "top1": top1, "kl_tokens": kl_tokens}
         if loss.ce_weight:
             nll, next_mask = next_token_nll(out.logits, ids, mask)
-            parts["ce"] = masked_mean(nll, next_mask)
+            parts["ce"] = masked_mean(nll, next_mask if weight is mask else next_mask * weight[:, :-1])
             if loss.kl_where == "expert_better":
                 # 1 where the expert predicts the next token better; positions without one keep their KL
                 behind = (targets["nll"][:, :-1] < nll.detach()).to(kl_tokens.dtype)
-                weight = torch.cat([behind, behind.new_ones(behind.shape[0], 1)], dim=1)
-                parts["kl_fit"] = logit_kl_loss(kl_tokens * weight, mask, loss.temperature)
+                behind_weight = torch.cat([behind, behind.new_ones(behind.shape[0], 1)], dim=1)
+                parts["kl_fit"] = logit_kl_loss(kl_tokens * behind_weight, weight, loss.temperature)
         return parts
 
     def task_objective(self, parts: dict[str, Any]) -> Any:
@@ -163,7 +181,7 @@ class Objective:
             totals: dict[str, float] = {}
             tokens = 0.0
             for batch in self.calibration.batches(index, split, size, self.merged.device):
-                count = float(batch["attention_mask"].sum())
+                count = float(self.token_weights(batch).sum())
                 for part, value in self.task_losses(batch, split).items():
                     if part != "kl_tokens":
                         totals[part] = totals.get(part, 0.0) + float(value) * count
@@ -189,7 +207,7 @@ class Objective:
             values, tokens = [], []
             for batch in self.calibration.batches(index, split, 1, self.merged.device):
                 values.append(float(self.task_objective(self.task_losses(batch, split))))
-                tokens.append(float(batch["attention_mask"].sum()))
+                tokens.append(float(self.token_weights(batch).sum()))
             result[task] = (
                 torch.tensor(values, dtype=torch.float64),
                 torch.tensor(tokens, dtype=torch.float64),

@@ -141,7 +141,11 @@ class LossOptions:
             already predicts the text better than its expert, only the text's own loss acts. Needs
             `ce_weight` > 0.
         logit_topk: the teacher's logits are cached as the top k plus the log-sum-exp; null caches full logits.
-        teacher_batch_size: batch size of the one-off teacher pass (and of the start search's scoring).
+        teacher_batch_size: batch size of the one-off teacher pass (and of the start search's scoring, and of
+            the experts' answer writing for `answers: expert` tasks).
+        answer_weight: how much a position counts in the KL, hidden and text terms when the token it predicts is
+            part of an expert-written answer (`data.tasks[i].answers: expert`), against 1 for the prompt's;
+            padding never counts. 1 (default): every token alike.
     """
 
     gamma: float = 0.05
@@ -155,9 +159,11 @@ class LossOptions:
     kl_where: Literal["all", "expert_better"] = "all"
     logit_topk: int | None = 64
     teacher_batch_size: int = 8
+    answer_weight: float = 1.0
 
     def check(self) -> None:
         non_negative("model.gamma", self.gamma)
+        positive("model.answer_weight", self.answer_weight)
         non_negative("model.mu", self.mu)
         non_negative("model.ce_weight", self.ce_weight)
         if self.kl_where == "expert_better" and not self.ce_weight:

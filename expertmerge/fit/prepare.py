@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from expertmerge.answers import expert_answers
 from expertmerge.chunking import read_stage1_result
 from expertmerge.coefficients import TaskVectors, learns_coefficients
 from expertmerge.console import make_console
@@ -60,6 +61,11 @@ def prepare_fit(
         ).validate()
     calibration = _calibration(options, datamodule)
     _check_storage(options, shard_device)
+    if datamodule.answer_tasks:  # before the base loads: one model in memory at a time
+        answers, calibration.answer_stats = expert_answers(
+            datamodule, pool, batch_size=options.loss.teacher_batch_size, expert_hashes=pool.content_hashes()
+        )
+        datamodule.attach_answers(answers)
     model = pool.load_model()  # an `ExpertPool`'s base; a `SymphonyPool`'s aligned reference
     calibration.hidden_layers = _hidden_layers(options, model)
     for parameter in model.parameters():
@@ -144,6 +150,11 @@ def _calibration(options: FitOptions, datamodule: Any) -> Calibration:
             f"model.task_weights names unknown tasks {sorted(unknown)}; tasks are {task_names}."
         )
     weights("model.task_weights", options.loss.task_weights or {}, task_names)  # not every task at 0
+    if options.loss.answer_weight != 1.0 and not datamodule.answer_tasks:
+        raise ExpertMergeError(
+            f"model.answer_weight is {options.loss.answer_weight}, but no task has expert-written answers to "
+            "weigh; set `answers: expert` on the tasks whose prompts their experts should answer, or drop it."
+        )
     return Calibration(datamodule, task_names, task_experts)
 
 
