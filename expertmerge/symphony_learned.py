@@ -106,7 +106,7 @@ def learned_backbone(
         if keys[name] in shared_names
     }
     values = merged.coefficients.layerwise_values().detach()
-    losses = learned.step_losses
+    losses = [float(loss) for loss in learned.step_losses]
     report = {
         "steps": int(result.trainers[-1].global_step),
         "loss_first": sum(losses[:tasks]) / tasks,

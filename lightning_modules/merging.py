@@ -104,7 +104,7 @@ class ExpertMergingModule(pl.LightningModule):
             for term in ("ce", "kl", "mse", "top1"):
                 if term in parts[task]:
                     self.log(f"train/{term}/{task}", parts[task][term], batch_size=size)
-        self.learned.step_losses.append(float(loss.detach()))
+        self.learned.step_losses.append(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/reg", regularizer)
         return loss

@@ -47,7 +47,8 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], module: Any, path: str,
                 f"{current[key]!r}; {fix}."
             )
     if "expertmerge" in checkpoint:
-        check_pool_matches(checkpoint, module.run.options, path, "export")
+        module.run.pool = module.run.make_pool()  # the merge is prepared on this pool later
+        check_pool_matches(checkpoint, module.run.pool, path, "export")
 
 
 def export_main(argv: Sequence[str]) -> int:

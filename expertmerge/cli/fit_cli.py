@@ -100,7 +100,7 @@ class ExpertMergeCLI(LightningCLI):
             if self.resume_checkpoint is not None:
                 check_pool_matches(
                     self.resume_checkpoint,
-                    self.model.run.options,
+                    self.model.run.pool,
                     self.config.fit.ckpt_path,
                     "--ckpt_path",
                 )

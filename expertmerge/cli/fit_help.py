@@ -4,7 +4,6 @@ list of Trainer flags only on `--help-all`."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import typing
 from typing import Any
@@ -36,17 +35,12 @@ def _first_sentence(text: str, width: int = 100) -> str:
 
 
 def _docs(cls: type) -> dict[str, str]:
-    """Each field's description from a dataclass's `Args:` section."""
-    docs: dict[str, str] = {}
-    current = None
-    for line in inspect.cleandoc(cls.__doc__ or "").partition("Args:\n")[2].splitlines():
-        match = re.match(r"\s{4}(\w+):\s*(.*)", line)
-        if match:
-            current = match[1]
-            docs[current] = match[2]
-        elif current is not None:
-            docs[current] += " " + line.strip()
-    return docs
+    """Each field's description from a dataclass's `Args:` section (read as jsonargparse reads it)."""
+    import docstring_parser
+
+    return {
+        param.arg_name: param.description or "" for param in docstring_parser.parse(cls.__doc__ or "").params
+    }
 
 
 def _type_name(hint: Any) -> str:

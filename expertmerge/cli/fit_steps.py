@@ -49,13 +49,12 @@ DESCRIPTION = (
 )
 
 
-def check_pool_matches(checkpoint: dict[str, Any], options: Any, path: str, label: str) -> None:
+def check_pool_matches(checkpoint: dict[str, Any], pool: Any, path: str, label: str) -> None:
     """Refuse an Expert Merging checkpoint learned on other weights of the same-named base or experts than
-    the options' (`FitOptions`; content hashes, read from cache, no model loads)."""
+    the pool's (content hashes, read from cache, no model loads)."""
     from expertmerge.io.fit_checkpoint import check_same_models
-    from expertmerge.pool import BASE, ExpertPool
+    from expertmerge.pool import BASE
 
-    pool = ExpertPool(options.base, options.experts, trust_remote_code=options.trust_remote_code)
     folders = {BASE: pool.base_dir, **pool.expert_dirs}
     check_same_models(checkpoint, pool.content_hashes(), folders, path, label)
 

@@ -35,7 +35,8 @@ class LearnedMerge:
     start_scores: dict[tuple[str, float], float] = field(default_factory=dict)  # start search: its objectives
     stage2_choice: dict[str, Any] | None = None  # stage2_select held_out: what it found
     prepare_seconds: float = 0.0  # what `prepare_fit` took (loading, teacher targets, start search)
-    step_losses: list[float] = field(default_factory=list)  # every training batch's loss, in order
+    # every training batch's loss, in order (detached tensors: reading one would wait for the device every step)
+    step_losses: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def task_names(self) -> list[str]:

@@ -112,11 +112,7 @@ def evaluate_fit(learned: LearnedMerge, include_base: bool = True) -> dict[str, 
 
     learned.merged.eval()
     if include_base:
-        base = (
-            AutoModelForCausalLM.from_pretrained(str(learned.pool.base_dir), dtype=torch.float32)
-            .eval()
-            .to(device)
-        )
+        base = learned.pool.load_model().to(device)
         rows["base"] = score(
             lambda ids, mask, task: base(input_ids=ids, attention_mask=mask, use_cache=False).logits
         )

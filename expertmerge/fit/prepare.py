@@ -52,13 +52,9 @@ def prepare_fit(
         distinct: refuse an expert identical to the base (False where that is meant: Symphony's reference).
         announce: print the start search's table (rank 0 only).
     """
-    from expertmerge.pool import ExpertPool
-
     started = time.perf_counter()
     if pool is None:
-        pool = ExpertPool(
-            options.base, options.experts, trust_remote_code=options.trust_remote_code, distinct=distinct
-        ).validate()
+        pool = make_pool(options, distinct)
     calibration = _calibration(options, datamodule)
     _check_storage(options, shard_device)
     if datamodule.answer_tasks:  # before the base loads: one model in memory at a time
@@ -111,6 +107,17 @@ def prepare_fit(
         learned.enter_stage2(stage1)
     learned.prepare_seconds = time.perf_counter() - started
     return learned
+
+
+def make_pool(options: FitOptions, distinct: bool = True) -> Any:
+    """The options' base and experts as an `ExpertPool`, resolved (a `zoo://` reference built) and checked;
+    no model loads."""
+    from expertmerge.pool import ExpertPool
+
+    pool = ExpertPool(
+        options.base, options.experts, trust_remote_code=options.trust_remote_code, distinct=distinct
+    )
+    return pool.validate()
 
 
 def _calibration(options: FitOptions, datamodule: Any) -> Calibration:

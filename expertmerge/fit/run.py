@@ -38,13 +38,9 @@ class FitRun:
 
     def make_pool(self) -> Any:
         """The options' base and experts, resolved (a `zoo://` reference built) and checked; no model loads."""
-        from expertmerge.pool import ExpertPool
+        from expertmerge.fit.prepare import make_pool
 
-        options = self.options
-        pool = ExpertPool(
-            options.base, options.experts, trust_remote_code=options.trust_remote_code, distinct=self.distinct
-        )
-        return pool.validate()
+        return make_pool(self.options, self.distinct)
 
     def restart(self, options: FitOptions) -> None:
         """New options that change no prepared input (e.g. other task weights): the run's and its prepared
