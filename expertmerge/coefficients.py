@@ -275,10 +275,14 @@ def learns_coefficients(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     matrices_only: bool = True,
+    routed_experts: int | None = None,
 ) -> bool:
     """Whether tensor `name` gets learned coefficients: it matches an `include` pattern (default: inside the
-    repeated blocks) and no `exclude` one, and is a matrix unless `matrices_only` is off (`re.search`)."""
-    if matrices_only and tensor.dim() != 2:
+    repeated blocks) and no `exclude` one, and is a matrix unless `matrices_only` is off (`re.search`). A stack
+    of matrices, one per routed expert (an MoE's fused expert weights: 3-D, `routed_experts` first), counts as
+    matrices."""
+    stacked = tensor.dim() == 3 and routed_experts is not None and tensor.shape[0] == routed_experts
+    if matrices_only and tensor.dim() != 2 and not stacked:
         return False
     if not any(re.search(p, name) for p in (include if include is not None else DEFAULT_LEARN_INCLUDE)):
         return False

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.layout import meta_model, routed_expert_count
 from expertmerge.losses import aligned_hidden_layers
 
 STRATEGIES = ("resident", "streamed", "fsdp")
@@ -62,14 +63,6 @@ class Estimate:
     def peak(self) -> int:
         """What the device must hold: the fit step, or a training-free merge run on it."""
         return max(self.total, self.training_free_merge)
-
-
-def meta_model(config: Any) -> nn.Module:
-    """The architecture of `config` with meta tensors (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def read_config(path: str | Path) -> Any:
@@ -246,7 +239,12 @@ def plan(inputs: PlanInputs, devices: int = 1) -> tuple[nn.Module, list[str], di
         name
         for name, p in model.named_parameters()
         if learns_coefficients(
-            name, p, inputs.learn_include, inputs.learn_exclude, inputs.learn_matrices_only
+            name,
+            p,
+            inputs.learn_include,
+            inputs.learn_exclude,
+            inputs.learn_matrices_only,
+            routed_expert_count(inputs.config),
         )
     ]
     if inputs.num_experts < 1:

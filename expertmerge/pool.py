@@ -25,6 +25,7 @@ import torch
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hashing import file_hash, model_content_hash, weights_hash
+from expertmerge.io.layout import TensorLayout, meta_model
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
     BIN_SINGLE,
@@ -151,19 +152,29 @@ class ExpertPool:
         ]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.checkpoint(BASE).shape(name)
+        """The shape of checkpoint tensor `name`, or of a module tensor built from several (`parameter_keys`)."""
+        if name in self.checkpoint(BASE).names_set:
+            return self.checkpoint(BASE).shape(name)
+        return self.layout.shape(name)
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The dtype the base checkpoint stores `name` in."""
         return self.checkpoint(BASE).dtype(name)
 
     def base_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.checkpoint(BASE).tensor(name, dtype)
+        return self._read(BASE, name, dtype)
 
     def expert_tensor(self, expert: str, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if expert not in self.expert_sources:
             raise ExpertMergeError(f"Unknown expert '{expert}'; experts are {self.expert_names}.")
-        return self.checkpoint(expert).tensor(name, dtype)
+        return self._read(expert, name, dtype)
+
+    def _read(self, model: str, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """A checkpoint tensor by its name, or a module tensor that transformers builds from several."""
+        checkpoint = self.checkpoint(model)
+        if name in checkpoint.names_set:
+            return checkpoint.tensor(name, dtype)
+        return self.layout.read(checkpoint.tensor, name, dtype, cache_id=id(checkpoint))
 
     def iter_task_vectors(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Iterator[torch.Tensor]:
         """`theta_k - theta_base` expert by expert, subtracted in fp32 and then cast to `dtype`: only the base
@@ -176,34 +187,37 @@ class ExpertPool:
         """`theta_k - theta_base` for every expert, in expert order (see `iter_task_vectors`)."""
         return list(self.iter_task_vectors(name, dtype))
 
-    def parameter_keys(self, model: torch.nn.Module) -> dict[str, str]:
-        """The checkpoint tensor behind each of `model`'s parameters, as `named_parameters()` names them.
+    @cached_property
+    def layout(self) -> TensorLayout:
+        """The base's module parameters <-> checkpoint tensors, as the installed transformers maps them at load
+        (renamed keys, experts' per-expert tensors stacked into 3-D ones; `io/layout.py`). The experts share it:
+        `validate` checks they have the base's tensor names and shapes."""
+        base = self.checkpoint(BASE)
+        stored = {name: base.shape(name) for name in base.names}
+        return TensorLayout(meta_model(self.config, self.trust_remote_code), stored, self.label(BASE))
 
-        The names can differ: a tied parameter is listed once under one of its names while the checkpoint may
-        store it under another (e.g. `lm_head.weight` only), and a checkpoint may lack or add the
-        `base_model_prefix` (`model.`). Buffers are not merged, so they are not looked up.
+    def parameter_keys(self, model: torch.nn.Module) -> dict[str, str]:
+        """What each of `model`'s parameters (`named_parameters()` names) is read as from the pool: the
+        checkpoint tensor that holds it, or its own name where transformers builds it from several tensors
+        (`base_tensor` / `expert_tensor` read both).
+
+        A tied parameter is listed once under one of its names while the checkpoint may store it under another
+        (e.g. `lm_head.weight` only). Buffers are not merged, so they are not looked up.
         """
-        stored = set(self.tensor_names)
+        layout = self.layout
         aliases: dict[int, list[str]] = {}
         for name, parameter in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(parameter), []).append(name)
-        prefix = str(getattr(model, "base_model_prefix", "") or "")
         keys = {}
         for name, parameter in model.named_parameters():
-            candidates = []
-            for alias in aliases[id(parameter)]:
-                candidates.append(alias)
-                if prefix and alias.startswith(prefix + "."):
-                    candidates.append(alias[len(prefix) + 1 :])
-                elif prefix:
-                    candidates.append(f"{prefix}.{alias}")
-            key = next((c for c in candidates if c in stored), None)
-            if key is None:
+            known = [alias for alias in aliases[id(parameter)] if alias in layout]
+            if not known:
                 raise ExpertMergeError(
-                    f"{self.label(BASE)}: the model's parameter '{name}' has no tensor in its checkpoint "
-                    f"(tensor names look like '{self.tensor_names[0]}'); re-save it with save_pretrained."
+                    f"{self.label(BASE)}: the model's parameter '{name}' is not in its checkpoint, neither "
+                    f"under that name nor under any name the installed transformers converts from (tensor "
+                    f"names look like '{self.tensor_names[0]}'); was it saved from another architecture?"
                 )
-            keys[name] = key
+            keys[name] = layout.key(known[0]) or known[0]
         return keys
 
     def iter_tensors(

@@ -68,6 +68,8 @@ class MergedModel(nn.Module):
         self.learned_shapes = [model.get_parameter(n).shape for n in self.coefficient_names]
         self.stage = 1  # 2: Expert Merging++'s chunk-wise stage
         self.stage1_values: dict[str, torch.Tensor] | None = None  # layer-wise result, [N] per tensor
+        # Stage-1 coefficients per tensor beyond one (`expert_axis`: one per routed expert of a fused tensor).
+        self.stage1_chunks: dict[str, int] = {}
         self.chunk_allocation: dict[str, Any] | None = None
 
     @property
@@ -86,10 +88,15 @@ class MergedModel(nn.Module):
         return [shape[0] for shape in self.learned_shapes]
 
     def start_coefficients(self, alpha: float | list[float]) -> None:
-        """Fresh layer-wise coefficients, every one at `alpha` (on the merge's device)."""
+        """Fresh stage-1 coefficients, every one at `alpha` (on the merge's device): one per tensor and expert
+        model, or one per routed expert too where `stage1_chunks` says so."""
         device = self.device
         self.coefficients = MergeCoefficients(
-            self.coefficient_names, self.rows, len(self.expert_names), alpha0=alpha
+            self.coefficient_names,
+            self.rows,
+            len(self.expert_names),
+            alpha0=alpha,
+            chunks=self.stage1_chunks or None,
         ).to(device)
 
     # ------------------------------------------------------------------------------------ the merge

@@ -191,7 +191,11 @@ class TensorOptions:
     Args:
         learn_include: regexes; tensors whose name matches one get learned coefficients.
         learn_exclude: regexes; matching tensors are merged at alpha0 instead.
-        learn_matrices_only: only 2-D tensors get learned coefficients (norms, biases stay at alpha0).
+        learn_matrices_only: only matrices get learned coefficients (norms, biases stay at alpha0); an MoE's
+            fused expert weights (3-D: one matrix per routed expert) count as matrices.
+        expert_axis: an MoE's fused expert weights get one coefficient per routed expert (and expert model)
+            from the start, instead of one per tensor: each routed expert of the merge takes its own share of
+            every fine-tune. Expert Merging++'s chunks of these tensors are cut along the same axis.
         task_vector_dtype: storage dtype of the task vectors (the merge itself is computed in fp32).
         base_dtype: storage dtype of the base's learned tensors (the bulk of the model). `bfloat16` halves
             them; each merged tensor is still computed in fp32 (the base tensor upcast as it is read) and the
@@ -206,6 +210,7 @@ class TensorOptions:
     learn_include: list[str] | None = None
     learn_exclude: list[str] | None = None
     learn_matrices_only: bool = True
+    expert_axis: bool = False
     task_vector_dtype: TensorDtype = "bfloat16"
     base_dtype: Literal["float32", "bfloat16"] = "float32"
     task_vectors: Literal["resident", "streamed"] = "resident"

@@ -192,17 +192,16 @@ def fit_accuracy(learned: LearnedMerge) -> dict[str, dict[str, TaskAccuracy]]:
 def save_merged_weights(learned: LearnedMerge, folder: Path, dtype: torch.dtype) -> None:
     """The learned merge as a plain model folder, in `dtype`; the merge itself is left as it was.
 
-    The tensor names are the base checkpoint's: what `save_pretrained` wrote there (a tied `lm_head` is not
-    written twice), so the folder reloads as the merged model. Streamed through the one writer, tensor by
-    tensor, each checked to be finite.
+    The tensor names and layout are the base checkpoint's: what `save_pretrained` wrote there (a tied `lm_head`
+    is not written twice; fused MoE experts go back to the checkpoint's per-expert tensors where it has them),
+    so the folder reloads as the merged model. Streamed through the one writer, tensor by tensor, each checked
+    to be finite.
     """
     pool = learned.pool
-    state = learned.merged.model.state_dict()
-    merged = learned.merged.merged_parameters()
-    missing = [name for name in pool.tensor_names if name not in merged and name not in state]
-    if missing:
-        raise RuntimeError(f"the fitted model lacks tensors of the base checkpoint: {missing[:5]}")
-    write_state_dict(folder, {name: merged.get(name, state.get(name)) for name in pool.tensor_names}, dtype)
+    state = dict(learned.merged.model.state_dict())
+    state.update(learned.merged.merged_parameters())
+    stored = pool.layout.to_checkpoint(state)
+    write_state_dict(folder, {name: stored[name] for name in pool.tensor_names if name in stored}, dtype)
     write_config(pool.base_dir, folder, dtype)
 
 

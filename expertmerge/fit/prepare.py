@@ -26,6 +26,7 @@ from expertmerge.fit.objective import Calibration, Objective
 from expertmerge.fit.options import FitOptions
 from expertmerge.fit.sharding import set_parameter, shard_learned
 from expertmerge.fit.start import StartPoint, regmean_offsets, search_start, start_candidates, start_table
+from expertmerge.io.layout import routed_expert_count
 from expertmerge.io.reader import DTYPES  # the one table of dtype names
 from expertmerge.losses import aligned_hidden_layers
 from expertmerge.pool import BASE as BASE_TEACHER  # a task's `expert: base`: the base teaches it
@@ -116,8 +117,16 @@ def make_pool(options: FitOptions, distinct: bool = True) -> Any:
 
     pool = ExpertPool(
         options.base, options.experts, trust_remote_code=options.trust_remote_code, distinct=distinct
-    )
-    return pool.validate()
+    ).validate()
+    routed = routed_expert_count(pool.config)
+    if options.moe.moe and routed:
+        raise ExpertMergeError(
+            f"model.moe: the base ({pool.config.model_type}) is already an MoE with {routed} routed experts, and "
+            "fused-MoE mode builds an MoE out of dense experts. Leave model.moe off: the learned merge of MoE "
+            "fine-tunes is an MoE of the same architecture (model.expert_axis: true gives each routed expert "
+            "its own coefficients)."
+        )
+    return pool
 
 
 def _calibration(options: FitOptions, datamodule: Any) -> Calibration:
@@ -204,12 +213,18 @@ def _merged_model(
         ffn_names = [name for layer in layout.ffn.values() for name in layer.values()]
     ffn_set = set(ffn_names)
     tensors = options.tensors
+    routed = routed_expert_count(model.config)
     names = [
         name
         for name in params
         if name not in ffn_set
         and learns_coefficients(
-            name, params[name], tensors.learn_include, tensors.learn_exclude, tensors.learn_matrices_only
+            name,
+            params[name],
+            tensors.learn_include,
+            tensors.learn_exclude,
+            tensors.learn_matrices_only,
+            routed,
         )
     ]
     if not names:
@@ -221,7 +236,7 @@ def _merged_model(
     dtype = DTYPES[tensors.task_vector_dtype]
     resident = resident and tensors.task_vectors == "resident"
     shapes = [params[n].shape for n in names]
-    return MergedModel(
+    merged = MergedModel(
         model,
         options.expert_names,
         names,
@@ -231,6 +246,11 @@ def _merged_model(
         dict(zip(calibration.task_names, calibration.task_experts, strict=True)),
         moe=options.moe.moe,
     )
+    if tensors.expert_axis:
+        merged.stage1_chunks = {
+            name: routed for name in names if params[name].dim() == 3 and params[name].shape[0] == routed
+        }
+    return merged
 
 
 @torch.no_grad()

@@ -157,6 +157,7 @@ class Checkpoint:
                 f"{label}: the shard index lists tensor(s) missing from their files: {_few(unindexed)}."
             )
         self.names = sorted(self._file_of, key=natural_key)
+        self.names_set = frozenset(self.names)
 
     @property
     def format(self) -> str:
