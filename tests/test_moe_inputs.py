@@ -118,7 +118,9 @@ def test_learned_merge_of_moe_fine_tunes_has_a_coefficient_per_routed_expert(
     # held in bf16 (`task_vector_dtype`) and c rounded to 6 decimals in coefficients.json.
     c = table["model.layers.0.mlp.experts.down_proj"]["e1"][0]
     expert = Checkpoint(models.experts["e1"], "e1")
-    down = [k for k in base.names if ".layers.0." in k and ".experts.0." in k and ("w2" in k or "down_proj" in k)]
+    down = [
+        k for k in base.names if ".layers.0." in k and ".experts.0." in k and ("w2" in k or "down_proj" in k)
+    ]
     assert len(down) == 1
     theta0 = base.tensor(down[0], torch.float32)
     tau = (expert.tensor(down[0], torch.float32) - theta0).bfloat16().float()
