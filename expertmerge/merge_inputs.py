@@ -3,11 +3,13 @@ referenced model as an expert, opened and checked by mergekit's rules before any
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.model_config import layer_count
+from expertmerge.io.model_config import vocab_size as config_vocab_size
 from expertmerge.merge_config.resolved import MergeConfig
 from expertmerge.pool import BASE, ExpertPool
 
@@ -19,6 +21,7 @@ class MergeInputs:
     pool: ExpertPool
     structure: str
     keys: dict[str, str]  # source -> pool key
+    _configs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def checkpoint(self, model: str) -> Any:
         return self.pool.checkpoint(self.keys[model])
@@ -29,18 +32,21 @@ class MergeInputs:
     def raw_config(self, model: str) -> dict[str, Any]:
         return self.pool.raw_config(self.keys[model])
 
-    def num_layers(self, model: str) -> int:
-        raw = self.raw_config(model)
-        count = raw.get("num_hidden_layers", (raw.get("text_config") or {}).get("num_hidden_layers"))
-        if not isinstance(count, int):
-            raise ExpertMergeError(
-                f"{self.pool.label(self.keys[model])}: config.json has no num_hidden_layers."
-            )
-        return count
+    def config(self, model: str) -> Any:
+        """The model's `transformers` config, loaded once: sizes are read from it, under whatever key its family
+        stores them (`n_layer` in GPT-2's config.json is its `num_hidden_layers`)."""
+        key = self.keys[model]
+        if key == BASE:
+            return self.pool.config  # loaded once by the pool's own checks
+        if key not in self._configs:
+            self._configs[key] = self.pool.load_config(key)
+        return self._configs[key]
 
-    def vocab_size(self, model: str) -> int:
-        raw = self.raw_config(model)
-        return raw.get("vocab_size", (raw.get("text_config") or {}).get("vocab_size"))
+    def num_layers(self, model: str) -> int:
+        return layer_count(self.config(model), self.pool.label(self.keys[model]))
+
+    def vocab_size(self, model: str) -> int | None:
+        return config_vocab_size(self.config(model))
 
 
 def open_merge_inputs(config: MergeConfig) -> MergeInputs:

@@ -33,7 +33,8 @@ def write_output_config(
     data = json.loads((target / "config.json").read_text())
     if config.slices is not None:
         layers = output_layers(plan)
-        data = layer_config(data, layers, {m: inputs.raw_config(m) for m, _ in layers})
+        sources = {m: inputs.raw_config(m) for m, _ in layers}
+        data = layer_config(data, layers, sources, inputs.config(inputs.structure))
     if vocabulary is not None:
         holder = (
             data["text_config"]

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from expertmerge.errors import ExpertMergeError
-from expertmerge.io.layout import meta_model, routed_expert_count
+from expertmerge.io.layout import meta_model
+from expertmerge.io.model_config import layer_count, routed_expert_count, text_config, vocab_size
 from expertmerge.losses import aligned_hidden_layers
 
 STRATEGIES = ("resident", "streamed", "fsdp")
@@ -85,18 +86,27 @@ def _bytes(tensors: Sequence[torch.Tensor], size: int) -> int:
 
 def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
     """Saved-for-backward bytes of one fit forward (fp32), by the per-token count in the module docstring."""
+    # Standard attribute names: each family's config class maps its own keys (GPT-2's n_embd) to them.
+    config = text_config(config)
     hidden = int(config.hidden_size)
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    layers = int(config.num_hidden_layers)
+    layers = layer_count(config, "plan")
     per_layer = 4 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter + heads + 2
     return 4 * batch_size * seq_len * layers * per_layer
 
 
 def logit_bytes(config: Any, batch_size: int, seq_len: int) -> int:
-    return 3 * 4 * batch_size * seq_len * int(config.vocab_size)
+    return 3 * 4 * batch_size * seq_len * _vocab(config)
+
+
+def _vocab(config: Any) -> int:
+    size = vocab_size(config)
+    if size is None:
+        raise ExpertMergeError(f"plan: the {type(config).__name__} has no vocab_size.")
+    return size
 
 
 def estimate_fit(
@@ -134,8 +144,8 @@ def estimate_fit(
     activations = activation_bytes(config, batch_size, seq_len)
     logits = logit_bytes(config, batch_size, seq_len)
     # targets of the batch: top-k logits + log-sum-exp, and the hidden states aligned by MSE
-    topk = logit_topk or int(config.vocab_size)
-    targets = batch_size * seq_len * (8 * topk + 4 + 4 * hidden_layers * int(config.hidden_size))
+    topk = logit_topk or _vocab(config)
+    targets = batch_size * seq_len * (8 * topk + 4 + 4 * hidden_layers * int(text_config(config).hidden_size))
     teacher = (
         _bytes(list(params.values()), 4)
         + logit_bytes(config, teacher_batch_size or batch_size, seq_len) // 3 * 2
@@ -211,7 +221,7 @@ def inputs_from_fit_config(path: str | Path, model_config: str | None = None) ->
     experts = model.get("experts") or {}
     config = read_config(model_config)
     hidden = aligned_hidden_layers(
-        model.get("hidden_layers"), float(model.get("mu", 0.0)), int(config.num_hidden_layers)
+        model.get("hidden_layers"), float(model.get("mu", 0.0)), layer_count(config, "plan")
     )
     return PlanInputs(
         config=config,
@@ -274,8 +284,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return {
         "type": getattr(config, "model_type", "?"),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "layers": int(config.num_hidden_layers),
-        "hidden": int(config.hidden_size),
+        "layers": layer_count(config, "plan"),
+        "hidden": int(text_config(config).hidden_size),
     }
 
 

@@ -26,6 +26,7 @@ import torch
 from expertmerge.errors import ExpertMergeError
 from expertmerge.hashing import file_hash, model_content_hash, weights_hash
 from expertmerge.io.layout import TensorLayout, meta_model
+from expertmerge.io.model_config import vocab_size
 from expertmerge.io.reader import (  # noqa: F401 - re-exported: callers name the file layout via the pool
     BIN_INDEX,
     BIN_SINGLE,
@@ -280,7 +281,7 @@ class ExpertPool:
                 )
         configs = {model: self.load_config(model) for model in models}
         self.__dict__["config"] = configs[BASE]
-        base_tie, base_vocab = _tied(configs[BASE]), _vocab_size(configs[BASE])
+        base_tie, base_vocab = _tied(configs[BASE]), vocab_size(configs[BASE])
         for model in self.expert_sources:
             tie = _tied(configs[model])
             if tie != base_tie:
@@ -288,7 +289,7 @@ class ExpertPool:
                     f"{self.label(model)} has tie_word_embeddings={tie} but the {self.label(BASE)} has "
                     f"{base_tie}; tied and untied embeddings cannot be merged tensor by tensor."
                 )
-            vocab = _vocab_size(configs[model])
+            vocab = vocab_size(configs[model])
             if vocab != base_vocab:
                 raise ExpertMergeError(
                     f"{self.label(model)} has vocab_size={vocab} but the {self.label(BASE)} has {base_vocab}; "
@@ -402,10 +403,6 @@ def _tied(config: Any) -> bool:
         if value is not None:
             return bool(value)
     return False
-
-
-def _vocab_size(config: Any) -> int | None:
-    return getattr(config.get_text_config(), "vocab_size", getattr(config, "vocab_size", None))
 
 
 def _default_name(source: str) -> list[str]:

@@ -79,11 +79,22 @@ def test_shipped_frankenmerge_config_validates_and_stacks_two_slices():
 
 
 def test_per_layer_config_lists_follow_the_layers_they_read():
+    from transformers import LlamaConfig
+
     base = {"num_hidden_layers": 4, "layer_types": ["s", "f", "s", "f"], "architectures": ["X"] * 4}
     other = {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"]}
-    written = layer_config(base, [("base", 0), ("base", 1), ("other", 3)], {"base": base, "other": other})
+    layers = [("base", 0), ("base", 1), ("other", 3)]
+    written = layer_config(base, layers, {"base": base, "other": other}, LlamaConfig(num_hidden_layers=4))
     assert written["num_hidden_layers"] == 3 and written["layer_types"] == ["s", "f", "d"]
     assert written["architectures"] == ["X"] * 4  # not a per-layer list
+
+
+def test_layer_count_is_written_under_the_familys_own_key():
+    from transformers import GPT2Config
+
+    base = {"model_type": "gpt2", "n_layer": 4, "n_embd": 32}
+    written = layer_config(base, [("base", 0), ("base", 2)], {"base": base}, GPT2Config(n_layer=4, n_embd=32))
+    assert written == {"model_type": "gpt2", "n_layer": 2, "n_embd": 32}
 
 
 def test_plan_gives_each_output_layer_its_inputs_and_t():

@@ -37,11 +37,11 @@ def check_scorable(
     tensor at a time (NaN/Inf raise, naming the tensor), before any teacher pass."""
     from transformers import AutoConfig
 
+    from expertmerge.io.model_config import vocab_size
     from expertmerge.io.reader import Checkpoint
-    from expertmerge.pool import _vocab_size
 
     try:
-        vocab = _vocab_size(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        vocab = vocab_size(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     except Exception as error:  # transformers raises several types for an unreadable or unknown config
         raise ExpertMergeError(f"{label}: cannot load the config of '{path}': {error}") from error
     if base_vocab is not None and vocab is not None and vocab != base_vocab:
@@ -135,7 +135,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from calib_data.tasks import BASE_TEACHER
     from expertmerge.accuracy import accuracy_table, accuracy_tasks, experts_accuracy, merge_accuracy_json
     from expertmerge.evaluate import expert_scores, scores_table, scores_to_json
-    from expertmerge.pool import ExpertPool, _vocab_size
+    from expertmerge.io.model_config import vocab_size
+    from expertmerge.pool import ExpertPool
     from expertmerge.teachers import TeacherSettings, teacher_dirs, teacher_targets
     from expertmerge.zoo_registry import resolve_path
 
@@ -166,7 +167,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     for name, path in named.items():
         folder = str(pool.base_dir) if name == "base" and path == resolve_path(hp.base) else path
         check_scorable(
-            folder, labels[name], _vocab_size(pool.config), pool.label("base"), hp.trust_remote_code
+            folder, labels[name], vocab_size(pool.config), pool.label("base"), hp.trust_remote_code
         )
     datamodule.check([*hp.expert_names, BASE_TEACHER])  # `expert: base` tasks: the base is the teacher
     datamodule.setup("validate")

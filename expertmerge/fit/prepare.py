@@ -26,7 +26,7 @@ from expertmerge.fit.objective import Calibration, Objective
 from expertmerge.fit.options import FitOptions
 from expertmerge.fit.sharding import set_parameter, shard_learned
 from expertmerge.fit.start import StartPoint, regmean_offsets, search_start, start_candidates, start_table
-from expertmerge.io.layout import routed_expert_count
+from expertmerge.io.model_config import routed_expert_count
 from expertmerge.io.reader import DTYPES  # the one table of dtype names
 from expertmerge.losses import aligned_hidden_layers
 from expertmerge.pool import BASE as BASE_TEACHER  # a task's `expert: base`: the base teaches it

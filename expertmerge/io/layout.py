@@ -39,20 +39,6 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
         )
 
 
-# Where MoE configs give the number of routed experts per layer.
-_ROUTED_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-def routed_expert_count(config: Any) -> int | None:
-    """Routed experts per MoE layer of `config` (its text config for multimodal wrappers); None for dense."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in _ROUTED_EXPERT_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
-
-
 class _Group:
     """Checkpoint tensors that one converter turns into one or more module tensors."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.model_config import json_key, layer_count, text_config
 from expertmerge.io.reader import natural_key
 from expertmerge.merge_config.resolved import MergeConfig, SliceEntry, SliceSource
 from expertmerge.methods.settings import Setting
@@ -213,16 +214,19 @@ def output_layers(plan: Sequence[OutputTensor]) -> list[tuple[str, int]]:
 
 
 def layer_config(
-    config: dict[str, Any], layers: Sequence[tuple[str, int]], source_configs: Mapping[str, dict[str, Any]]
+    config: dict[str, Any],
+    layers: Sequence[tuple[str, int]],
+    source_configs: Mapping[str, dict[str, Any]],
+    model_config: Any,
 ) -> dict[str, Any]:
-    """The output config.json for a stack of `layers`: `num_hidden_layers`, and every per-layer list (one
-    entry per layer, e.g. `layer_types`) rebuilt from the entries of the layers it reads."""
+    """The output config.json for a stack of `layers`: the layer count, and every per-layer list (one entry per
+    layer, e.g. `layer_types`) rebuilt from the entries of the layers it reads. `model_config` is `config`
+    loaded by `transformers`: the count is read from it and written under the key its family stores it under
+    (`n_layer` for GPT-2, `num_hidden_layers` for Llama)."""
     result = dict(config)
     text = "text_config" if isinstance(config.get("text_config"), dict) else None
     target = dict(result[text]) if text else result
-    count = target.get("num_hidden_layers")
-    if count is None:
-        return result
+    count = layer_count(model_config)
     for key, value in list(target.items()):
         if key == "architectures" or not isinstance(value, list) or len(value) != count or count < 2:
             continue
@@ -237,7 +241,8 @@ def layer_config(
                 )
             rebuilt.append(entries[index])
         target[key] = rebuilt
-    target["num_hidden_layers"] = len(layers)
+    target.pop("num_hidden_layers", None)  # a hand-written alias of a renamed key would contradict it on load
+    target[json_key(text_config(model_config), "num_hidden_layers")] = len(layers)
     if text:
         result[text] = target
     return result

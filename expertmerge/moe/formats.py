@@ -106,13 +106,20 @@ def supported_families() -> str:
     return "; ".join(f"{', '.join(sources)} -> {name}" for name, sources in by_format.items())
 
 
+def no_moe_format(model_type: str | None) -> str:
+    """The one-line refusal for a dense family no fused MoE format takes: the family, those that have a format,
+    and what works for any family instead."""
+    return (
+        f"model_type '{model_type}' has no fused MoE format (the families that have one: {supported_families()}); "
+        "what works for any family: `fit` as a dense learned merge (without model.moe), or as a sequence MoE "
+        "(the model class of configs/sequence_moe_tiny.yaml)."
+    )
+
+
 def moe_format_for(model_type: str | None) -> MoeFormat:
     """The MoE format for a dense `model_type`; `ExpertMergeError` naming the supported families otherwise."""
     if model_type not in MOE_FORMATS:
-        raise ExpertMergeError(
-            f"No fused MoE format for dense model_type '{model_type}'. Supported source families: "
-            f"{supported_families()}."
-        )
+        raise ExpertMergeError(no_moe_format(model_type))
     return MOE_FORMATS[model_type]
 
 

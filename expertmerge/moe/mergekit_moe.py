@@ -33,11 +33,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.model_config import layer_count, text_config
 from expertmerge.moe.formats import (
     MIXTRAL,
+    MOE_FORMATS,
     QWEN2_MOE,
     QWEN3_MOE,
     MoeFormat,
+    no_moe_format,
 )
 from expertmerge.pool import BASE, ExpertPool
 
@@ -309,6 +312,11 @@ def select_format(
             f"{source}: architecture '{config.architecture}' matches no output family; use one of "
             f"{', '.join(key for _, key in ARCHITECTURES)}."
         )
+    # A family no output format takes is refused by its name alone: the per-format reasons would blame keys
+    # (shared_experts, architecture) that no value could fix.
+    unknown = sorted({str(t) for t in model_types if t not in MOE_FORMATS})
+    if unknown:
+        raise ExpertMergeError(f"{source}: {no_moe_format(', '.join(unknown))}")
     reasons = {key: _supports(key, config, model_types) for _, key in named}
     candidates = [key for key, reason in reasons.items() if reason is None]
     if not candidates:
@@ -390,7 +398,7 @@ def gate_rows(
     whose embeddings are read: the base, or the `shared_tensors` model.
     """
     experts = config.gated
-    layers, hidden = int(pool.config.num_hidden_layers), int(pool.config.hidden_size)
+    layers, hidden = layer_count(pool.config), int(text_config(pool.config).hidden_size)
     mode = config.gate_mode
     if mode == "random":
         return torch.randn((layers, len(experts), hidden))

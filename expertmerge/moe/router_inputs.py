@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from expertmerge.errors import ExpertMergeError
+from expertmerge.io.model_config import layer_count, text_config
 from expertmerge.moe.router import (
     ROUTER_METHODS,
     pooled_within_scatter,
@@ -224,7 +225,7 @@ def initial_router_rows(
     if not tasks_per_expert or any(not tasks for tasks in tasks_per_expert):
         raise ExpertMergeError("Every expert needs calibration batches of at least one task.")
     config = model.config
-    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    layers, hidden = layer_count(config), int(text_config(config).hidden_size)
     experts = len(tasks_per_expert)
     if method == "random":
         return router_random(experts, layers, hidden, seed=seed)
