@@ -107,6 +107,10 @@ SMALL = dict(
 # Where one family's config needs other small sizes (None: leave the family's default).
 FAMILY_SETTINGS: dict[str, dict] = {
     "falcon": {"head_dim": None},
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
+    ),
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
     # the hybrids: one attention layer among the two, small state-space blocks
