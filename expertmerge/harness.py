@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import os
 import sys
@@ -67,7 +68,7 @@ def _unknown(tasks: Sequence[str], manager: Any) -> list[str]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """lm-eval's and datasets' log lines and progress bars, and any subprocess's stderr, go nowhere for the
-    block: they log through their own handlers and write tqdm bars and `git` errors to file descriptor 2."""
+    block: they log through their own handlers, write tqdm bars to sys.stderr and `git` errors to descriptor 2."""
     import datasets
 
     levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
@@ -78,12 +79,12 @@ def _quiet() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as sink:
+        # Both: sys.stderr need not write to descriptor 2 (a captured or redirected stream does not).
+        with tempfile.TemporaryFile() as sink, contextlib.redirect_stderr(io.StringIO()):
             os.dup2(sink.fileno(), 2)
             try:
                 yield
             finally:
-                sys.stderr.flush()
                 os.dup2(saved, 2)
     finally:
         os.close(saved)
