@@ -106,6 +106,44 @@ def _make_splits(task: ZooTask, seed: int) -> dict[str, list[str]]:
     return splits
 
 
+def _near_misses(answer: str, rng: random.Random, count: int = 3) -> list[str]:
+    """`count` distinct wrong answers one slip away from `answer`: a sum off by one or ten, or a word with two
+    neighbouring letters swapped or one letter changed, so a choice is won by the skill, not by the form."""
+    found: list[str] = []
+    while len(found) < count:
+        if answer.isdigit():
+            wrong = str(int(answer) + rng.choice((-10, -1, 1, 10)))
+        elif rng.random() < 0.5 and len(set(answer)) > 1:
+            i = rng.randrange(len(answer) - 1)
+            wrong = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+        else:
+            i = rng.randrange(len(answer))
+            wrong = answer[:i] + rng.choice(LETTERS) + answer[i + 1 :]
+        if wrong != answer and wrong not in found and not wrong.startswith("-"):
+            found.append(wrong)
+    return found
+
+
+def lm_eval_records(task: ZooTask, seed: int = 0) -> list[dict[str, Any]]:
+    """The held-out samples as records for lm-evaluation-harness (`lm_eval_tasks/tiny/`): the sample's last
+    example is the question, cut after its `=` or `>`, and the examples before it are the in-context
+    demonstrations the zoo's models were trained to continue. `choices` holds the answer (at `label`) among
+    three near misses, for the multiple-choice tasks."""
+    rng = random.Random(f"{seed}:{task.name}:lm_eval")
+    records = []
+    for text in _make_splits(task, seed)["heldout"]:
+        *shots, last = text.split(" ")
+        cut = max(last.rfind("="), last.rfind(">")) + 1
+        answer = last[cut:]
+        choices = [answer, *_near_misses(answer, rng)]
+        rng.shuffle(choices)
+        prompt = " ".join([*shots, last[:cut]])
+        records.append(
+            {"prompt": prompt, "answer": answer, "choices": choices, "label": choices.index(answer)}
+        )
+    return records
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 

@@ -1,5 +1,6 @@
 """`python -m expertmerge evaluate`: score model folders against the experts on a fit config's held-out samples,
-and by the accuracy of their greedy answers where a task names its records' reference answers (`answer_field`)."""
+and by the accuracy of their greedy answers where a task names its records' reference answers (`answer_field`);
+or, with `--lm_eval TASKS`, on lm-evaluation-harness tasks instead (the optional `eval` extra)."""
 
 from __future__ import annotations
 
@@ -62,13 +63,38 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m expertmerge evaluate",
         description="Score model folders on a fit config's held-out samples.",
     )
-    parser.add_argument("--config", required=True, help="a fit config: its tasks, data and experts are used")
+    parser.add_argument(
+        "--config",
+        help="a fit config: its tasks, data and experts are used (with --lm_eval: only its base and experts)",
+    )
     parser.add_argument(
         "--model", action="append", default=[], help="model folder to score (repeatable); NAME=PATH names it"
     )
     parser.add_argument("--json", help="also write the scores to this JSON file")
     parser.add_argument("--force", action="store_true", help="replace the --json file of an earlier evaluate")
-    return parser.parse_known_args(argv)
+    harness = parser.add_argument_group(
+        "lm-evaluation-harness (pip install -e '.[eval]')",
+        "score the models on lm-eval tasks instead of the held-out samples; offline, so tasks read local data",
+    )
+    harness.add_argument(
+        "--lm_eval", metavar="TASKS", help="comma-separated lm-eval task, group or tag names"
+    )
+    harness.add_argument(
+        "--include_path", metavar="DIR", help="a folder of lm-eval task YAML to search first"
+    )
+    harness.add_argument(
+        "--limit", type=float, help="at most this many samples per task (a fraction below 1: of each task)"
+    )
+    harness.add_argument("--batch_size", type=int, default=8, help="lm-eval's batch size (default: 8)")
+    options, overrides = parser.parse_known_args(argv)
+    if options.config is None and options.lm_eval is None:
+        parser.error("the following arguments are required: --config (or --lm_eval TASKS)")
+    for name in ("include_path", "limit"):
+        if getattr(options, name) is not None and options.lm_eval is None:
+            parser.error(f"--{name} needs --lm_eval")
+    if options.lm_eval is not None and options.config is None and overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    return options, overrides
 
 
 def _given_models(model_options: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -141,6 +167,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from expertmerge.zoo_registry import resolve_path
 
     options, overrides = _parse(argv)
+    if options.lm_eval is not None:
+        return _lm_eval_main(options, overrides)
     # The models to score and the JSON target are checked before the config's data and experts are touched.
     given, items = _given_models(options.model)
     inputs = [options.config, *given.values()]
@@ -206,3 +234,106 @@ def evaluate_main(argv: Sequence[str]) -> int:
     if options.json:
         write_json_output(options.json, result, "evaluate", options.force, inputs, JSON_LABEL)
     return 0
+
+
+def _lm_eval_main(options: argparse.Namespace, overrides: list[str]) -> int:
+    """`--lm_eval`: each model (the config's base and experts, then the `--model` folders) loaded in turn and
+    scored by lm-evaluation-harness; the extra and the task names are checked before any model loads."""
+    from expertmerge.harness import harness_scores, harness_table, require_harness, task_manager
+    from expertmerge.zoo_registry import resolve_path
+
+    require_harness()
+    tasks = [task.strip() for task in options.lm_eval.split(",") if task.strip()]
+    if not tasks:
+        raise ExpertMergeError("evaluate --lm_eval: name at least one task.")
+    if options.limit is not None and options.limit <= 0:
+        raise ExpertMergeError(f"evaluate --limit: must be above 0, got {options.limit:g}.")
+    if options.batch_size < 1:
+        raise ExpertMergeError(f"evaluate --batch_size: must be at least 1, got {options.batch_size}.")
+    include_path = None
+    if options.include_path is not None:
+        include_path = resolve_path(options.include_path)
+        if not Path(include_path).is_dir():
+            raise ExpertMergeError(f"evaluate --include_path: '{options.include_path}' is not a folder.")
+    manager = task_manager(tasks, include_path)
+    given, _ = _given_models(options.model)
+    named: dict[str, str] = {}
+    trust_remote_code = False
+    if options.config is not None:
+        from expertmerge.pool import ExpertPool
+
+        fit_model = read_fit_config(options.config, overrides).model
+        if not hasattr(fit_model, "run"):
+            raise ExpertMergeError(
+                f"evaluate needs an Expert Merging config (a base and experts); '{options.config}' fits "
+                f"{type(fit_model).__name__}."
+            )
+        hp = fit_model.run.options
+        trust_remote_code = hp.trust_remote_code
+        pool = ExpertPool(hp.base, hp.experts, trust_remote_code=trust_remote_code)
+        named = {"base": str(pool.base_dir), **{name: str(d) for name, d in pool.expert_dirs.items()}}
+    named.update(given)
+    if not named:
+        raise ExpertMergeError(
+            "evaluate --lm_eval: name the models to score (--model NAME=DIR, or --config)."
+        )
+    inputs = [options.config, include_path, *named.values()]
+    if options.json:
+        check_output_file(options.json, options.force, inputs, JSON_LABEL)
+    limit = None if options.limit is None else (int(options.limit) if options.limit >= 1 else options.limit)
+    scores = {}
+    with _models_progress(len(named)) as (bar, step):
+        for name, path in named.items():
+            bar.update(step, description=f"lm-eval: {name}")
+            bar.refresh()
+            model, tokenizer = _load_with_tokenizer(path, named.get("base"), trust_remote_code)
+            scores[name] = harness_scores(model, tokenizer, tasks, manager, limit, options.batch_size)
+            del model
+            bar.advance(step)
+    make_console().print(harness_table(f"lm-evaluation-harness: {', '.join(tasks)}", scores))
+    if options.json:
+        result = {"lm_eval": {"tasks": tasks, "include_path": include_path, "limit": limit, "scores": scores}}
+        write_json_output(options.json, result, "evaluate", options.force, inputs, JSON_LABEL)
+    return 0
+
+
+def _models_progress(total: int) -> Any:
+    """A bar over the models, refreshed by hand between them: lm-eval runs with file descriptor 2 silenced,
+    where a refresh from rich's timer thread would be lost."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar() -> Any:
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=make_console(stderr=True),
+            auto_refresh=False,
+            transient=True,
+        )
+        with progress:
+            yield progress, progress.add_task("lm-eval", total=total)
+
+    return bar()
+
+
+def _load_with_tokenizer(path: str, base: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    """A model folder's model and tokenizer, the base's tokenizer where the folder has none (a fit's merged
+    model shares the base's vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if base is None or base == path:
+            raise ExpertMergeError(f"evaluate --lm_eval: '{path}' has no tokenizer: {error}") from error
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
+    return model, tokenizer
