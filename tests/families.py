@@ -174,12 +174,12 @@ class FamilyModels:
     experts: dict[str, Path]
 
 
-def build(family: str, root: Path, scale: float = 0.02) -> FamilyModels:
+def build(family: str, root: Path, scale: float = 0.02, **overrides) -> FamilyModels:
     """Base + experts `e1`, `e2` of `family` under `root` (raises what transformers raises for a config it
     cannot build)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **settings(family))
+    config = AutoConfig.for_model(family, **{**settings(family), **overrides})
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).eval()
     folders = {}
@@ -263,12 +263,12 @@ def _command(args: list[str]) -> tuple[int | str, str]:
     return code, out.getvalue()
 
 
-def outcome(family: str, root: Path) -> dict[str, str]:
+def outcome(family: str, root: Path, **overrides) -> dict[str, str]:
     """What `merge` (TIES) and `fit` (2 steps) do with `family`: `ok` (the output loads with no missing or
     unexpected keys and generates), `refused: <the one line>`, or what broke."""
     root.mkdir(parents=True, exist_ok=True)
     try:
-        models = build(family, root)
+        models = build(family, root, **overrides)
     except Exception as error:  # transformers cannot build this config: not ours to judge
         return {"build": f"{type(error).__name__}: {str(error)[:120]}"}
     (root / "merge.yaml").write_text(merge_config(models))

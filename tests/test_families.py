@@ -33,3 +33,19 @@ def test_family_merges_and_fits_or_is_refused_in_one_line(tmp_path: Path, family
         assert outcome == "ok" or outcome.startswith("refused: "), (command, outcome)
         assert "\n" not in outcome
         assert outcome == DOCUMENTED[family][command], (command, outcome)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
+def test_tied_embeddings_stay_tied_and_unwritten(tmp_path: Path, family: str) -> None:
+    """Gemma3 and small Qwen3 models tie lm_head to the embeddings: the checkpoint stores one of them, and so
+    do the outputs."""
+    from safetensors import safe_open
+
+    result = families.outcome(family, tmp_path / family, tie_word_embeddings=True)
+    assert result == {"merge": "ok", "fit": "ok"}, result
+    for output in ("merged", "fitted"):
+        with safe_open(str(tmp_path / family / output / "model.safetensors"), "pt") as handle:
+            names = set(handle.keys())
+        with safe_open(str(tmp_path / family / "base" / "model.safetensors"), "pt") as handle:
+            assert names == set(handle.keys()), output
+        assert "lm_head.weight" not in names, output
