@@ -165,3 +165,41 @@ def test_fused_moe_mode_on_an_moe_base_is_refused_in_one_line(tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "mixtral" in err[0] and "already" in err[0]
+
+
+def test_export_from_a_checkpoint_rebuilds_the_expert_axis_merge(tmp_path: Path, capsys) -> None:
+    models = _moe_models("mixtral", tmp_path)
+    out = _fit(
+        tmp_path,
+        models,
+        "--model.expert_axis",
+        "true",
+        "--trainer.enable_checkpointing",
+        "true",
+        "--trainer.logger",
+        "true",
+    )
+    ckpt = next((tmp_path / "logs").rglob("*.ckpt"))
+    config = str(tmp_path / "fit.yaml")
+    exported = tmp_path / "exported"
+    args = [
+        "export",
+        "--config",
+        config,
+        "--ckpt_path",
+        str(ckpt),
+        "--out",
+        str(exported),
+        "--model.expert_axis",
+        "true",
+    ]
+    assert main(args) == 0
+    fitted, again = Checkpoint(out, "fit"), Checkpoint(exported, "export")
+    assert fitted.names == again.names
+    for name in fitted.names:
+        assert torch.equal(fitted.tensor(name), again.tensor(name)), name
+    capsys.readouterr()
+    code = main(["export", "--config", config, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.expert_axis off" in err[0]
+    assert not (tmp_path / "other").exists()

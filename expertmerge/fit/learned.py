@@ -135,6 +135,17 @@ class LearnedMerge:
         if saved.get("stage") == 2 and merged.stage == 1:
             # The run stopped in the chunk-wise stage: rebuild that stage's coefficients before loading them.
             self.enter_stage2(saved["stage1_values"])
+        counts = saved.get("chunk_counts")
+        if (
+            counts is not None
+            and saved.get("stage", 1) == 1
+            and list(counts) != list(merged.coefficients.chunk_counts)
+        ):
+            axis = "on" if merged.stage1_chunks else "off"
+            raise ExpertMergeError(
+                "The checkpoint's coefficients are cut into other chunks than this configuration's (with "
+                f"model.expert_axis {axis} here); resume or export with the config the checkpoint was made with."
+            )
 
     def load_coefficients(self, state_dict: dict[str, torch.Tensor]) -> None:
         """The coefficients of a checkpoint's `state_dict` (keys `coefficients.*`)."""
