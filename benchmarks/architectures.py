@@ -47,8 +47,12 @@ What makes a family work:
   model); the fused expert weights learn too, and with `model.expert_axis: true` each routed expert gets its own
   coefficient. The result is an MoE of the same architecture. `model.moe` (building an MoE from dense experts) is
   refused on an MoE base.
-- **Fused MoE output** (`moe`, `fit --model.moe`) exists for llama / mistral (as Mixtral), qwen2 (Qwen2-MoE) and
-  qwen3 (Qwen3-MoE); other families get a one-line refusal there, and the sequence MoE works for any family.
+- **Fused MoE output** (`fit --model.moe`, `export --moe`) exists for llama / mistral (as Mixtral), qwen2
+  (Qwen2-MoE), qwen3 (Qwen3-MoE), granite (GraniteMoE, its multipliers kept) and olmo2 (FlexOlmo); the mergekit-moe
+  `moe` command writes mergekit's families only (Mixtral, Qwen2-MoE, Qwen3-MoE). phi3 has none: PhiMoE normalises
+  with LayerNorm where Phi3 has RMSNorm, so no PhiMoE reproduces a Phi3; nor does OLMoE an OLMo2 (OLMoE is
+  pre-norm, OLMo2 post-norm). Other families get a one-line refusal there, and the sequence MoE works for any
+  family.
 
 | family | kind | `merge` (TIES) | `fit` (2 steps) |
 |---|---|---|---|

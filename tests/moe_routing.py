@@ -14,19 +14,22 @@ import torch
 from expertmerge.errors import ExpertMergeError
 
 
+def router_of(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The router of a sparse MoE block (`gate`; GraniteMoE: `router`) with its `[E, hidden]` weight, or None."""
+    for name in ("gate", "router"):
+        router = getattr(module, name, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(router, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return router
+    return None
+
+
 def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The sparse MoE blocks of a loaded model, in layer order: modules with a router `gate` and `experts`."""
-    blocks = [
-        module
-        for module in model.modules()
-        if hasattr(module, "experts")
-        and isinstance(getattr(module, "gate", None), torch.nn.Module)
-        and isinstance(getattr(module.gate, "weight", None), torch.Tensor)
-        and module.gate.weight.dim() == 2
-    ]
+    """The sparse MoE blocks of a loaded model, in layer order: modules with a router next to `experts`."""
+    blocks = [module for module in model.modules() if hasattr(module, "experts") and router_of(module)]
     if not blocks:
         raise ExpertMergeError(
-            f"{type(model).__name__} has no sparse MoE blocks (a 'gate' router next to 'experts')."
+            f"{type(model).__name__} has no sparse MoE blocks (a 'gate' or 'router' next to 'experts')."
         )
     return blocks
 
@@ -52,7 +55,8 @@ def forced_routing(model: torch.nn.Module, expert: int, logit: float = 1e4) -> I
 
     try:
         for block in blocks:
-            gate = block.gate
+            gate = router_of(block)
+            assert gate is not None
             num_experts = gate.weight.shape[0]
             if not 0 <= expert < num_experts:
                 raise ExpertMergeError(

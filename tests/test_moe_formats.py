@@ -17,7 +17,7 @@ from conftest import (
     tiny_model_settings,
     tiny_tokenizer,
 )
-from moe_routing import forced_routing
+from moe_routing import forced_routing, router_of
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.moe import (
@@ -51,8 +51,24 @@ class Family:
         return ExpertPool(str(self.base), {name: str(folder) for name, folder in self.experts.items()})
 
 
-def _tiny_qwen(kind: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+# Granite's multipliers, none 1 and the attention's not 1/sqrt(head_dim): a GraniteMoE that dropped any of them
+# would not reproduce the dense logits.
+GRANITE_MULTIPLIERS = dict(
+    embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5
+)
+
+
+def _tiny_dense(kind: str):
+    from transformers import (
+        GraniteConfig,
+        GraniteForCausalLM,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     settings = tiny_model_settings(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS
@@ -61,17 +77,33 @@ def _tiny_qwen(kind: str):
     torch.manual_seed(0)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**settings, tie_word_embeddings=False)).eval()
+    if kind == "granite":
+        # tied embeddings and attention biases, as in Granite 3
+        config = GraniteConfig(
+            **settings, **GRANITE_MULTIPLIERS, attention_bias=True, tie_word_embeddings=True
+        )
+        return GraniteForCausalLM(config).eval()
+    if kind == "olmo2":
+        return Olmo2ForCausalLM(Olmo2Config(**settings, tie_word_embeddings=False)).eval()
     # head_dim * heads != hidden and tied embeddings: both must survive the conversion
     return Qwen3ForCausalLM(Qwen3Config(**settings, head_dim=16, tie_word_embeddings=True)).eval()
+
+
+ARCHITECTURES = {
+    "qwen2": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3MoeForCausalLM",
+    "granite": "GraniteMoeForCausalLM",
+    "olmo2": "FlexOlmoForCausalLM",
+}
 
 
 @pytest.fixture(scope="module")
 def families(tiny_models, tmp_path_factory) -> dict[str, Family]:
     found = {"llama": Family("llama", "MixtralForCausalLM", tiny_models.base, dict(tiny_models.experts))}
     tokenizer = tiny_tokenizer()
-    for kind, architecture in (("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")):
+    for kind, architecture in ARCHITECTURES.items():
         root = tmp_path_factory.mktemp(kind)
-        base = _tiny_qwen(kind)
+        base = _tiny_dense(kind)
         folders = {"base": save_model(base, root / "base", tokenizer=tokenizer)}
         for k, name in enumerate(EXPERT_NAMES[:2]):
             folders[name] = save_model(
@@ -105,7 +137,13 @@ def _token_batches(seed: int, rows: int = 2, length: int = 6) -> torch.Tensor:
     return torch.randint(3, VOCAB, (rows, length), generator=generator)
 
 
-FAMILIES = ["llama", "qwen2", "qwen3"]
+def _moe_block(model, layer: int):
+    """Layer `layer`'s sparse MoE block (GraniteMoE's is `block_sparse_moe`)."""
+    decoder = model.model.layers[layer]
+    return getattr(decoder, "block_sparse_moe", None) or decoder.mlp
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "granite", "olmo2"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,8 +176,8 @@ def test_moe_export_loads_with_no_missing_or_unexpected_keys_and_generates(famil
     assert getattr(model.config, "norm_topk_prob", True) is True  # Mixtral always renormalises the top-k
     assert summary.routed_experts == list(fam.experts) + ([] if family == "qwen2" else [BASE])
     intermediate = pool.config.intermediate_size
-    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (num_routed, 2 * intermediate, HIDDEN)
-    torch.testing.assert_close(model.model.layers[1].mlp.gate.weight[: len(fam.experts)], routers[1])
+    assert _moe_block(model, 0).experts.gate_up_proj.shape == (num_routed, 2 * intermediate, HIDDEN)
+    torch.testing.assert_close(router_of(_moe_block(model, 1)).weight[: len(fam.experts)], routers[1])
 
     prompt = _token_batches(99, rows=1, length=4)
     generated = model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -173,6 +211,68 @@ def test_forced_routing_reproduces_each_experts_dense_logits(families, family, t
             unforced = moe(ids).logits
         torch.testing.assert_close(forced, expected, atol=1e-5, rtol=0)
         assert (unforced - expected).abs().max() > 1e-3  # the hooks are gone: routing mixes experts again
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_input_statistics_are_what_each_moe_router_sees(families, family, tmp_path):
+    """The `hidden` router init measures each router's real input: the post-attention norm's output in most
+    families, the un-normalised residual stream in OLMo2 / FlexOlmo (post-norm layers)."""
+    fam = families[family]
+    pool = fam.pool()
+    write_moe_checkpoint(
+        pool,
+        tmp_path / "moe",
+        expert_shared_tensors(pool, BASE),
+        router_random(len(fam.experts), LAYERS, HIDDEN, seed=4),
+    )
+    moe, _ = _load(tmp_path / "moe")
+    seen: dict[int, torch.Tensor] = {}
+    for layer in range(LAYERS):
+        router = router_of(_moe_block(moe, layer))
+        router.register_forward_pre_hook(lambda _m, args, layer=layer: seen.__setitem__(layer, args[0]))
+    ids = _token_batches(8)
+    with torch.no_grad():
+        moe(ids)
+    measured = router_input_statistics(moe, {"all": [(ids, None)]}).means[0]
+    expected = torch.stack([seen[layer].reshape(-1, HIDDEN).double().mean(0) for layer in range(LAYERS)])
+    torch.testing.assert_close(measured, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_granite_multipliers_and_flex_olmo_renormalisation_carry_over(families):
+    from transformers import AutoConfig
+
+    granite = build_moe_config(AutoConfig.from_pretrained(families["granite"].base), num_experts=3, top_k=2)
+    assert granite.model_type == "granitemoe"
+    assert (granite.num_local_experts, granite.num_experts_per_tok) == (3, 2)
+    assert {key: getattr(granite, key) for key in GRANITE_MULTIPLIERS} == GRANITE_MULTIPLIERS
+    assert granite.attention_bias is True and granite.tie_word_embeddings is True
+    olmo = build_moe_config(AutoConfig.from_pretrained(families["olmo2"].base), num_experts=3, top_k=2)
+    assert (olmo.model_type, olmo.num_experts, olmo.norm_topk_prob) == ("flex_olmo", 3, True)
+    assert (olmo.pad_token_id, olmo.eos_token_id, olmo.intermediate_size) == (0, 2, 48)
+    with pytest.raises(ExpertMergeError, match="mlp_bias"):
+        from transformers import GraniteConfig
+
+        build_moe_config(GraniteConfig(**tiny_model_settings(mlp_bias=True)), num_experts=2)
+
+
+def test_mergekit_moe_refuses_a_family_only_fit_can_fuse_in_one_line(families, tmp_path, capsys):
+    import yaml
+
+    from expertmerge.cli import main
+
+    fam = families["granite"]
+    config = {
+        "base_model": str(fam.base),
+        "gate_mode": "random",
+        "experts": [{"source_model": str(folder)} for folder in fam.experts.values()],
+    }
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(config))
+    assert main(["moe", "--config", str(tmp_path / "moe.yaml"), "--out", str(tmp_path / "moe")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Traceback" not in error
+    assert "model_type 'granite' has no mergekit-moe output family" in error
+    assert "granitemoe" in error and "fit --model.moe true" in error
+    assert not (tmp_path / "moe").exists()
 
 
 def test_forced_routing_to_the_base_expert_reproduces_the_base(families, tmp_path):
@@ -311,7 +411,9 @@ def test_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
     save_model(perturbed(base, seed=1), tmp_path / "expert")
     pool = ExpertPool(str(tmp_path / "base"), {"expert": str(tmp_path / "expert")})
     with pytest.raises(
-        ExpertMergeError, match=r"'gpt2'.*llama, mistral -> mixtral; qwen2 -> qwen2_moe; qwen3 -> qwen3_moe"
+        ExpertMergeError,
+        match=r"'gpt2'.*llama, mistral -> mixtral; qwen2 -> qwen2_moe; qwen3 -> qwen3_moe; "
+        r"granite -> granitemoe; olmo2 -> flex_olmo\)",
     ):
         write_moe_checkpoint(
             pool, tmp_path / "moe", expert_shared_tensors(pool, BASE), router_random(1, 2, HIDDEN)

@@ -7,10 +7,22 @@ Which dense families map to which MoE format (the `transformers` classes they lo
 | `llama`, `mistral` | `mixtral` | `MixtralForCausalLM` | none |
 | `qwen2` | `qwen2_moe` | `Qwen2MoeForCausalLM` | one, always on (gated) |
 | `qwen3` | `qwen3_moe` | `Qwen3MoeForCausalLM` | none |
+| `granite` | `granitemoe` | `GraniteMoeForCausalLM` | none |
+| `olmo2` | `flex_olmo` | `FlexOlmoForCausalLM` | none |
 
-Layout the installed `transformers` (5.x) loads, per decoder layer `l` (`P = model.layers.{l}.mlp`):
+A pair is listed only where the MoE class's attention, norms, rotary embedding and residual path are the dense
+family's exactly, so that only the FFN changes. Granite's four multipliers (`embedding_multiplier`,
+`residual_multiplier`, `attention_multiplier`, `logits_scaling`) carry over to GraniteMoE unchanged. FlexOlmo is
+OLMo2's attention (q/k RMSNorms over all heads' width) and post-norm layers around an OLMoE router. Not listed:
+`phi3` -> PhiMoE (PhiMoE normalises with LayerNorm, mean-subtracting and biased, where Phi3 has RMSNorm; it routes
+with sparsemixer) and `olmo2` -> OLMoE (OLMoE is pre-norm with an `input_layernorm`; OLMo2 normalises each
+sub-layer's output).
 
-- `P.gate.weight` `[E, hidden]`: the router, logits `x @ W.T` on the output `x` of the post-attention norm;
+Layout the installed `transformers` (5.x) loads, per decoder layer `l` (`P = model.layers.{l}.mlp`; GraniteMoE:
+`P = model.layers.{l}.block_sparse_moe`, its router named `P.router.weight`):
+
+- `P.gate.weight` `[E, hidden]`: the router, logits `x @ W.T` on the input `x` of the layer's FFN (the output of
+  the post-attention norm; OLMo2 / FlexOlmo: the residual stream, which that family does not normalise first);
 - `P.experts.gate_up_proj` `[E, 2 * I, hidden]`: expert `e`'s dense `gate_proj.weight` stacked over its `up_proj.weight`
   (the forward splits `x @ gate_up_proj[e].T` into gate then up with `chunk(2)`);
 - `P.experts.down_proj` `[E, hidden, I]`: expert `e`'s dense `down_proj.weight`;
@@ -22,7 +34,8 @@ Every other tensor (embeddings, attention, norms, head) keeps the dense name.
 Routing semantics and the settings that make an MoE reproduce one dense expert exactly:
 
 - Mixtral: `softmax` over all router logits (fp32), top-k, then the top-k weights are always renormalised to
-  sum to 1. Qwen2-MoE / Qwen3-MoE renormalise only when `norm_topk_prob` is true; we always write
+  sum to 1; GraniteMoE takes the top-k logits first and softmaxes those (the same weights). Qwen2-MoE /
+  Qwen3-MoE / FlexOlmo renormalise only when `norm_topk_prob` is true; we always write
   `norm_topk_prob: true`, because each routed expert is a whole dense FFN and the routed output must stay a convex
   combination of FFNs (with `false`, top-2 of 3 experts would shrink the FFN output by the left-out probability).
 - "Forced" routing to expert k: when expert k's logit exceeds every other by more than ~104, the others' fp32
@@ -88,22 +101,34 @@ class MoeFormat:
     architecture: str
     source_types: tuple[str, ...]
     shared_expert: bool  # an always-on shared expert next to the routed ones (Qwen2-MoE)
+    # The decoder layer's attribute holding the MoE block (the dense layer's `mlp`), and the block's router.
+    block: str = "mlp"
+    router: str = "gate"
 
 
 MIXTRAL = MoeFormat("mixtral", "MixtralForCausalLM", ("llama", "mistral"), shared_expert=False)
 QWEN2_MOE = MoeFormat("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2",), shared_expert=True)
 QWEN3_MOE = MoeFormat("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), shared_expert=False)
+GRANITE_MOE = MoeFormat(
+    "granitemoe",
+    "GraniteMoeForCausalLM",
+    ("granite",),
+    shared_expert=False,
+    block="block_sparse_moe",
+    router="router",
+)
+FLEX_OLMO = MoeFormat("flex_olmo", "FlexOlmoForCausalLM", ("olmo2",), shared_expert=False)
 MOE_FORMATS: dict[str, MoeFormat] = {
-    source: fmt for fmt in (MIXTRAL, QWEN2_MOE, QWEN3_MOE) for source in fmt.source_types
+    source: fmt
+    for fmt in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, GRANITE_MOE, FLEX_OLMO)
+    for source in fmt.source_types
 }
 
 
-def supported_families() -> str:
-    """`"llama, mistral -> mixtral; qwen2 -> qwen2_moe; qwen3 -> qwen3_moe"`, for error messages and help."""
-    by_format: dict[str, list[str]] = {}
-    for source, fmt in MOE_FORMATS.items():
-        by_format.setdefault(fmt.name, []).append(source)
-    return "; ".join(f"{', '.join(sources)} -> {name}" for name, sources in by_format.items())
+def supported_families(formats: Sequence[MoeFormat] | None = None) -> str:
+    """`"llama, mistral -> mixtral; qwen2 -> qwen2_moe; ..."` for `formats` (default: all), for messages and help."""
+    chosen = list(dict.fromkeys(MOE_FORMATS.values())) if formats is None else formats
+    return "; ".join(f"{', '.join(fmt.source_types)} -> {fmt.name}" for fmt in chosen)
 
 
 def no_moe_format(model_type: str | None) -> str:
@@ -158,7 +183,13 @@ def build_moe_config(
     if dense.get("head_dim") is not None:
         settings["head_dim"] = dense["head_dim"]
     settings.update(intermediate_size=dense["intermediate_size"], num_experts_per_tok=top_k)
-    build = {MIXTRAL: _mixtral_config, QWEN2_MOE: _qwen2_moe_config, QWEN3_MOE: _qwen3_moe_config}[fmt]
+    build = {
+        MIXTRAL: _mixtral_config,
+        QWEN2_MOE: _qwen2_moe_config,
+        QWEN3_MOE: _qwen3_moe_config,
+        GRANITE_MOE: _granite_moe_config,
+        FLEX_OLMO: _flex_olmo_config,
+    }[fmt]
     config = build(dense, settings, num_experts, shared_expert_size)
     config.architectures = [fmt.architecture]
     return config
@@ -234,6 +265,42 @@ def _qwen3_moe_config(
     )
 
 
+def _granite_moe_config(
+    dense: dict[str, Any], settings: dict[str, Any], num_experts: int, shared_expert_size: int | None
+) -> Any:
+    from transformers import GraniteMoeConfig
+
+    if dense.get("mlp_bias"):
+        raise ExpertMergeError(
+            "The dense granite model has mlp_bias=true; GraniteMoE experts have no biases, so this model cannot "
+            "become a GraniteMoE."
+        )
+    # The multipliers scale the embeddings, each residual branch, the attention scores and the logits exactly as
+    # in the dense Granite; without them the MoE would compute another function.
+    multipliers = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    return GraniteMoeConfig(
+        **settings,
+        **{key: dense[key] for key in multipliers},
+        attention_bias=bool(dense.get("attention_bias", False)),
+        num_local_experts=num_experts,
+        output_router_logits=False,
+    )
+
+
+def _flex_olmo_config(
+    dense: dict[str, Any], settings: dict[str, Any], num_experts: int, shared_expert_size: int | None
+) -> Any:
+    from transformers import FlexOlmoConfig
+
+    return FlexOlmoConfig(
+        **settings,
+        attention_bias=bool(dense.get("attention_bias", False)),
+        num_experts=num_experts,
+        norm_topk_prob=True,
+        output_router_logits=False,
+    )
+
+
 # ------------------------------------------------------------------------------------------------- names
 @dataclass
 class DenseLayout:
@@ -298,18 +365,20 @@ class MoeLayerNames:
 
 
 def moe_layer_names(fmt: MoeFormat, mlp_prefix: str) -> MoeLayerNames:
-    """Names of one layer's MoE tensors, e.g. `model.layers.3.mlp.experts.gate_up_proj`."""
+    """Names of one layer's MoE tensors from its dense FFN's prefix (`model.layers.3.mlp`), e.g.
+    `model.layers.3.mlp.experts.gate_up_proj` (GraniteMoE: `model.layers.3.block_sparse_moe.experts.gate_up_proj`)."""
+    block = f"{mlp_prefix.rsplit('.', 1)[0]}.{fmt.block}"
     names = {
-        "router": f"{mlp_prefix}.gate.weight",
-        "gate_up": f"{mlp_prefix}.experts.gate_up_proj",
-        "down": f"{mlp_prefix}.experts.down_proj",
+        "router": f"{block}.{fmt.router}.weight",
+        "gate_up": f"{block}.experts.gate_up_proj",
+        "down": f"{block}.experts.down_proj",
     }
     if fmt.shared_expert:
         names.update(
-            shared_gate=f"{mlp_prefix}.shared_expert.gate_proj.weight",
-            shared_up=f"{mlp_prefix}.shared_expert.up_proj.weight",
-            shared_down=f"{mlp_prefix}.shared_expert.down_proj.weight",
-            shared_expert_gate=f"{mlp_prefix}.shared_expert_gate.weight",
+            shared_gate=f"{block}.shared_expert.gate_proj.weight",
+            shared_up=f"{block}.shared_expert.up_proj.weight",
+            shared_down=f"{block}.shared_expert.down_proj.weight",
+            shared_expert_gate=f"{block}.shared_expert_gate.weight",
         )
     return MoeLayerNames(**names)
 

@@ -317,6 +317,15 @@ def select_format(
     unknown = sorted({str(t) for t in model_types if t not in MOE_FORMATS})
     if unknown:
         raise ExpertMergeError(f"{source}: {no_moe_format(', '.join(unknown))}")
+    # Families with a fused MoE format that no mergekit output family takes (granite, olmo2): mergekit refuses them.
+    ours = sorted({str(t) for t in model_types if MOE_FORMATS[t] not in _FORMATS.values()})
+    if ours:
+        formats = ", ".join(sorted({MOE_FORMATS[t].name for t in ours}))
+        taken = ", ".join(dict.fromkeys(t for fmt in _FORMATS.values() for t in fmt.source_types))
+        raise ExpertMergeError(
+            f"{source}: model_type '{', '.join(ours)}' has no mergekit-moe output family (mergekit-moe takes "
+            f"{taken} models); its fused MoE ({formats}) is written by `fit --model.moe true` or `export --moe`."
+        )
     reasons = {key: _supports(key, config, model_types) for _, key in named}
     candidates = [key for key, reason in reasons.items() if reason is None]
     if not candidates:

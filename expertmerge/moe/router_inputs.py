@@ -1,7 +1,9 @@
 """What the fused MoE's routers see, measured on calibration data, and the initial router rows made from it.
 
-A router of layer l reads the output of layer l's `post_attention_layernorm`. `router_input_statistics` is the one
-place that collects it: forward hooks on those norms, one pass over each group's batches (a group is a task, or
+A router of layer l reads the input of layer l's FFN block (`layers.l.mlp`, GraniteMoE's `block_sparse_moe`): the
+output of the post-attention norm in most families, the residual stream itself in OLMo2 / FlexOlmo (post-norm
+layers). `router_input_statistics` is the one place that collects it: forward pre-hooks on those blocks, one pass
+over each group's batches (a group is a task, or
 all tasks of one expert), padding excluded, sums kept in fp64. `initial_router_rows` turns a method name
 (`hidden`, `cheap_embed`, `random`) and per-expert calibration batches into `[layers, experts, hidden]` rows
 with the pure maths of `expertmerge.moe.router`.
@@ -32,7 +34,7 @@ GroupForward = Callable[[Any, torch.Tensor, torch.Tensor], object]
 
 FULL_COVARIANCE_MAX_HIDDEN = 2048  # above this, a [layers, hidden, hidden] fp64 scatter costs gigabytes
 
-_POST_ATTENTION_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
+_FFN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)$")
 
 
 def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -84,18 +86,19 @@ def mean_token_embeddings(
 
 
 def router_input_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Each decoder layer's post-attention norm (whose output is what the layer's router sees), in layer order."""
+    """Each decoder layer's FFN block, dense or MoE (whose input is what the layer's router sees), in layer order."""
     found: dict[int, torch.nn.Module] = {}
     for name, module in model.named_modules():
-        match = _POST_ATTENTION_NORM.search(name)
+        match = _FFN_BLOCK.search(name)
         if match:
             found[int(match.group(1))] = module
     if not found:
         raise ExpertMergeError(
-            f"{type(model).__name__} has no 'layers.N.post_attention_layernorm' modules; cannot collect router inputs."
+            f"{type(model).__name__} has no 'layers.N.mlp' (or 'layers.N.block_sparse_moe') modules; cannot collect "
+            "router inputs."
         )
     if sorted(found) != list(range(len(found))):
-        raise ExpertMergeError(f"post_attention_layernorm layers are not numbered 0..N-1: {sorted(found)}.")
+        raise ExpertMergeError(f"FFN blocks are not numbered 0..N-1: {sorted(found)}.")
     return [found[layer] for layer in range(len(found))]
 
 
@@ -135,13 +138,13 @@ def router_input_statistics(
 ) -> RouterInputs:
     """Per group, the sums of what every layer's router sees over the group's non-padding tokens.
 
-    Hooks every `post_attention_layernorm` of `model` (a `transformers` causal LM, dense or MoE) and runs each
+    Hooks the input of every FFN block of `model` (a `transformers` causal LM, dense or MoE) and runs each
     group's batches through `forward(group, input_ids, attention_mask)` (default: `model` itself), in eval mode.
     `forward` may run `model`'s modules with other weights (e.g. `torch.func.functional_call` with a learned
     merge and one expert's FFN): the hooks sit on the modules, so they see that run. Tokens with
     `attention_mask == 0` count nowhere (their states may even be NaN, e.g. rows that are all padding).
     """
-    norms = router_input_modules(model)
+    blocks = router_input_modules(model)
     if not batches_per_group:
         raise ExpertMergeError("batches_per_group is empty.")
     device = next(model.parameters()).device
@@ -150,15 +153,18 @@ def router_input_statistics(
         def forward(group: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
-    captured: list[torch.Tensor | None] = [None] * len(norms)
+    captured: list[torch.Tensor | None] = [None] * len(blocks)
 
     def hook_for(layer: int):
-        def hook(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[layer] = (args[0] if args else next(iter(kwargs.values()))).detach()
 
         return hook
 
-    handles = [norm.register_forward_hook(hook_for(layer)) for layer, norm in enumerate(norms)]
+    handles = [
+        block.register_forward_pre_hook(hook_for(layer), with_kwargs=True)
+        for layer, block in enumerate(blocks)
+    ]
     was_training = model.training
     model.eval()
     sums, products, counts = [], [], []
@@ -171,11 +177,11 @@ def router_input_statistics(
                 keep = token_mask(input_ids, attention_mask).to(device)
                 if not keep.any():
                     continue
-                captured[:] = [None] * len(norms)
+                captured[:] = [None] * len(blocks)
                 forward(group, input_ids.to(device), keep.long())
                 missing = [layer for layer, state in enumerate(captured) if state is None]
                 if missing:
-                    raise ExpertMergeError(f"Layer {missing[0]}'s post_attention_layernorm did not run.")
+                    raise ExpertMergeError(f"Layer {missing[0]}'s FFN block did not run.")
                 states = torch.stack([state[keep] for state in captured]).double()  # [layers, tokens, hidden]
                 total = states.sum(1) if total is None else total + states.sum(1)
                 if covariance:

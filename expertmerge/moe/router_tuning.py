@@ -24,13 +24,15 @@ from expertmerge.losses import kl_to_teacher, logit_kl_loss
 if TYPE_CHECKING:
     from expertmerge.teachers import TeacherTargets
 
-GATE_PATTERN = re.compile(r"\.mlp\.gate\.weight$")  # the router of Mixtral / Qwen2-MoE / Qwen3-MoE layers
+# The router of Mixtral / Qwen2-MoE / Qwen3-MoE / FlexOlmo layers, and of GraniteMoE's.
+GATE_PATTERN = re.compile(r"\.(?:mlp\.gate|block_sparse_moe\.router)\.weight$")
 
 TaskBatch = Mapping[str, Any]  # input_ids, attention_mask, task_index, sample_index (calib_data's collate)
 
 
 def gate_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The router matrices of `model` by name (`*.mlp.gate.weight`); the Qwen2-MoE shared-expert gate is not one."""
+    """The router matrices of `model` by name (`*.mlp.gate.weight`, GraniteMoE: `*.block_sparse_moe.router.weight`);
+    the Qwen2-MoE shared-expert gate is not one."""
     gates = {name: p for name, p in model.named_parameters() if GATE_PATTERN.search(name)}
     if not gates:
         raise ExpertMergeError(f"{type(model).__name__} has no '*.mlp.gate.weight' router parameters.")
