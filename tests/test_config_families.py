@@ -181,6 +181,7 @@ def test_mergekit_moe_of_a_family_without_a_format_is_one_line_naming_what_works
     family, family_models, tmp_path, capsys
 ):
     folders = family_models(family)
+    capsys.readouterr()  # the models' building (progress bars when built by this test) is not the command's output
     config = {
         "base_model": str(folders["base"]),
         "gate_mode": "random",
