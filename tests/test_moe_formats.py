@@ -183,6 +183,20 @@ def test_moe_export_loads_with_no_missing_or_unexpected_keys_and_generates(famil
     generated = model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 7)
 
+    # The file holds what save_pretrained writes for this family (one tensor per routed expert, the family's
+    # checkpoint names), value for value.
+    from safetensors.torch import load_file
+
+    model.save_pretrained(tmp_path / "saved")
+    ours = {}
+    for shard in sorted((tmp_path / "moe").glob("*.safetensors")):
+        ours.update(load_file(shard))
+    theirs = load_file(tmp_path / "saved" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert not any(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in ours)
+    for name, value in theirs.items():
+        assert torch.equal(ours[name].to(value.dtype), value), name
+
     card = (tmp_path / "moe" / "README.md").read_text()
     assert '"router_method": "hidden"' in card and '"top_k": 2' in card
     assert (tmp_path / "moe" / "tokenizer.json").is_file() and (

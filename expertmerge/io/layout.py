@@ -213,3 +213,49 @@ def _conversions(model: torch.nn.Module) -> tuple[list[Any], Any] | None:
 def _few(names: Sequence[str], count: int = 3) -> str:
     shown = ", ".join(f"'{n}'" for n in list(names)[:count])
     return shown + (f" (+{len(names) - count} more)" if len(names) > count else "")
+
+
+def saved_layout(model: torch.nn.Module, planned: Sequence[Any]) -> list[Any]:
+    """Planned output tensors named as `model`'s parameters, renamed and split as `save_pretrained` writes them
+    (an MoE's fused 3-D experts back into one tensor per expert, under the family's checkpoint names), so the
+    output reads like any checkpoint of the family (older transformers, serving engines).
+
+    `planned`: `io.writer.PlannedTensor`s. A fused tensor is built once, when its first piece is written, and
+    its pieces follow it in the file; every other tensor keeps its producer.
+    """
+    from expertmerge.io.writer import PlannedTensor
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 neither fuses nor converts
+        return list(planned)
+    out = []
+    for tensor in planned:
+        meta = {tensor.name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")}
+        names = {name: tuple(value.shape) for name, value in revert_weight_conversion(model, meta).items()}
+        if list(names) == [tensor.name]:
+            out.append(tensor)
+            continue
+        pieces: dict[str, torch.Tensor] = {}
+
+        def piece(name: str, tensor: Any = tensor, pieces: dict[str, torch.Tensor] = pieces) -> torch.Tensor:
+            if (
+                not pieces
+            ):  # the fused tensor's first piece: build it, split it, hand the pieces out one by one
+                value = _materialise(tensor)
+                pieces.update(revert_weight_conversion(model, {tensor.name: value}))
+            return pieces.pop(name).contiguous()
+
+        out += [
+            PlannedTensor(name, shape, tensor.dtype, lambda n=name, p=piece: p(n))
+            for name, shape in names.items()
+        ]
+    return out
+
+
+def _materialise(tensor: Any) -> torch.Tensor:
+    """A planned tensor's value: what its producer returns, or its streamed pieces joined in file order."""
+    value = tensor.produce()
+    if not isinstance(value, torch.Tensor):
+        value = torch.cat([piece.reshape(-1) for piece in value])
+    return value.reshape(tensor.shape).to(tensor.dtype)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from expertmerge.io.layout import meta_model, saved_layout
 from expertmerge.io.reader import natural_key
 from expertmerge.io.support import copy_support_files
 from expertmerge.io.writer import PlannedTensor, WrittenWeights, write_safetensors
@@ -70,8 +71,12 @@ class MoePlan:
         return found if found.unexpected or found.lacking or found.wrong else None
 
     def write(self, folder: Path, max_shard: int, support_dir: Path, **callbacks: Any) -> WrittenWeights:
-        """Weights, config and the support files (tokenizer, ...) of `support_dir` into `folder`."""
-        written = write_safetensors(folder, self.tensors, max_shard, **callbacks)
+        """Weights, config and the support files (tokenizer, ...) of `support_dir` into `folder`. The weights
+        are written as `save_pretrained` writes this family: one tensor per routed expert under the family's
+        checkpoint names (the fused 3-D tensors of the plan are split as they are written)."""
+        stored = saved_layout(meta_model(self.config), self.tensors)
+        written = write_safetensors(folder, stored, max_shard, **callbacks)
+        self.config.dtype = self.dtype  # what the weights are: transformers loads converted tensors in it
         self.config.save_pretrained(folder)
         copy_support_files(support_dir, folder)
         return written
