@@ -18,7 +18,8 @@ OLMo2's attention (q/k RMSNorms over all heads' width) and post-norm layers arou
 with sparsemixer) and `olmo2` -> OLMoE (OLMoE is pre-norm with an `input_layernorm`; OLMo2 normalises each
 sub-layer's output).
 
-Layout the installed `transformers` (5.x) loads, per decoder layer `l` (`P = model.layers.{l}.mlp`; GraniteMoE:
+Layout of the model the installed `transformers` (5.x) builds (the files hold what its `save_pretrained` writes:
+one tensor per routed expert, see `moe/plan.py`), per decoder layer `l` (`P = model.layers.{l}.mlp`; GraniteMoE:
 `P = model.layers.{l}.block_sparse_moe`, its router named `P.router.weight`):
 
 - `P.gate.weight` `[E, hidden]`: the router, logits `x @ W.T` on the input `x` of the layer's FFN (the output of

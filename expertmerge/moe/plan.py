@@ -5,7 +5,9 @@ their own names; per layer the router `[E, hidden]`, the routed experts' `gate_u
 (expert by expert: its gate, then its up) and `down_proj` `[E, hidden, I]`; for Qwen2-MoE the shared expert and its
 gate. Names, shapes, dtypes and the stacking live here; where the values come from (a learned merge or a donor
 model, scaled or noised FFNs, routers known now or computed later) is the caller's, given as `MoeSources`. Every
-value is computed when the writer reaches its tensor, so memory stays near one FFN matrix.
+value is computed when the writer reaches its tensor. The file holds what `save_pretrained` writes for the family
+(`MoePlan.write` through `io/layout.saved_layout`): each layer's fused experts are built when their first expert's
+tensor is written and split into one tensor per routed expert, so memory stays near one layer's experts.
 """
 
 from __future__ import annotations
