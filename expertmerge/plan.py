@@ -38,7 +38,7 @@ from torch import nn
 
 from expertmerge.errors import ExpertMergeError
 from expertmerge.io.layout import meta_model
-from expertmerge.io.model_config import layer_count, routed_expert_count, text_config, vocab_size
+from expertmerge.io.model_config import ffn_width, layer_count, routed_expert_count, text_config, vocab_size
 from expertmerge.losses import aligned_hidden_layers
 
 STRATEGIES = ("resident", "streamed", "fsdp")
@@ -89,7 +89,7 @@ def activation_bytes(config: Any, batch_size: int, seq_len: int) -> int:
     # Standard attribute names: each family's config class maps its own keys (GPT-2's n_embd) to them.
     config = text_config(config)
     hidden = int(config.hidden_size)
-    inter = int(getattr(config, "intermediate_size", 4 * hidden))
+    inter = ffn_width(config, hidden)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)

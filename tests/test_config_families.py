@@ -8,59 +8,30 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import families
 import pytest
 import torch
 import yaml
-from conftest import TINY_VOCAB, perturbed, tiny_tokenizer
 from safetensors.torch import load_file
 
 from expertmerge import methods
 from expertmerge.cli import main
 from expertmerge.merge import run_merge
 
-# Tiny configs (hidden 32, 2 layers, 4 heads, vocab 64) under each family's own key names.
-FAMILIES = {
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
-    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
-    "gpt_neox": dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-}
+FAMILIES = ("gpt2", "bloom", "gpt_bigcode", "gptj", "gpt_neox")  # the tiny models of tests/families.py
 WEIGHTS, DENSITY = (0.7, 0.3), 0.5
 
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory) -> Callable[[str], dict[str, Path]]:
     """`family -> {"base", "e1", "e2": folder}`: a random base and two experts with small seeded deltas."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("families")
     built: dict[str, dict[str, Path]] = {}
 
     def build(family: str) -> dict[str, Path]:
         if family not in built:
-            config = AutoConfig.for_model(
-                family,
-                vocab_size=TINY_VOCAB,
-                bos_token_id=1,
-                eos_token_id=2,
-                pad_token_id=0,
-                **FAMILIES[family],
-            )
-            torch.manual_seed(0)
-            base = AutoModelForCausalLM.from_config(config).eval()
-            models = {"base": base, "e1": perturbed(base, seed=1), "e2": perturbed(base, seed=2)}
-            built[family] = {}
-            for name, model in models.items():
-                model.save_pretrained(root / family / name)
-                tiny_tokenizer().save_pretrained(root / family / name)
-                built[family][name] = root / family / name
+            models = families.build(family, root / family)
+            built[family] = {"base": models.base, **models.experts}
         return built[family]
 
     return build
@@ -171,8 +142,9 @@ def test_plan_reads_a_gpt2_configs_sizes(family_models, tmp_path):
         "hidden": 32,
     }
     assert inputs.hidden_layers == 1  # mu > 0 aligns the middle layer (2 // 2) of the 2
-    # 4 h + 2 A + 2 KV + 4 I + heads + 2 per token and layer, h = A = KV = 32, I = 4 h (GPT-2's default)
-    per_layer = 4 * 32 + 2 * 32 + 2 * 32 + 4 * 128 + 4 + 2
+    # 4 h + 2 A + 2 KV + 4 I + heads + 2 per token and layer: h = A = 32, KV = 2 key/value heads of 8 = 16 (the
+    # tiny config's num_key_value_heads), I = n_inner = 64
+    per_layer = 4 * 32 + 2 * 32 + 2 * 16 + 4 * 64 + 4 + 2
     assert activation_bytes(inputs.config, 1, 10) == 4 * 10 * 2 * per_layer
 
 

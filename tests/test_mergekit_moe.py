@@ -342,7 +342,11 @@ def test_router_fitted_and_tuned_on_calibration_data_beats_mergekit_gates_on_hel
     # Only the routers differ from the plain config's output.
     ours, plain = load_file(str(out / "model.safetensors")), load_file(str(clowncar / "model.safetensors"))
     assert set(ours) == set(plain)
-    assert all(torch.equal(ours[n], plain[n]) for n in plain if not n.endswith(("block_sparse_moe.gate.weight", ".mlp.gate.weight")))
+    assert all(
+        torch.equal(ours[n], plain[n])
+        for n in plain
+        if not n.endswith(("block_sparse_moe.gate.weight", ".mlp.gate.weight"))
+    )
 
 
 def test_router_key_mistakes_name_the_key() -> None:

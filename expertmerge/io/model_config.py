@@ -56,3 +56,14 @@ def routed_expert_count(config: Any) -> int | None:
         if isinstance(value, int) and value > 1:
             return value
     return None
+
+
+def ffn_width(config: Any, hidden: int) -> int:
+    """The decoder's feed-forward width: `intermediate_size`, GPT-2's `n_inner` or OPT's `ffn_dim` where set,
+    else the 4 x hidden those families default to."""
+    text = text_config(config)
+    for key in ("intermediate_size", "n_inner", "ffn_dim"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4 * hidden
