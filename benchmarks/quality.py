@@ -427,6 +427,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--lambdas", type=float, nargs="+", default=[0.5, 1.5, 2.0, 3.0],
         help="lambdas the oracle rows try besides the default 1 (task vector scale)",
     )  # fmt: skip
+    parser.add_argument(
+        "--oracle-for", nargs="+", choices=TRAINING_FREE[1:], default=list(TRAINING_FREE[1:]),
+        help="the merges that get an oracle row (each costs a merge and a scoring per lambda)",
+    )  # fmt: skip
     parser.add_argument("--regmean-alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
     parser.add_argument(
         "--rows", nargs="+", choices=MERGE_ROWS, help="only these rows (base, experts always)"
@@ -490,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted:
             models[name] = work / re.sub(r"\W+", "-", name.lower())
             timings[name] = run_training_free(configs[name], models[name])
-        if "oracle" in wanted and name != "average":
+        if "oracle" in wanted and name in options.oracle_for:
             sweeps[name] = []
             for value in options.lambdas:
                 key = f"{name} (lambda {value:g})"
