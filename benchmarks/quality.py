@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --zoo smollm2        # zoo A: upper-layer experts (math / Python / French)
     python benchmarks/quality.py --zoo smollm2_full   # zoo B: full fine-tunes (German math / C / Python docs)
+    python benchmarks/quality.py --zoo gemma3_full    # zoo G: zoo B's recipe on Gemma3-270M
     python benchmarks/quality.py --zoo tiny           # a quick look on the tiny zoo
 
 Rows, all scored on the same held-out texts: the base; every expert; the training-free merges (average,
@@ -60,6 +61,7 @@ FIT_CONFIGS = {
     "smollm2": REPO / "configs" / "demo.yaml",
     "tiny": REPO / "configs" / "fit_tiny.yaml",
     "smollm2_full": REPO / "configs" / "demo.yaml",  # the demo's settings, models and data swapped in
+    "gemma3_full": REPO / "configs" / "quality_gemma3.yaml",  # the same, teacher targets top-k written out
 }
 MIXTURE_ZOOS = {"smollm2": "smollm2_mixture", "smollm2_full": "smollm2_full_mixture"}
 TRAINING_FREE = ("average", "task arithmetic", "TIES", "DARE-TIES")
@@ -74,14 +76,15 @@ MERGE_ROWS = (
     "sequence MoE",
 )
 timings: dict[str, float] = {}
+refusals: dict[str, str] = {}  # row -> why the library refused to make it (the table shows the reason)
 
 
 def register_extra_zoos() -> None:
-    """Zoo B and the mixture zoos, for checkouts installed before their entry points existed."""
-    from expertmerge_zoos import mixture, smollm2_full
+    """Zoos B and G and the mixture zoos, for checkouts installed before their entry points existed."""
+    from expertmerge_zoos import gemma3_full, mixture, smollm2_full
 
     known = set(zoo_names())
-    extra = {"smollm2_full": smollm2_full.ZOO, **mixture.ZOOS}
+    extra = {"smollm2_full": smollm2_full.ZOO, "gemma3_full": gemma3_full.ZOO, **mixture.ZOOS}
     for name, builder in extra.items():
         if name not in known:
             register_zoo(name, builder)
@@ -201,6 +204,21 @@ def expert_merging(config: Path, work: Path, row: str, extra: list[str]) -> Path
     if result.returncode != 0:
         raise SystemExit(f"fit failed ({result.returncode}); see {log}:\n{log.read_text()[-3000:]}")
     return work / "fused-moe" if row == "fused MoE" else out
+
+
+def fused_moe_refusal(base: Path) -> str | None:
+    """The library's one-line refusal when the base's family has no fused MoE format (gemma3: none), else
+    None; checked here so the row says why it is missing instead of failing the run after minutes of fit."""
+    from transformers import AutoConfig
+
+    from expertmerge.errors import ExpertMergeError
+    from expertmerge.moe import moe_format_for
+
+    try:
+        moe_format_for(getattr(AutoConfig.from_pretrained(base), "model_type", None))
+    except ExpertMergeError as error:
+        return str(error)
+    return None
 
 
 def regmean(config_path: Path, work: Path, alpha: float) -> Path:
@@ -409,6 +427,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--lambdas", type=float, nargs="+", default=[0.5, 1.5, 2.0, 3.0],
         help="lambdas the oracle rows try besides the default 1 (task vector scale)",
     )  # fmt: skip
+    parser.add_argument(
+        "--oracle-for", nargs="+", choices=TRAINING_FREE[1:], default=list(TRAINING_FREE[1:]),
+        help="the merges that get an oracle row (each costs a merge and a scoring per lambda)",
+    )  # fmt: skip
     parser.add_argument("--regmean-alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
     parser.add_argument(
         "--rows", nargs="+", choices=MERGE_ROWS, help="only these rows (base, experts always)"
@@ -472,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in wanted:
             models[name] = work / re.sub(r"\W+", "-", name.lower())
             timings[name] = run_training_free(configs[name], models[name])
-        if "oracle" in wanted and name != "average":
+        if "oracle" in wanted and name in options.oracle_for:
             sweeps[name] = []
             for value in options.lambdas:
                 key = f"{name} (lambda {value:g})"
@@ -496,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         built = read_manifest(mixture_folder) or {}
         timings["mixture training"] = built.get("build_seconds", time.perf_counter() - mixture_started)
     for row in ("Expert Merging", "Expert Merging++", "fused MoE"):
+        if row == "fused MoE" and row in wanted and getattr(options, row) is None:
+            refused = fused_moe_refusal(folder / manifest["base"])
+            if refused:
+                refusals[row] = refused
+                continue
         if row in wanted:
             given = getattr(options, row)
             models[row] = (
@@ -596,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{v:g}' for v in options.lambdas)}; RegMean alpha {options.regmean_alpha}; "
         f"Expert Merging: {config}" + (f" {' '.join(options.fit_overrides)}" if options.fit_overrides else "")
     )
+    for row, reason in refusals.items():
+        console.print(f"{row}: not made: {reason}")
     if routed:
         console.print(
             "sequence MoE routing (prefix): "
@@ -608,7 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     if options.json:
         options.json.write_text(
             json.dumps(
-                {"zoo": options.zoo, "results": results, "timings": timings, "routing": routed}, indent=1
+                {
+                    "zoo": options.zoo,
+                    "results": results,
+                    "timings": timings,
+                    "routing": routed,
+                    "refused": refusals,
+                },
+                indent=1,
             )
             + "\n"
         )

