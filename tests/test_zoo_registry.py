@@ -88,6 +88,7 @@ def test_the_demo_zoos_are_discovered_through_the_declared_entry_points() -> Non
         'smollm2_full = "expertmerge_zoos.smollm2_full:ZOO"',
         'smollm2_mixture = "expertmerge_zoos.mixture:SMOLLM2_MIXTURE"',
         'smollm2_full_mixture = "expertmerge_zoos.mixture:SMOLLM2_FULL_MIXTURE"',
+        'skills = "expertmerge_zoos.skills:ZOO"',
     ]
     # Installed metadata lags pyproject.toml until `pip install -e .` runs again.
     assert {"tiny", "smollm2"} <= set(zoo_names()), "stale install: run `pip install -e .`"
