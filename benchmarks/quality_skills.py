@@ -131,10 +131,12 @@ def correct_per_prompt(
     return correct, answers, seconds
 
 
-def general_sequences(
-    base: Any, tokenizer: Any, records: list[dict[str, Any]]
-) -> list[tuple[list[int], int]]:
-    """The base's greedy answers to the general prompts: (prompt + answer token ids, prompt length) each."""
+def written_answers(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 8
+) -> tuple[list[tuple[list[int], int]], float]:
+    """`model`'s answers to the chat-rendered prompts as the fit's `answers: expert` writes them
+    (`expertmerge.answers.generate_answers`): (prompt + answer token ids, prompt length) each, and the seconds
+    the writing took."""
     from expertmerge.answers import AnswerSettings, generate_answers
 
     prompts = [
@@ -145,11 +147,13 @@ def general_sequences(
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+    started = time.perf_counter()
     written = generate_answers(
-        base, ids, mask, AnswerSettings(max_new_tokens=GENERAL_TOKENS), ends=[int(tokenizer.eos_token_id)],
-        pad_id=int(tokenizer.pad_token_id), decode=tokenizer.decode,
+        model, ids, mask, AnswerSettings(max_new_tokens=max_new_tokens), ends=[int(tokenizer.eos_token_id)],
+        pad_id=int(tokenizer.pad_token_id), decode=tokenizer.decode, batch_size=batch_size,
     )  # fmt: skip
-    return [(p + a, len(p)) for p, a in zip(prompts, written.tokens, strict=True)]
+    seconds = time.perf_counter() - started
+    return [(p + a, len(p)) for p, a in zip(prompts, written.tokens, strict=True)], seconds
 
 
 @torch.no_grad()
@@ -232,7 +236,7 @@ def run(options: argparse.Namespace) -> int:
     kl: dict[str, float] = {}
     generation_seconds: dict[str, float] = {}
     base = load(folder / "base")
-    sequences = general_sequences(base, tokenizer, data[GENERAL])
+    sequences, _ = written_answers(base, tokenizer, data[GENERAL], GENERAL_TOKENS)
     base_lp = answer_log_probs(base, sequences)
     results["base"], _, generation_seconds["base"] = correct_per_prompt(
         base, tokenizer, skills_info, data, skills, max_new, batch
@@ -246,13 +250,17 @@ def run(options: argparse.Namespace) -> int:
     per_expert_seconds = {}
     for skill in skills:
         expert = load(folder / "experts" / skill)
-        correct, _, spent = correct_per_prompt(expert, tokenizer, skills_info, data, [skill], max_new, batch)
+        correct, _, generation_seconds[f"expert {skill}"] = correct_per_prompt(
+            expert, tokenizer, skills_info, data, [skill], max_new, batch
+        )
         results["experts"][skill] = correct[skill]
-        per_expert_seconds[skill] = spent
+        calib = read_jsonl(folder / skills_info[skill]["calib"])
+        _, writing = written_answers(expert, tokenizer, calib, max_new)
+        per_expert_seconds[skill] = 100 * writing / len(calib)
         del expert
     console.print(
-        "expert generation, seconds per 100 prompts: "
-        + ", ".join(f"{s} {100 * t / len(data[s]):.1f}" for s, t in per_expert_seconds.items())
+        f"answer writing (`answers: expert`, batches of 8, at most {max_new} tokens), seconds per 100 "
+        "calibration prompts: " + ", ".join(f"{s} {t:.1f}" for s, t in per_expert_seconds.items())
     )
 
     def score(row: str, path: Path) -> None:
@@ -262,13 +270,26 @@ def run(options: argparse.Namespace) -> int:
         )
         kl[row] = mean_kl(base_lp, answer_log_probs(model, sequences))
         del model
+        partial = {"per_prompt": results, "general_kl": kl, "seconds": seconds}
+        (work / "partial.json").write_text(json.dumps(partial, indent=1) + "\n")
         console.print(f"  {row}: " + ", ".join(f"{s} {sum(v) / len(v):.2f}" for s, v in results[row].items()))
 
     configs = merge_configs(folder, skills, options)
+    # The rows the comparison needs first (a run cut short still has them: partial.json after every row).
     if "task arithmetic" in wanted or "oracle" in wanted:
         path = work / "task-arithmetic"
         seconds["task arithmetic"] = run_training_free(configs["task arithmetic"], path)
         score("task arithmetic", path)
+    if "TIES" in wanted:
+        path = work / "ties"
+        seconds["TIES"] = run_training_free(configs["TIES"], path)
+        score("TIES", path)
+    for row, answers in (("EM with answers", True), ("EM prompts only", False)):
+        if row in wanted:
+            slug = "em-answers" if answers else "em-prompts"
+            config = plain_config(folder, work, slug, answers=answers)
+            path, seconds[row] = run_fit(config, work, slug, options.fit_overrides)
+            score(row, path)
     if "oracle" in wanted:
         sweep = {1.0: "task arithmetic"}
         total = seconds["task arithmetic"] or 0.0
@@ -294,10 +315,6 @@ def run(options: argparse.Namespace) -> int:
         for key in sweep.values():
             if key != "task arithmetic":
                 results.pop(key)
-    if "TIES" in wanted:
-        path = work / "ties"
-        seconds["TIES"] = run_training_free(configs["TIES"], path)
-        score("TIES", path)
     if "RegMean" in wanted:
         from benchmarks import quality
 
@@ -305,12 +322,19 @@ def run(options: argparse.Namespace) -> int:
         path = regmean(config, work, options.regmean_alpha)
         seconds["RegMean"] = quality.timings["RegMean"]
         score("RegMean", path)
-    for row, answers in (("EM prompts only", False), ("EM with answers", True)):
-        if row in wanted:
-            slug = "em-answers" if answers else "em-prompts"
-            config = plain_config(folder, work, slug, answers=answers)
-            path, seconds[row] = run_fit(config, work, slug, options.fit_overrides)
-            score(row, path)
+    order = (
+        "base",
+        "experts",
+        "task arithmetic",
+        "oracle",
+        "TIES",
+        "RegMean",
+        "EM prompts only",
+        "EM with answers",
+    )
+    results = dict(
+        sorted(results.items(), key=lambda item: order.index("oracle" if "(oracle" in item[0] else item[0]))
+    )
 
     summary: dict[str, Any] = {}
     for row, per_skill in results.items():
@@ -373,9 +397,7 @@ def run(options: argparse.Namespace) -> int:
                     "results": summary,
                     "per_prompt": results,
                     "bootstrap": comparison,
-                    "expert_seconds_per_100_prompts": {
-                        s: 100 * t / len(data[s]) for s, t in per_expert_seconds.items()
-                    },
+                    "answer_seconds_per_100_prompts": per_expert_seconds,
                     "generation_seconds": generation_seconds,
                 },
                 indent=1,

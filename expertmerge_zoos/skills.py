@@ -292,9 +292,9 @@ class SkillRecipe:
     lr: float = 2e-4
     warmup_steps: int = 3
     min_lr_ratio: float = 0.1
-    max_steps: int = 48
+    max_steps: int = 32
     eval_every: int = 8
-    patience: int = 2  # evaluations without a new best validation accuracy before stopping
+    patience: int = 1  # evaluations without a new best validation accuracy before stopping
     max_new_tokens: int = 16  # the longest answer (generation and scoring)
     generation_batch: int = 12
 
