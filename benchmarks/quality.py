@@ -4,6 +4,7 @@
     python benchmarks/quality.py --zoo smollm2_full   # zoo B: full fine-tunes (German math / C / Python docs)
     python benchmarks/quality.py --zoo gemma3_full    # zoo G: zoo B's recipe on Gemma3-270M
     python benchmarks/quality.py --zoo tiny           # a quick look on the tiny zoo
+    python benchmarks/quality.py --zoo skills         # zoo C: skill experts scored by accuracy (quality_skills.py)
 
 Rows, all scored on the same held-out texts: the base; every expert; the training-free merges (average,
 task arithmetic, TIES, DARE-TIES via `expertmerge.merge.run_merge`) at their default settings and at the
@@ -62,6 +63,7 @@ FIT_CONFIGS = {
     "tiny": REPO / "configs" / "fit_tiny.yaml",
     "smollm2_full": REPO / "configs" / "demo.yaml",  # the demo's settings, models and data swapped in
     "gemma3_full": REPO / "configs" / "quality_gemma3.yaml",  # the same, teacher targets top-k written out
+    "skills": REPO / "configs" / "skills.yaml",  # scored by accuracy, not loss: benchmarks/quality_skills.py
 }
 MIXTURE_ZOOS = {"smollm2": "smollm2_mixture", "smollm2_full": "smollm2_full_mixture"}
 TRAINING_FREE = ("average", "task arithmetic", "TIES", "DARE-TIES")
@@ -80,11 +82,16 @@ refusals: dict[str, str] = {}  # row -> why the library refused to make it (the 
 
 
 def register_extra_zoos() -> None:
-    """Zoos B and G and the mixture zoos, for checkouts installed before their entry points existed."""
-    from expertmerge_zoos import gemma3_full, mixture, smollm2_full
+    """Zoos B, G and C and the mixture zoos, for checkouts installed before their entry points existed."""
+    from expertmerge_zoos import gemma3_full, mixture, skills, smollm2_full
 
     known = set(zoo_names())
-    extra = {"smollm2_full": smollm2_full.ZOO, "gemma3_full": gemma3_full.ZOO, **mixture.ZOOS}
+    extra = {
+        "smollm2_full": smollm2_full.ZOO,
+        "gemma3_full": gemma3_full.ZOO,
+        "skills": skills.ZOO,
+        **mixture.ZOOS,
+    }
     for name, builder in extra.items():
         if name not in known:
             register_zoo(name, builder)
@@ -432,10 +439,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="the merges that get an oracle row (each costs a merge and a scoring per lambda)",
     )  # fmt: skip
     parser.add_argument("--regmean-alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
-    parser.add_argument(
-        "--rows", nargs="+", choices=MERGE_ROWS, help="only these rows (base, experts always)"
-    )
-    parser.add_argument("--skip", nargs="+", choices=MERGE_ROWS, default=[], help="leave these rows out")
+    rows = [*MERGE_ROWS, "EM prompts only", "EM with answers"]  # the last two: --zoo skills only
+    parser.add_argument("--rows", nargs="+", choices=rows, help="only these rows (base, experts always)")
+    parser.add_argument("--skip", nargs="+", choices=rows, default=[], help="leave these rows out")
     for row, flag in (
         ("Expert Merging", "--expert-merging"),
         ("Expert Merging++", "--expert-merging-pp"),
@@ -451,6 +457,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="score DOMAIN on this jsonl's texts instead of the zoo's held-out split (checked unseen too)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--rounds", type=int, default=4000, help="paired bootstrap rounds (--zoo skills)")
     options, fit_overrides = parser.parse_known_args(argv)  # the rest goes to `fit`, e.g. --model.lr=0.05
     options.fit_overrides = fit_overrides
     return options
@@ -458,6 +465,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
+    if options.zoo == "skills":
+        from benchmarks.quality_skills import ROWS, run
+
+        if unknown := [r for r in (options.rows or []) + options.skip if r not in ROWS]:
+            raise SystemExit(f"--zoo skills has no rows {unknown}; its rows: {', '.join(ROWS)}")
+        return run(options)
     extra_rows = {}
     for extra in options.add_row:  # checked before any long work
         label, _, path = extra.partition("=")

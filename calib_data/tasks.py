@@ -26,7 +26,7 @@ _COLUMN_NAME = re.compile(r"\w[\w .\-()\[\]#%+&']{0,63}")
 TxtSampleBy = Literal["line", "paragraph", "document"]
 # How a held-out record's greedy generation is scored against it (`expertmerge.accuracy` implements them; named
 # here too so a config is checked without importing torch).
-SCORERS = ("exact", "contains", "number", "pass@1")
+SCORERS = ("exact", "exact_case", "contains", "number", "pass@1")
 Answers = Literal["none", "expert"]
 
 
@@ -64,7 +64,8 @@ class TaskSpec:
             `pass@1`), `evaluate` and the fit's end-of-fit table also score accuracy by generation: every
             model writes a greedy answer to each held-out record's prompt (the rendered text, without a chat
             `response_field`), scored by `scorer`. The text the fit calibrates on stays the prompt alone.
-        scorer: `exact` (equal after normalising case, whitespace and trailing punctuation), `contains` (the
+        scorer: `exact` (equal after normalising case, whitespace and trailing punctuation), `exact_case` (the
+            same with case kept: a format such as capitals), `contains` (the
             reference inside the answer), `number` (the final numbers equal, GSM8K style: "1,234", "-5",
             "3.50"), or `pass@1` (the answer's code and the record's `tests_field` run in a sandboxed Python
             process with a time limit and no network; a clean exit passes).

@@ -2,7 +2,8 @@
 
 Generation is batched with left padding and the model's KV cache (`model.generate`), greedy, cut at the first
 stop string. Scorers: `exact` (equal after normalisation), `contains` (the normalised reference inside the
-normalised generation), `number` (the final number of each, GSM8K style), and the opt-in `pass@1`: the
+normalised generation), `exact_case` (equal with case kept: format skills such as capitals), `number` (the final
+number of each, GSM8K style), and the opt-in `pass@1`: the
 generated code and the record's unit tests run in a separate Python process with a time limit, resource
 limits and no network; never in this process.
 """
@@ -29,7 +30,7 @@ from rich.table import Table
 
 from expertmerge.errors import ExpertMergeError
 
-Scorer = Literal["exact", "contains", "number", "pass@1"]
+Scorer = Literal["exact", "exact_case", "contains", "number", "pass@1"]
 SCORERS: tuple[str, ...] = get_args(Scorer)
 PASS_AT_1_SECONDS = 10.0  # a test run that takes longer counts as failed
 _TRAILING_PUNCTUATION = ".,;:!?。"
@@ -40,14 +41,20 @@ _FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTA
 
 
 # ------------------------------------------------------------------------------------------------ scorers
-def normalise(text: str) -> str:
-    """Lower case, whitespace runs as one space, no leading/trailing space or trailing punctuation."""
-    text = " ".join(text.split()).lower()
+def normalise(text: str, keep_case: bool = False) -> str:
+    """Lower case (unless `keep_case`), whitespace runs as one space, no leading/trailing space or trailing
+    punctuation."""
+    text = " ".join(text.split())
+    text = text if keep_case else text.lower()
     return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
 
 
 def exact_match(generation: str, reference: str) -> bool:
     return normalise(generation) == normalise(reference)
+
+
+def exact_case_match(generation: str, reference: str) -> bool:
+    return normalise(generation, keep_case=True) == normalise(reference, keep_case=True)
 
 
 def contains(generation: str, reference: str) -> bool:
@@ -149,6 +156,8 @@ def score_one(scorer: str, generation: str, answer: str | None, tests: str | Non
     reference = answer or ""
     if scorer == "exact":
         return exact_match(generation, reference)
+    if scorer == "exact_case":
+        return exact_case_match(generation, reference)
     if scorer == "contains":
         return contains(generation, reference)
     if scorer == "number":

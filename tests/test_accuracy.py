@@ -18,6 +18,7 @@ from expertmerge.accuracy import (
     GenerationSettings,
     accuracy_gain_retained,
     contains,
+    exact_case_match,
     exact_match,
     extract_code,
     final_number,
@@ -37,6 +38,13 @@ def test_exact_match_normalises_case_whitespace_and_trailing_punctuation() -> No
     assert not exact_match("Paris, France", "Paris")
     assert not exact_match("", "x")
     assert not exact_match("3.5", "35")  # only trailing punctuation goes
+
+
+def test_exact_case_match_keeps_case_and_normalises_the_rest() -> None:
+    assert exact_case_match("  QUIET  RIVER.\n", "QUIET RIVER")
+    assert not exact_case_match("Quiet River", "QUIET RIVER")
+    assert not exact_case_match("quiet river", "QUIET RIVER")
+    assert exact_match("quiet river", "QUIET RIVER")  # the plain `exact` ignores case
 
 
 def test_contains_finds_the_normalised_reference() -> None:

@@ -89,6 +89,7 @@ def test_the_demo_zoos_are_discovered_through_the_declared_entry_points() -> Non
         'smollm2_mixture = "expertmerge_zoos.mixture:SMOLLM2_MIXTURE"',
         'smollm2_full_mixture = "expertmerge_zoos.mixture:SMOLLM2_FULL_MIXTURE"',
         'gemma3_full = "expertmerge_zoos.gemma3_full:ZOO"',
+        'skills = "expertmerge_zoos.skills:ZOO"',
     ]
     # Installed metadata lags pyproject.toml until `pip install -e .` runs again.
     assert {"tiny", "smollm2"} <= set(zoo_names()), "stale install: run `pip install -e .`"
