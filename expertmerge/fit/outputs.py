@@ -36,6 +36,7 @@ from expertmerge.health import (
 )
 from expertmerge.io.card import write_merge_card
 from expertmerge.io.folder import atomic_output_dir, replace_file
+from expertmerge.io.layout import TensorLayout, meta_model
 from expertmerge.io.reader import Checkpoint, weights_bytes
 from expertmerge.io.support import copy_support_files, support_bytes, write_config
 from expertmerge.io.writer import write_state_dict
@@ -451,9 +452,13 @@ def export_moe(
                 # everything but the weights (model*.safetensors and their index); a model card (.md) too
                 if item.is_file() and (not item.name.startswith("model") or item.suffix == ".md"):
                     shutil.copyfile(item, tmp / item.name)
-            tuned = moe.state_dict()  # written under the names the first export planned (no tied copies)
-            names = Checkpoint(out, f"MoE output ({out})").names
-            write_state_dict(tmp, {name: tuned[name] for name in names}, _stored_dtype(out))
+            # written under the names and layout the first export wrote (per routed expert, no tied copies)
+            written = Checkpoint(out, f"MoE output ({out})")
+            layout = TensorLayout(
+                meta_model(moe.config), {name: written.shape(name) for name in written.names}, written.label
+            )
+            tuned = layout.to_checkpoint(moe.state_dict())
+            write_state_dict(tmp, {name: tuned[name] for name in written.names}, _stored_dtype(out))
             untuned, health = health, check_folder(tmp, pool.base_dir, samples=samples)
             card = tmp / "README.md"
             if untuned is not None and card.is_file():
