@@ -83,11 +83,8 @@ class TensorLayout:
 
     # ------------------------------------------------------------------------------------------ building
     def _match_plainly(self, state: Mapping[str, Any]) -> None:
-        prefix = str(getattr(self.model, "base_model_prefix", "") or "")
         for key in self.stored:
-            name = key
-            if name not in state and prefix:
-                name = key[len(prefix) + 1 :] if key.startswith(prefix + ".") else f"{prefix}.{key}"
+            name = key if key in state else self._other_prefix(key)
             if name in state:
                 self.direct[name] = key
             else:
@@ -183,11 +180,17 @@ class TensorLayout:
             raise ExpertMergeError(f"{self.label}: no module tensor gives the checkpoint's {_few(missing)}.")
         return out
 
+    def _other_prefix(self, name: str) -> str:
+        """`name` with the model's `base_model_prefix` removed where it has it, added where it lacks it."""
+        prefix = str(getattr(self.model, "base_model_prefix", "") or "")
+        if not prefix:
+            return name
+        return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else f"{prefix}.{name}"
+
     def _stored_name(self, name: str) -> str:
         if name in self.stored:
             return name
-        prefix = str(getattr(self.model, "base_model_prefix", "") or "")
-        other = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else f"{prefix}.{name}"
+        other = self._other_prefix(name)
         if other in self.stored:
             return other
         raise ExpertMergeError(
